@@ -1,0 +1,42 @@
+"""Ordered, numbered schema migrations, recorded in the database (after simonw/llm's migrations.py).
+
+Append new migrations at the end; never edit or reorder one that has shipped: a database file
+copied from a GPU server months ago must still open and be brought up to date.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+SCHEMA = Path(__file__).with_name("schema.sql")
+
+
+def _initial_schema(cursor: duckdb.DuckDBPyConnection) -> None:
+    cursor.execute(SCHEMA.read_text())
+
+
+MIGRATIONS = [
+    (1, "initial schema", _initial_schema),
+]
+
+
+def migrate(cursor: duckdb.DuckDBPyConnection) -> list[int]:
+    """Apply every migration the database has not recorded; returns the versions applied."""
+    cursor.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                   "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TIMESTAMP DEFAULT current_timestamp)")
+    done = {row[0] for row in cursor.execute("SELECT version FROM schema_migrations").fetchall()}
+    applied = []
+    for version, name, step in MIGRATIONS:
+        if version in done:
+            continue
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            step(cursor)
+            cursor.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+            cursor.execute("COMMIT")
+        except Exception:
+            cursor.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied

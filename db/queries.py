@@ -1,0 +1,518 @@
+"""Every read behind a figure: one function per figure, statistics in SQL (DESIGN.md section 4).
+
+Functions take a `Store` and plain hashable arguments (`st.cache_data` keys on them) and return
+DataFrames or plain dicts. Rates carry 95% Wilson intervals computed in SQL; means (gold log-prob
+drop, early/late importance, their ratio) carry seeded percentile-bootstrap intervals over problems.
+
+Conventions, shared by every function here:
+- A problem counts once its baseline row is stored (a batch writes all of a problem's variants).
+- `Filters.phase` None or 'full' = every problem (validation problems are part of the full run);
+  'validation' = the validation subset only.
+- A variant's *position* (for early/late): prefix k ablates latents 0..k-1, so its position is
+  k-1, the last latent it removes (position p <-> prefix k = p+1); single, suffix and exit use
+  position = k. Early = positions 0..T/2-1 (0-2 for T = 6), late = T/2..T-1 (3-5).
+  The seed numbered positions differently (0 = baseline, p = prefix k = p): only `stats_json`'s
+  top-level keys (and db/seed.py) use the seed's numbering.
+- SQL text is constant: filters arrive as `?` parameters (`? IS NULL OR col = ?`), measure and
+  ordering names are checked against whitelists. Every statement filters `run_id = ?` first:
+  DuckDB skips the row groups of other runs by their min/max.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+Z = 1.959963984540054  # two-sided 95% normal quantile
+RATE_MEASURES = ("flip", "harm", "help", "changed")
+MEASURES = RATE_MEASURES + ("logprob_drop",)
+EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ratio", "ratio_lo", "ratio_hi")
+SCHEME_ORDER = "list_position(['baseline', 'prefix', 'single', 'suffix', 'exit'], scheme)"
+POSITION = "CASE WHEN r.scheme = 'prefix' THEN r.k - 1 ELSE r.k END"
+BUCKET = "CASE WHEN s.difficulty <= 2 THEN '1-2' WHEN s.difficulty <= 4 THEN '3-4' ELSE '5+' END"
+GROUP_KEYS = ["scheme", "method", "site", "mode"]
+PROBLEM_ORDER = {"ord": "ord", "problem_id": "problem_id", "difficulty": "difficulty", "n_flips": "n_flips",
+                 "baseline_correct": "baseline_correct"}
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which problems a figure counts; every query applies it the same way."""
+    phase: str | None = None  # None or 'full': all problems; 'validation': the validation subset
+    difficulties: tuple[int, ...] = ()  # step counts to keep; empty keeps all
+    baseline_correct: bool | None = None  # keep problems whose baseline is right / wrong; None keeps all
+
+    def __post_init__(self):
+        if self.phase not in (None, "full", "validation"):
+            raise ValueError(f"phase filter must be None, 'full' or 'validation', got {self.phase!r}")
+        object.__setattr__(self, "difficulties", tuple(sorted(int(d) for d in self.difficulties)))
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One side of `compare`: a run, its problems in scope, and a variant group (None = the run's first)."""
+    run_id: int
+    filters: Filters = Filters()
+    scheme: str = "prefix"
+    method: str | None = None
+    site: str | None = None
+    mode: str | None = None
+
+
+# The problems in scope: stored (baseline row present) and passing the filters.
+SCOPE = """scope AS (
+    SELECT p.problem_id, p.ord, p.difficulty, p.phase, p.gold, p.question, b.correct AS baseline_correct,
+           b.answer_text AS baseline_answer, b.answer_value AS baseline_value
+    FROM problems p JOIN results b ON b.problem_id = p.problem_id
+    WHERE p.run_id = ? AND b.run_id = ? AND b.scheme = 'baseline'
+      AND (? IS NULL OR p.phase = ?) AND (? OR list_contains(?, p.difficulty))
+      AND (? IS NULL OR b.correct = ?))"""
+GROUP = "(? IS NULL OR r.scheme = ?) AND (? IS NULL OR r.method = ?) AND (? IS NULL OR r.site = ?) " \
+        "AND (? IS NULL OR r.mode = ?)"
+
+
+def scope_params(run_id: int, filters: Filters) -> list:
+    phase = None if filters.phase in (None, "full") else filters.phase
+    return [run_id, run_id, phase, phase, not filters.difficulties, list(filters.difficulties) or [0],
+            filters.baseline_correct, filters.baseline_correct]
+
+
+def _group_params(scheme, method, site, mode) -> list:
+    return [scheme, scheme, method, method, site, site, mode, mode]
+
+
+def _wilson(x: str, n: str, name: str = "value") -> str:
+    """SQL columns `name, name_lo, name_hi`: x/n and its 95% Wilson score interval (x, n: column names)."""
+    p, z2, n = f"({x}::DOUBLE / NULLIF({n}, 0))", Z * Z, f"NULLIF({n}, 0)"
+    centre, denom = f"({p} + {z2} / (2.0 * {n}))", f"(1 + {z2} / {n})"
+    half = f"({Z} * sqrt({p} * (1 - {p}) / {n} + {z2} / (4.0 * {n} * {n})))"
+    lo, hi = (f"({centre} - {half}) / {denom}", f"({centre} + {half}) / {denom}")
+    return f"{p} AS {name}, {lo} AS {name}_lo, {hi} AS {name}_hi"
+
+
+def _bootstrap_means(values: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
+    """(n_boot, G) column means over resampled rows (problems) of `values` (n, G); NaN = missing.
+
+    Each replicate is a row of resample counts, so all replicates are one matrix product.
+    """
+    n, groups = values.shape
+    out = np.full((n_boot, groups), np.nan)
+    if n == 0:
+        return out
+    present = (~np.isnan(values)).astype(float)
+    filled = np.where(present > 0, values, 0.0)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, 4_000_000 // n))  # bounds the (chunk, n) count matrix at ~32 MB
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        picks = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+        counts = np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + rows] = (counts @ filled) / (counts @ present)
+    return out
+
+
+def _interval(replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the 2.5th and 97.5th percentiles ignoring NaN (np.percentile's linear rule, vectorised)."""
+    ordered = np.sort(replicates, axis=0)  # NaN sorts last
+    valid = (~np.isnan(replicates)).sum(axis=0)
+    columns = np.arange(replicates.shape[1])
+    bounds = []
+    for q in (0.025, 0.975):
+        position = q * np.maximum(valid - 1, 0)
+        below = np.floor(position).astype(int)
+        above = np.ceil(position).astype(int)
+        low, high = ordered[below, columns], ordered[above, columns]
+        with np.errstate(invalid="ignore"):
+            bound = low + (high - low) * (position - below)
+        bounds.append(np.where(valid > 0, bound, np.nan))
+    return bounds[0], bounds[1]
+
+
+def _check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+
+
+def _plain(value):
+    """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None, timestamps -> ISO text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return [_plain(row) for row in value.to_dict("records")]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(value) else float(value)
+    if value is None or value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value
+
+
+# --- runs -----------------------------------------------------------------------------------------
+def runs(store) -> pd.DataFrame:
+    """Every run, newest first."""
+    return store.query_df(
+        "SELECT id, name, status, phase, done, total, problems_per_hour, created, model, dataset, source, notes, "
+        "tags, n_variants, elapsed_s, error, batch_size, peak_rss_mb, peak_gpu_mb FROM runs "
+        "ORDER BY created DESC, id DESC")
+
+
+def latest_run_id(store) -> int | None:
+    """The newest run's id, or None in an empty database."""
+    rows = store.query("SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT 1")
+    return rows[0][0] if rows else None
+
+
+def variant_groups(store, run_id: int) -> pd.DataFrame:
+    """The distinct (scheme, method, site, mode) of a run's ablations (not the baseline), first stored first."""
+    return store.query_df(
+        "SELECT scheme, method, site, mode, count(DISTINCT k) AS n_k FROM results "
+        "WHERE run_id = ? AND scheme <> 'baseline' GROUP BY ALL ORDER BY min(rowid)", [run_id])
+
+
+def first_group(store, run_id: int, scheme: str, method=None, site=None, mode=None) -> tuple[str, str, str] | None:
+    """The run's first stored (method, site, mode) of `scheme` matching those given (None = any); None if absent."""
+    rows = store.query(
+        f"SELECT r.method, r.site, r.mode FROM results r WHERE r.run_id = ? AND {GROUP} "
+        "GROUP BY ALL ORDER BY min(r.rowid) LIMIT 1", [run_id, *_group_params(scheme, method, site, mode)])
+    return rows[0] if rows else None
+
+
+# --- accuracy and per-position curves ----------------------------------------------------------------
+def baseline_accuracy(store, run_id: int, filters: Filters = Filters()) -> dict:
+    """Baseline accuracy over the problems in scope: n, correct, accuracy and its 95% Wilson lo/hi."""
+    frame = store.query_df(
+        f"WITH {SCOPE}, c AS (SELECT count(*) AS n, count(*) FILTER (WHERE baseline_correct) AS x FROM scope) "
+        f"SELECT n, x AS correct, {_wilson('x', 'n', 'accuracy')} FROM c", scope_params(run_id, filters))
+    row = _plain(frame.to_dict("records")[0])
+    return {"n": row["n"], "correct": row["correct"], "accuracy": row["accuracy"], "lo": row["accuracy_lo"],
+            "hi": row["accuracy_hi"]}
+
+
+def _rates(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None) -> pd.DataFrame:
+    """Per (group, k): position, n and, per rate measure m, columns m, m_lo, m_hi (95% Wilson), in one scan."""
+    counts = ", ".join(f"count(*) FILTER (WHERE r.{m}) AS x_{m}" for m in RATE_MEASURES)
+    wilsons = ", ".join(_wilson(f"x_{m}", "n", m) for m in RATE_MEASURES)
+    return store.query_df(
+        f"WITH {SCOPE}, c AS (SELECT r.scheme, r.method, r.site, r.mode, r.k, {POSITION} AS position, "
+        f"count(*) AS n, {counts} FROM results r JOIN scope s USING (problem_id) "
+        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL) "
+        f"SELECT scheme, method, site, mode, k, position, n, {wilsons} FROM c "
+        f"ORDER BY {SCHEME_ORDER}, method, site, mode, k",
+        [*scope_params(run_id, filters), run_id, *_group_params(scheme, method, site, mode)])
+
+
+def _drops(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None, seed: int = 0,
+           n_boot: int = 1000) -> pd.DataFrame:
+    """Per (group, k): n_logprob, the mean gold log-prob drop and its bootstrap interval (problems resampled)."""
+    params = [*scope_params(run_id, filters), run_id, *_group_params(scheme, method, site, mode)]
+    rows = (f"WITH {SCOPE}, d AS (SELECT r.scheme, r.method, r.site, r.mode, r.k, {POSITION} AS position, s.ord, "
+            f"r.logprob_drop FROM results r JOIN scope s USING (problem_id) "
+            f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP}) ")
+    order = f"{SCHEME_ORDER}, method, site, mode, k"
+    cells = store.query_df(rows + "SELECT scheme, method, site, mode, k, position, count(logprob_drop) AS n_logprob, "
+                           f"avg(logprob_drop) AS logprob_drop FROM d GROUP BY scheme, method, site, mode, k, position "
+                           f"ORDER BY {order}", params)
+    cells["logprob_drop_lo"] = cells["logprob_drop_hi"] = np.nan
+    if cells["n_logprob"].sum() == 0:
+        return cells  # e.g. an imported seed run: no log-probs stored
+    # Integer codes only: a long frame of 40k+ rows with text columns costs more to fetch than to bootstrap.
+    codes = store.query_df(rows + f"SELECT dense_rank() OVER (ORDER BY {order}) - 1 AS g, "
+                           "dense_rank() OVER (ORDER BY ord) - 1 AS i, logprob_drop FROM d", params)
+    matrix = np.full((int(codes["i"].max()) + 1, len(cells)), np.nan)  # (problems, groups x k)
+    matrix[codes["i"].to_numpy(), codes["g"].to_numpy()] = codes["logprob_drop"].to_numpy(dtype=float)
+    cells["logprob_drop_lo"], cells["logprob_drop_hi"] = _interval(_bootstrap_means(matrix, seed, n_boot))
+    return cells
+
+
+def position_curve(store, run_id: int, filters: Filters = Filters(), measure: str = "flip", scheme=None,
+                   method=None, site=None, mode=None, seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
+    """Per (scheme, method, site, mode, k): position, n, value, value_lo, value_hi of one measure.
+
+    Rates (flip, harm, help, changed) are over all problems in scope with 95% Wilson intervals;
+    logprob_drop is the mean over problems with a stored log-prob, 95% percentile bootstrap
+    (`n_boot` resamples of problems, numpy default_rng(seed)).
+    """
+    _check_measure(measure)
+    if measure in RATE_MEASURES:
+        frame, n = _rates(store, run_id, filters, scheme, method, site, mode), "n"
+    else:
+        frame, n = _drops(store, run_id, filters, scheme, method, site, mode, seed, n_boot), "n_logprob"
+    frame = frame[[*GROUP_KEYS, "k", "position", n, measure, f"{measure}_lo", f"{measure}_hi"]]
+    return frame.set_axis([*GROUP_KEYS, "k", "position", "n", "value", "value_lo", "value_hi"], axis=1)
+
+
+def _scores(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None) -> pd.DataFrame:
+    """Per (problem in scope, group): ord, difficulty, bucket, and the problem's mean flip over early / late positions."""
+    return store.query_df(
+        f"WITH {SCOPE}, t AS (SELECT num_latent AS T FROM runs WHERE id = ?) "
+        f"SELECT r.scheme, r.method, r.site, r.mode, s.ord, s.difficulty, {BUCKET} AS bucket, "
+        f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} < t.T // 2) AS early, "
+        f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} >= t.T // 2 AND {POSITION} < t.T) AS late "
+        f"FROM scope s JOIN results r USING (problem_id) CROSS JOIN t "
+        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL",
+        [*scope_params(run_id, filters), run_id, run_id, *_group_params(scheme, method, site, mode)])
+
+
+def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:
+    """Per (stratum `by`, group): n, early, late, ratio, each with a 95% bootstrap interval over the stratum's problems.
+
+    One bootstrap per stratum serves every group (the same resampled problems), so ratios are paired.
+    """
+    columns = ([by] if by else []) + [*GROUP_KEYS, "n", *EARLY_LATE]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    group_code = scores.groupby(GROUP_KEYS, sort=False).ngroup().to_numpy()
+    names = scores[GROUP_KEYS].drop_duplicates().to_numpy()  # in ngroup order (sort=False: first seen)
+    G, rows = len(names), []
+    for stratum, sub in (scores.groupby(by, sort=True) if by else [(None, scores)]):
+        problem = pd.factorize(sub["ord"])[0]
+        values = np.full((problem.max() + 1, 2 * G), np.nan)  # (problems, early per group | late per group)
+        values[problem, group_code[sub.index]] = sub["early"].to_numpy(dtype=float)
+        values[problem, G + group_code[sub.index]] = sub["late"].to_numpy(dtype=float)
+        replicates = _bootstrap_means(values, seed, n_boot)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(values, axis=0)
+            ratio_reps = replicates[:, :G] / replicates[:, G:]
+            ratio = means[:G] / means[G:]
+        ratio_reps[~np.isfinite(ratio_reps)] = np.nan  # a replicate without late flips has no ratio
+        lo, hi = _interval(replicates)
+        ratio_lo, ratio_hi = _interval(ratio_reps)
+        counts = (~np.isnan(values[:, :G])).sum(axis=0)
+        for g in np.flatnonzero(counts):
+            rows.append([*([stratum] if by else []), *names[g], int(counts[g]), means[g], lo[g], hi[g], means[G + g],
+                         lo[G + g], hi[G + g], ratio[g] if np.isfinite(ratio[g]) else np.nan, ratio_lo[g],
+                         ratio_hi[g]])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def early_late(store, run_id: int, filters: Filters = Filters(), scheme: str = "prefix", method=None, site=None,
+               mode=None, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Mean flip over early (positions 0..T/2-1) and late (T/2..T-1) latents, their ratio, bootstrap intervals.
+
+    Prefix k sits at position k-1 (the last latent it ablates), other schemes at position k. Early is
+    the mean over problems of each problem's mean flip over the early positions (= the mean of the
+    per-position rates when every problem has every variant).
+    """
+    group = first_group(store, run_id, scheme, method, site, mode)
+    if group is None:
+        return {"scheme": scheme, "method": method, "site": site, "mode": mode, "n": 0}
+    table = _early_late_table(_scores(store, run_id, filters, scheme, *group), None, seed, n_boot)
+    if table.empty:
+        return {"scheme": scheme, "method": group[0], "site": group[1], "mode": group[2], "n": 0}
+    return _plain(table.to_dict("records")[0])
+
+
+def _accuracy_by(store, run_id: int, filters: Filters, by: str) -> pd.DataFrame:
+    """Per step count or bucket: n and baseline accuracy with its Wilson interval."""
+    if by not in ("steps", "bucket"):
+        raise ValueError(f"by must be 'steps' or 'bucket', got {by!r}")
+    key, key_sql = ("difficulty", "s.difficulty") if by == "steps" else ("bucket", BUCKET)  # constants
+    return store.query_df(
+        f"WITH {SCOPE}, c AS (SELECT {key_sql} AS {key}, min(s.difficulty) AS d, count(*) AS n, "
+        f"count(*) FILTER (WHERE s.baseline_correct) AS x FROM scope s GROUP BY 1) "
+        f"SELECT {key}, n, {_wilson('x', 'n', 'accuracy')} FROM c ORDER BY d", scope_params(run_id, filters))
+
+
+def difficulty_table(store, run_id: int, filters: Filters = Filters(), scheme: str = "prefix", method=None,
+                     site=None, mode=None, by: str = "steps", seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
+    """Per step count (by='steps') or bucket 1-2/3-4/5+ (by='bucket'): n, baseline accuracy, early, late, ratio.
+
+    Accuracy has a Wilson interval; early/late/ratio (as in `early_late`: prefix k is position k-1,
+    the last latent it ablates; early = positions 0-2, late = 3-5) have bootstrap intervals over the
+    stratum's problems. `n` counts the stratum's problems in scope.
+    """
+    accuracy = _accuracy_by(store, run_id, filters, by)
+    key = "difficulty" if by == "steps" else "bucket"
+    group = first_group(store, run_id, scheme, method, site, mode)
+    scores = _scores(store, run_id, filters, scheme, *group) if group else pd.DataFrame()
+    table = _early_late_table(scores, key, seed, n_boot)[[key, *EARLY_LATE]]
+    return accuracy.merge(table, on=key, how="left").astype({c: float for c in EARLY_LATE})
+
+
+def difficulty_heatmap(store, run_id: int, filters: Filters = Filters(), scheme: str = "prefix", method=None,
+                       site=None, mode=None, measure: str = "flip") -> pd.DataFrame:
+    """Difficulty (rows) x k (columns) matrix of a measure's rate (or mean log-prob drop) for one variant group."""
+    _check_measure(measure)
+    group = first_group(store, run_id, scheme, method, site, mode)
+    if group is None:
+        return pd.DataFrame()
+    value = f"avg(r.{measure}::DOUBLE)"  # a whitelisted measure name
+    long = store.query_df(
+        f"WITH {SCOPE} SELECT s.difficulty, r.k, {value} AS value FROM results r JOIN scope s USING (problem_id) "
+        f"WHERE r.run_id = ? AND r.scheme = ? AND r.method = ? AND r.site = ? AND r.mode = ? GROUP BY ALL",
+        [*scope_params(run_id, filters), run_id, scheme, *group])
+    return long.pivot(index="difficulty", columns="k", values="value").sort_index().sort_index(axis=1)
+
+
+def compare(store, a: Curve, b: Curve, measure: str = "flip", seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
+    """Per k: both curves' value and interval, the difference a - b, and whether the intervals overlap."""
+    columns = ["k", "position", "n", "value", "value_lo", "value_hi"]
+    sides = []
+    for curve in (a, b):
+        group = first_group(store, curve.run_id, curve.scheme, curve.method, curve.site, curve.mode)
+        frame = pd.DataFrame(columns=columns) if group is None else position_curve(
+            store, curve.run_id, curve.filters, measure, curve.scheme, *group, seed=seed, n_boot=n_boot)
+        sides.append(frame[columns])
+    both = sides[0].merge(sides[1], on=["k", "position"], how="outer", suffixes=("_a", "_b"))
+    both = both.rename(columns={"value_lo_a": "lo_a", "value_hi_a": "hi_a", "value_lo_b": "lo_b",
+                                "value_hi_b": "hi_b"})
+    both["diff"] = both["value_a"] - both["value_b"]
+    both["overlap"] = (both["lo_a"] <= both["hi_b"]) & (both["lo_b"] <= both["hi_a"])
+    return both.sort_values("k").reset_index(drop=True)
+
+
+# --- problems --------------------------------------------------------------------------------------
+def problems_table(store, run_id: int, filters: Filters = Filters(), any_flip: bool | None = None,
+                   search: str | None = None, order_by: str = "ord", limit: int = 500) -> pd.DataFrame:
+    """One row per problem in scope with its baseline answer and flip count; `order_by` from PROBLEM_ORDER, '-' = descending."""
+    name = order_by.lstrip("-")
+    if name not in PROBLEM_ORDER:
+        raise ValueError(f"order_by must be one of {', '.join(PROBLEM_ORDER)} (optionally '-name'), got {order_by!r}")
+    direction = "DESC" if order_by.startswith("-") else "ASC"
+    search = search or None
+    return store.query_df(
+        f"WITH {SCOPE}, f AS (SELECT problem_id, count(*) FILTER (WHERE flip) AS n_flips, count(*) AS n_variants "
+        f"FROM results WHERE run_id = ? AND scheme <> 'baseline' GROUP BY problem_id) "
+        f"SELECT * FROM (SELECT s.problem_id, s.ord, s.difficulty, s.phase, s.gold, s.baseline_answer, "
+        f"s.baseline_value, s.baseline_correct, coalesce(f.n_flips, 0) AS n_flips, "
+        f"coalesce(f.n_variants, 0) AS n_variants, s.question FROM scope s LEFT JOIN f USING (problem_id)) "
+        f"WHERE (? IS NULL OR (n_flips > 0) = ?) "
+        f"AND (? IS NULL OR contains(lower(question), lower(?)) OR contains(lower(problem_id), lower(?))) "
+        f"ORDER BY {PROBLEM_ORDER[name]} {direction}, ord LIMIT ?",
+        [*scope_params(run_id, filters), run_id, any_flip, any_flip, search, search, search, int(limit)])
+
+
+def problem_detail(store, run_id: int, problem_id: str) -> dict | None:
+    """{'problem': the problem row, 'variants': every variant's answer, correct, flip, gold_logprob, lens}; None if absent."""
+    problem = store.query_df("SELECT problem_id, ord, question, gold, gold_value, difficulty, solution, phase "
+                             "FROM problems WHERE run_id = ? AND problem_id = ?", [run_id, problem_id])
+    if problem.empty:
+        return None
+    variants = store.query_df(
+        "SELECT variant, scheme, k, method, site, mode, answer_text, answer_value, extraction, correct, changed, "
+        "flip, harm, help, gold_logprob, logprob_drop, lens FROM results WHERE run_id = ? AND problem_id = ? "
+        f"ORDER BY {SCHEME_ORDER}, method, site, mode, k", [run_id, problem_id])
+    variants["lens"] = [json.loads(v) if isinstance(v, str) else None for v in variants["lens"]]
+    return {"problem": _plain(problem.to_dict("records")[0]), "variants": variants}
+
+
+def latest_results(store, run_id: int, n: int = 20) -> pd.DataFrame:
+    """The `n` most recently stored problems (highest problems.ord first) with their baseline answers."""
+    return store.query_df(
+        "WITH f AS (SELECT problem_id, count(*) FILTER (WHERE flip) AS n_flips FROM results "
+        "WHERE run_id = ? AND scheme <> 'baseline' GROUP BY problem_id) "
+        "SELECT p.ord, p.problem_id, p.difficulty, p.phase, p.gold, b.answer_text, b.answer_value, b.correct, "
+        "coalesce(f.n_flips, 0) AS n_flips FROM problems p JOIN results b ON b.problem_id = p.problem_id "
+        "LEFT JOIN f ON f.problem_id = p.problem_id "
+        "WHERE p.run_id = ? AND b.run_id = ? AND b.scheme = 'baseline' ORDER BY p.ord DESC LIMIT ?",
+        [run_id, run_id, run_id, int(n)])
+
+
+def metrics(store, run_id: int) -> pd.DataFrame:
+    """The run's metrics time series (one row per stored batch), oldest first."""
+    return store.query_df(
+        "SELECT t, elapsed_s, phase, done, batch_problems, batch_size, problems_per_hour, rss_mb, cpu_pct, "
+        "gpu_mem_mb, gpu_peak_mb FROM run_metrics WHERE run_id = ? ORDER BY elapsed_s, t", [run_id])
+
+
+# --- the CLI's `stats --json` -------------------------------------------------------------------------
+def _seed_keys(store, run_id: int, group: tuple[str, str, str] | None) -> dict:
+    """The seed summary's keys (DESIGN.md section 7) from the database, with the seed's arithmetic.
+
+    Seed numbering: position 0 = the baseline row, position p >= 1 = prefix k = p. Early/late are
+    np.mean over positions 0,1,2 / 3,4,5 of the per-position means, exactly as the seed's loop.
+    """
+    method, site, mode = group or (None, None, None)
+    cells = store.query_df(
+        f"WITH {SCOPE} SELECT s.difficulty, CASE WHEN r.scheme = 'baseline' THEN 0 ELSE r.k END AS position, "
+        f"count(*) AS n, count(*) FILTER (WHERE r.flip) AS flips, min(s.ord) AS first "
+        f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? AND (r.scheme = 'baseline' OR "
+        f"(r.scheme = 'prefix' AND r.method = ? AND r.site = ? AND r.mode = ?)) GROUP BY ALL ORDER BY first, position",
+        [*scope_params(run_id, Filters()), run_id, method, site, mode])
+    base = store.query_df(f"WITH {SCOPE} SELECT difficulty, count(*) AS n, count(*) FILTER (WHERE baseline_correct) "
+                          f"AS correct FROM scope GROUP BY 1 ORDER BY min(ord)", scope_params(run_id, Filters()))
+    n_total, correct = int(base["n"].sum()), int(base["correct"].sum())
+    totals = cells.groupby("position")[["n", "flips"]].sum().sort_index()
+    summary = {"n_problems": n_total, "baseline_accuracy": correct / n_total if n_total else None,
+               "position_importance": {str(p): int(row.flips) / int(row.n) for p, row in totals.iterrows()},
+               "by_difficulty": {}}
+    for row in base.itertuples():
+        mine = cells[cells["difficulty"] == row.difficulty]
+        means = {int(c.position): int(c.flips) / int(c.n) for c in mine.itertuples()}
+        early = [means[i] for i in (0, 1, 2) if i in means]
+        late = [means[i] for i in (3, 4, 5) if i in means]
+        early_imp = float(np.mean(early)) if early else None
+        late_imp = float(np.mean(late)) if late else None
+        summary["by_difficulty"][str(row.difficulty)] = {
+            "n_problems": int(row.n), "baseline_accuracy": int(row.correct) / int(row.n),
+            "early_importance": early_imp, "late_importance": late_imp,
+            "pattern_validated": bool(early_imp is not None and late_imp is not None and early_imp >= late_imp)}
+    return summary
+
+
+def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int = 0, n_boot: int = 1000) -> dict:
+    """`stats --json`: the seed summary keys for the run's prefix group at the top, every section-4 figure in 'extras'."""
+    run = store.run_row(run_id)
+    if run is None:
+        raise ValueError(f"no run {run_id} in {store.path}")
+    group = first_group(store, run_id, "prefix", method, site, mode)
+    result = _seed_keys(store, run_id, group)
+    # Every group at once: one scan per figure instead of one per group.
+    curves = _rates(store, run_id, Filters()).merge(
+        _drops(store, run_id, Filters(), seed=seed, n_boot=n_boot), on=[*GROUP_KEYS, "k", "position"], how="left")
+    scores = _scores(store, run_id, Filters())
+    overall = _early_late_table(scores, None, seed, n_boot)
+    by_difficulty = {by: _accuracy_by(store, run_id, Filters(), by).merge(
+        _early_late_table(scores, key, seed, n_boot), on=key, how="left")
+        for by, key in (("steps", "difficulty"), ("bucket", "bucket"))}
+
+    def point(row: dict, measure: str) -> dict:
+        n = row["n_logprob"] if measure == "logprob_drop" else row["n"]
+        return {"value": row[measure], "lo": row[f"{measure}_lo"], "hi": row[f"{measure}_hi"], "n": n}
+
+    def by_group(frame: pd.DataFrame, drop=()) -> dict:
+        """Records keyed by their (scheme, method, site, mode), in frame order."""
+        parted = {}
+        for record in frame.to_dict("records"):
+            parted.setdefault(tuple(record.pop(k) for k in GROUP_KEYS), []).append(
+                {k: v for k, v in record.items() if k not in drop})
+        return parted
+
+    positions = {key: [{"k": r["k"], "position": r["position"], "n": r["n"],
+                        **{measure: point(r, measure) for measure in MEASURES}} for r in records]
+                 for key, records in by_group(curves).items()}
+    strata = {by: by_group(table.rename(columns={"n_x": "n"}), drop=("n_y",)) for by, table in by_difficulty.items()}
+    summaries = by_group(overall)
+    groups = []
+    for g in variant_groups(store, run_id).itertuples(index=False):
+        key = (g.scheme, g.method, g.site, g.mode)
+        groups.append({"scheme": g.scheme, "method": g.method, "site": g.site, "mode": g.mode,
+                       "positions": positions.get(key, []),
+                       "by_difficulty": {by: parted.get(key, []) for by, parted in strata.items()},
+                       "early_late": summaries.get(key, [{"n": 0}])[0]})
+    result["extras"] = {
+        "run": {k: run[k] for k in ("id", "name", "status", "model", "dataset", "source", "num_latent", "done",
+                                    "total")},
+        "summary_group": dict(zip(("scheme", "method", "site", "mode"), ("prefix", *(group or (None,) * 3)))),
+        "baseline_accuracy": baseline_accuracy(store, run_id),
+        "baseline_accuracy_validation": baseline_accuracy(store, run_id, Filters(phase="validation")),
+        "groups": groups,
+        "conventions": "top level: seed numbering (position 0 = baseline, p = prefix k = p); extras: "
+                       "position = k - 1 for prefix (last latent ablated), k otherwise; early = positions "
+                       "0..T/2-1, late = T/2..T-1; rates: 95% Wilson; means and early/late/ratio: 95% "
+                       f"percentile bootstrap over problems ({n_boot} resamples, seed {seed})",
+    }
+    return _plain(result)

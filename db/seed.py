@@ -1,0 +1,291 @@
+"""The seed script's JSON files, exported and imported as-is (DESIGN.md section 7).
+
+The seed (a per-problem loop over prefix zeroing at one layer) wrote three files:
+- step_importance_scores.json: a list of per-problem records with `position_results`, position 0
+  being the unablated baseline and position p >= 1 the prefix variant k = p (latents 0..p-1 ablated);
+- step_importance_summary_stats.json: `seed_summary` of that list;
+- step_importance_validation.json: {validation_status, n_samples, results, statistics} for the
+  validation subset.
+
+Mapping to the database: position 0 <-> the baseline row, position p <-> variant
+`prefix:p/<method>/<site>/<mode>` (an import uses method zero, mode recompute, site 'latent' unless told;
+the seed itself zeroed the residual stream at block 8, `resid:8`). Exports write positions 0..T when
+the run has prefix k = 1..T (the seed stopped at 5; readers of the old files index positions by key).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from db import queries
+
+SCORES = "step_importance_scores.json"
+SUMMARY = "step_importance_summary_stats.json"
+VALIDATION = "step_importance_validation.json"
+ARROW = "\u2192"  # the seed's baseline_to_ablated: "1 → 0"
+RECORD_KEYS = ("problem_id", "question", "expected_answer", "baseline_answer", "baseline_correct", "difficulty",
+               "position_results")
+POSITION_KEYS = ("position", "ablated_answer", "ablated_correct", "importance_score")
+# The seed's answer extraction, kept to fill answer_value of imported rows (answer text is what it stored).
+ANSWER_PATTERNS = (r"answer is:?\s*(-?\d+(?:\.\d+)?)", r"####\s*(-?\d+(?:\.\d+)?)",
+                   r"(?:answer|total|result)(?:\s+is)?\s*[:=]?\s*\$?\s*(-?\d+(?:\.\d+)?)")
+
+
+class SeedFormatError(ValueError):
+    """A seed file that cannot be imported; the message names the file and what is wrong."""
+
+
+def seed_summary(scores: list[dict]) -> dict:
+    """The summary dict exactly as the seed's `compute_statistics` built it from a scores list.
+
+    Read literally (DESIGN.md section 7): position "0" is the baseline, so its importance is 0 and
+    early = np.mean of the per-position means of positions 0, 1, 2 *including* that baseline
+    position; late = positions 3, 4, 5; pattern_validated = early >= late. Positions beyond 5 appear
+    in position_importance but in neither early nor late. An empty list (which made the seed
+    divide by zero) gives n_problems 0 and nulls.
+    """
+    if not scores:
+        return {"n_problems": 0, "baseline_accuracy": None, "position_importance": {}, "by_difficulty": {}}
+    per_position = defaultdict(list)
+    for record in scores:
+        for result in record["position_results"]:
+            per_position[result["position"]].append(result["importance_score"])
+    by_difficulty = defaultdict(list)
+    for record in scores:
+        by_difficulty[record["difficulty"]].append(record)
+    difficulty_stats = {}
+    for difficulty, records in by_difficulty.items():
+        positions = defaultdict(list)
+        for record in records:
+            for result in record["position_results"]:
+                positions[result["position"]].append(result["importance_score"])
+        early = [np.mean(positions[i]) for i in (0, 1, 2) if i in positions]
+        late = [np.mean(positions[i]) for i in (3, 4, 5) if i in positions]
+        early_imp = float(np.mean(early)) if early else None
+        late_imp = float(np.mean(late)) if late else None
+        difficulty_stats[str(difficulty)] = {
+            "n_problems": len(records),
+            "baseline_accuracy": float(sum(r["baseline_correct"] for r in records) / len(records)),
+            "early_importance": early_imp, "late_importance": late_imp,
+            "pattern_validated": bool(early_imp is not None and late_imp is not None and early_imp >= late_imp)}
+    return {"n_problems": len(scores),
+            "baseline_accuracy": float(sum(r["baseline_correct"] for r in scores) / len(scores)),
+            "position_importance": {str(p): float(np.mean(v)) for p, v in per_position.items()},
+            "by_difficulty": difficulty_stats}
+
+
+# --- export ----------------------------------------------------------------------------------------
+def _expected_answer(gold: str):
+    """The seed stored the dataset's answer as a JSON number: give numbers back as int or float."""
+    if re.fullmatch(r"-?\d+", gold):
+        return int(gold)
+    try:
+        value = float(gold)
+    except ValueError:
+        return gold
+    return value if math.isfinite(value) else gold
+
+
+def _transition(baseline_correct: bool, correct: bool) -> str:
+    return f"{int(baseline_correct)} {ARROW} {int(correct)}"
+
+
+def seed_scores(store, run_id: int, method=None, site=None, mode=None, phase: str | None = None) -> list[dict]:
+    """The run's problems as seed records (problem order), for its first prefix group unless one is given."""
+    group = queries.first_group(store, run_id, "prefix", method, site, mode) or (None, None, None)
+    rows = store.query_df(
+        "SELECT p.ord, p.problem_id, p.question, p.gold, p.difficulty, r.scheme, r.k, r.answer_text, r.correct, "
+        "r.flip FROM problems p JOIN results r ON r.problem_id = p.problem_id "
+        "WHERE p.run_id = ? AND r.run_id = ? AND (? IS NULL OR p.phase = ?) "
+        "AND (r.scheme = 'baseline' OR (r.scheme = 'prefix' AND r.method = ? AND r.site = ? AND r.mode = ?)) "
+        "ORDER BY p.ord, r.scheme <> 'baseline', r.k", [run_id, run_id, phase, phase, *group])
+    records = []
+    for _, problem in rows.groupby("ord", sort=True):
+        base = problem.iloc[0]
+        if base["scheme"] != "baseline":
+            continue  # no baseline stored: the problem's batch never committed
+        baseline_correct = bool(base["correct"])
+        position_results = []
+        for row in problem.itertuples(index=False):
+            correct = bool(row.correct)
+            position_results.append({
+                "position": 0 if row.scheme == "baseline" else int(row.k),
+                "ablated_answer": None if pd.isna(row.answer_text) else row.answer_text,
+                "ablated_correct": correct, "importance_score": 1.0 if row.flip else 0.0,
+                "baseline_to_ablated": _transition(baseline_correct, correct)})
+        records.append({"problem_id": base["problem_id"], "question": base["question"],
+                        "expected_answer": _expected_answer(base["gold"]),
+                        "baseline_answer": position_results[0]["ablated_answer"],
+                        "baseline_correct": baseline_correct, "difficulty": int(base["difficulty"]),
+                        "position_results": position_results})
+    return records
+
+
+def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) -> list[Path]:
+    """Write the seed's three files for a run into out_dir (created if missing); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = seed_scores(store, run_id, method, site, mode)
+    validation = seed_scores(store, run_id, method, site, mode, phase="validation")
+    documents = {SCORES: scores, SUMMARY: seed_summary(scores),
+                 VALIDATION: {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
+                              "statistics": seed_summary(validation)}}
+    paths = []
+    for name, document in documents.items():
+        path = out / name
+        path.write_text(json.dumps(document, indent=2))  # ASCII escapes (\u2192) as the seed's json.dump wrote
+        paths.append(path)
+    return paths
+
+
+# --- import ----------------------------------------------------------------------------------------
+def _answer_value(text) -> tuple[float | None, str]:
+    if not isinstance(text, str):
+        return None, "none"
+    for i, pattern in enumerate(ANSWER_PATTERNS):
+        match = re.search(pattern, text, re.IGNORECASE)
+        if match:
+            return float(match.group(1)), "codi" if i == 0 else "explicit"
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return (float(numbers[-1]), "fallback") if numbers else (None, "none")
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _check_record(path: Path, index: int, record) -> None:
+    """Raise SeedFormatError naming the file, the record and the field that is wrong."""
+    where = f"{path}: problem #{index}"
+    if not isinstance(record, dict):
+        raise SeedFormatError(f"{where}: expected an object, got {type(record).__name__}")
+    where += f" ({record.get('problem_id')!r})"
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise SeedFormatError(f"{where}: missing {', '.join(missing)}")
+    if not isinstance(record["problem_id"], (str, int)) or isinstance(record["problem_id"], bool):
+        raise SeedFormatError(f"{where}: problem_id must be text")
+    if not isinstance(record["question"], str):
+        raise SeedFormatError(f"{where}: question must be text")
+    answer = record["expected_answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise SeedFormatError(f"{where}: expected_answer must be a number or text, got {answer!r}")
+    if not isinstance(record["difficulty"], int) or isinstance(record["difficulty"], bool):
+        raise SeedFormatError(f"{where}: difficulty must be an integer step count, got {record['difficulty']!r}")
+    if not isinstance(record["baseline_correct"], bool):
+        raise SeedFormatError(f"{where}: baseline_correct must be true or false")
+    if record["baseline_answer"] is not None and not isinstance(record["baseline_answer"], str):
+        raise SeedFormatError(f"{where}: baseline_answer must be text")
+    results = record["position_results"]
+    if not isinstance(results, list) or not results:
+        raise SeedFormatError(f"{where}: position_results must be a non-empty list")
+    seen = set()
+    for result in results:
+        if not isinstance(result, dict) or any(key not in result for key in POSITION_KEYS):
+            raise SeedFormatError(f"{where}: each position result needs {', '.join(POSITION_KEYS)}")
+        position = result["position"]
+        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= 64 or position in seen:
+            raise SeedFormatError(f"{where}: position {position!r} is not a new integer in 0..64")
+        seen.add(position)
+        if result["importance_score"] not in (0, 1) or not isinstance(result["ablated_correct"], bool):
+            raise SeedFormatError(f"{where}, position {position}: importance_score must be 0.0 or 1.0 and "
+                                  f"ablated_correct true or false")
+        if bool(result["importance_score"]) != (result["ablated_correct"] != record["baseline_correct"]):
+            raise SeedFormatError(f"{where}, position {position}: importance_score {result['importance_score']} "
+                                  f"disagrees with baseline_correct -> ablated_correct")
+    if 0 not in seen:
+        raise SeedFormatError(f"{where}: no position 0 (the baseline)")
+    zero = next(r for r in results if r["position"] == 0)
+    if zero["ablated_answer"] != record["baseline_answer"] or zero["importance_score"] != 0:
+        raise SeedFormatError(f"{where}: position 0 must repeat the baseline answer with importance 0")
+
+
+def _load(path: Path, validation: bool) -> list[dict]:
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise SeedFormatError(f"{path}: cannot read: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SeedFormatError(f"{path}: not JSON: {error}") from None
+    if validation:
+        if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+            raise SeedFormatError(f"{path}: expected a validation object with a 'results' list")
+        document = document["results"]
+    elif not isinstance(document, list):
+        hint = " (a validation file? pass it as the validation file)" if isinstance(document, dict) else ""
+        raise SeedFormatError(f"{path}: expected a JSON list of problem records{hint}")
+    for index, record in enumerate(document):
+        _check_record(path, index, record)
+    ids = [str(r["problem_id"]) for r in document]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise SeedFormatError(f"{path}: problem_id {duplicate!r} appears more than once")
+    return document
+
+
+def _rows(record: dict, site: str) -> list[dict]:
+    """The baseline row and one prefix row per position p >= 1 of a seed record."""
+    baseline_correct = record["baseline_correct"]
+    baseline_value, _ = _answer_value(record["baseline_answer"])
+    rows = []
+    for result in sorted(record["position_results"], key=lambda r: r["position"]):
+        p, correct = result["position"], result["ablated_correct"]
+        value, extraction = _answer_value(result["ablated_answer"])
+        scheme, k, method = ("baseline", 0, "none") if p == 0 else ("prefix", p, "zero")
+        site_p = "latent" if p == 0 else site
+        changed = (value != baseline_value) if value is not None and baseline_value is not None \
+            else result["ablated_answer"] != record["baseline_answer"]
+        rows.append({"problem_id": str(record["problem_id"]), "variant": f"{scheme}:{k}/{method}/{site_p}/recompute",
+                     "scheme": scheme, "k": k, "method": method, "site": site_p, "mode": "recompute",
+                     "answer_text": result["ablated_answer"], "answer_value": value, "extraction": extraction,
+                     "correct": correct, "changed": bool(changed and p > 0), "flip": correct != baseline_correct,
+                     "harm": baseline_correct and not correct, "help": correct and not baseline_correct,
+                     "gold_logprob": None, "logprob_drop": None, "lens": None})
+    return rows
+
+
+def import_seed(store, scores_path, validation_path=None, name: str | None = None, site: str = "latent") -> int:
+    """Load the seed's scores file (and validation file: its problems get phase 'validation') into a new run."""
+    scores_path = Path(scores_path)
+    records = _load(scores_path, validation=False)
+    validation_ids: set[str] = set()
+    if validation_path is not None:
+        extra = _load(Path(validation_path), validation=True)
+        validation_ids = {str(r["problem_id"]) for r in extra}
+        known = {str(r["problem_id"]) for r in records}
+        records = records + [r for r in extra if str(r["problem_id"]) not in known]  # validation-only problems
+    if not records:
+        raise SeedFormatError(f"{scores_path}: no problems")
+    positions = sorted({r["position"] for rec in records for r in rec["position_results"]})
+    problems, results = [], []
+    for ord_, record in enumerate(records):
+        answer = record["expected_answer"]
+        gold = answer if isinstance(answer, str) else str(answer)  # int 18 -> "18", float 18.5 -> "18.5"
+        problems.append({"problem_id": str(record["problem_id"]), "ord": ord_, "question": record["question"],
+                         "gold": gold, "gold_value": _number(gold),
+                         "difficulty": record["difficulty"], "solution": "",
+                         "phase": "validation" if str(record["problem_id"]) in validation_ids else "full"})
+        results += _rows(record, site)
+    config = {"source": "seed import", "scores_file": str(scores_path), "schemes": ["prefix"], "methods": ["zero"],
+              "site": site, "mode": "recompute",
+              "validation_file": None if validation_path is None else str(validation_path)}
+    run_id = store.create_run(name=name or f"seed {scores_path.name}", model="unknown (seed import)",
+                              dataset=scores_path.name, config=config, num_latent=max(6, positions[-1]),
+                              n_variants=len(positions), total=len(problems), status="finished", source="import")
+    try:
+        store.insert_problems(run_id, problems)
+        store.write_batch(run_id, results, done=len(problems), phase="full", finished=True)
+    except BaseException:
+        store.delete_run(run_id)  # an import is all or nothing
+        raise
+    return run_id

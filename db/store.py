@@ -1,0 +1,242 @@
+"""The DuckDB file: opening it (one process at a time), migrations, and every write.
+
+DuckDB lets one process hold a database file read-write. Inside that process any number of
+threads share one `Store`, each through its own cursor (`Store.cursor()` is per thread). The
+sweep thread writes a whole batch (results, progress, metrics) in one transaction, so readers
+in other threads never see half a batch and a crash loses at most the batch in flight.
+Every `duckdb.Error` leaves this module as a `StoreError` whose message says what to do.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from db.migrations import migrate
+
+RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
+                  "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
+                  "logprob_drop", "lens"]
+PROBLEM_COLUMNS = ["run_id", "problem_id", "ord", "question", "gold", "gold_value", "difficulty", "solution", "phase"]
+METRIC_COLUMNS = ["run_id", "elapsed_s", "phase", "done", "batch_problems", "batch_size", "problems_per_hour",
+                  "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb"]
+RUN_FIELDS = {"name", "status", "phase", "done", "total", "started", "finished", "elapsed_s", "problems_per_hour",
+              "peak_rss_mb", "peak_gpu_mb", "batch_size", "device", "pid", "host", "error", "notes", "tags",
+              "n_variants", "config"}
+STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
+
+
+class StoreError(RuntimeError):
+    """A database problem, phrased so that a person can act on it."""
+
+
+class DatabaseLocked(StoreError):
+    """Another process holds the database file."""
+
+
+def _locked_message(path: Path, error: Exception) -> str:
+    pid = re.search(r"PID (\d+)", str(error))
+    holder = f"process {pid.group(1)}" if pid else "another process"
+    return (f"database {path} is in use by {holder}: DuckDB allows one process per file. "
+            f"Stop that process, or pass --db with another file (the dashboard and a CLI sweep cannot share one)")
+
+
+class Store:
+    """One DuckDB file for this process; threads get their own cursors."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path).expanduser()
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise StoreError(f"database {self.path} does not exist")
+        if not read_only and not self.path.parent.exists():
+            raise StoreError(f"cannot create database {self.path}: folder {self.path.parent} does not exist")
+        try:
+            self._conn = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as error:
+            if "lock" in str(error).lower():
+                raise DatabaseLocked(_locked_message(self.path, error)) from None
+            raise StoreError(f"cannot open database {self.path}: {error}") from None
+        except duckdb.Error as error:
+            raise StoreError(f"cannot open database {self.path}: {error} (is it a DuckDB file?)") from None
+        self._local = threading.local()
+        if not read_only:
+            with self._errors("migrating the schema"):
+                migrate(self._conn.cursor())
+            self.mark_interrupted()
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor (DuckDB connections are not shared between threads)."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._local.cursor = self._conn.cursor()
+        return cursor
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str):
+        try:
+            yield
+        except duckdb.Error as error:
+            raise StoreError(f"{self.path}: {doing} failed: {error}") from None
+
+    @contextlib.contextmanager
+    def transaction(self, doing: str):
+        """BEGIN ... COMMIT on this thread's cursor; ROLLBACK and StoreError on any failure."""
+        cursor = self.cursor()
+        with self._errors(doing):
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                yield cursor
+                cursor.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        with self._errors("a query"):
+            return self.cursor().execute(sql, list(params)).fetchall()
+
+    def query_df(self, sql: str, params: list | tuple = ()) -> pd.DataFrame:
+        with self._errors("a query"):
+            return self.cursor().execute(sql, list(params)).df()
+
+    def close(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self._conn.close()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"database {self.path} is open read-only")
+
+    # --- runs --------------------------------------------------------------------------------------
+    def mark_interrupted(self) -> int:
+        """Runs left 'running' by a process that is gone become 'interrupted'.
+
+        We hold the file read-write, so no other process can be sweeping into it: any run still
+        marked running belongs to a dead process (or to a dead thread of this one, see service.py).
+        """
+        with self._errors("marking interrupted runs"):
+            rows = self.cursor().execute(
+                "UPDATE runs SET status = 'interrupted', pid = NULL WHERE status = 'running' "
+                "AND (pid IS NULL OR pid <> ? OR host <> ?) RETURNING id", [os.getpid(), socket.gethostname()]).fetchall()
+        return len(rows)
+
+    def create_run(self, *, name: str, model: str, dataset: str, config: dict, num_latent: int, n_variants: int,
+                   total: int = 0, status: str = "running", source: str = "sweep", device: str | None = None,
+                   batch_size: int | None = None) -> int:
+        self._check_writable()
+        with self._errors("creating a run"):
+            (run_id,) = self.cursor().execute(
+                "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
+                "device, batch_size, pid, host, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
+                [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
+                 batch_size, os.getpid() if status == "running" else None, socket.gethostname()]).fetchone()
+        return run_id
+
+    def update_run(self, run_id: int, **fields) -> None:
+        """Set run columns by name (see RUN_FIELDS); `finished=True` stamps the current time."""
+        self._check_writable()
+        unknown = set(fields) - RUN_FIELDS
+        assert not unknown, f"unknown run fields {sorted(unknown)}"
+        if "status" in fields:
+            assert fields["status"] in STATUSES, f"status {fields['status']!r} not in {STATUSES}"
+        sets, params = [], []
+        for column, value in fields.items():
+            if column == "finished" and value is True:
+                sets.append("finished = current_timestamp")
+                continue
+            if column == "config" and not isinstance(value, str):
+                value = json.dumps(value)
+            sets.append(f"{column} = ?")  # column names come from RUN_FIELDS, never from input
+            params.append(value)
+        with self._errors(f"updating run {run_id}"):
+            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", [*params, run_id])
+
+    def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
+        """Mark a run as running in this process (a start or a resume)."""
+        self._check_writable()
+        with self._errors(f"resuming run {run_id}"):
+            self.cursor().execute(
+                "UPDATE runs SET status = 'running', pid = ?, host = ?, error = NULL, finished = NULL, "
+                "batch_size = ?, device = ? WHERE id = ?",
+                [os.getpid(), socket.gethostname(), batch_size, device, run_id])
+
+    def delete_run(self, run_id: int) -> None:
+        self._check_writable()
+        with self.transaction(f"deleting run {run_id}") as cursor:
+            for table in ("results", "problems", "run_metrics", "reference_latents"):
+                cursor.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # fixed table names
+            cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    # --- problems and results -------------------------------------------------------------------------
+    def insert_problems(self, run_id: int, problems: list[dict]) -> None:
+        """Rows with PROBLEM_COLUMNS (run_id filled in), in one transaction."""
+        self._check_writable()
+        frame = pd.DataFrame([{**p, "run_id": run_id} for p in problems], columns=PROBLEM_COLUMNS)
+        with self.transaction(f"storing the problems of run {run_id}") as cursor:
+            self._append(cursor, "problems", frame, PROBLEM_COLUMNS)
+
+    def write_batch(self, run_id: int, results: list[dict], metrics: dict | None = None, **run_fields) -> None:
+        """One batch in one transaction: its results, a metrics row, and the run's progress."""
+        self._check_writable()
+        frame = pd.DataFrame([{**r, "run_id": run_id} for r in results], columns=RESULT_COLUMNS)
+        with self.transaction(f"storing a batch of run {run_id}") as cursor:
+            self._append(cursor, "results", frame, RESULT_COLUMNS)
+            if metrics is not None:
+                row = pd.DataFrame([{**metrics, "run_id": run_id}], columns=METRIC_COLUMNS)
+                self._append(cursor, "run_metrics", row, METRIC_COLUMNS)
+            if run_fields:
+                self.update_run(run_id, **run_fields)
+
+    @staticmethod
+    def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
+        # A registered frame is inserted in one statement; executemany would run row by row.
+        cursor.register("_incoming", frame)
+        try:
+            cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _incoming")
+        finally:
+            with contextlib.suppress(duckdb.Error):  # fails in an aborted transaction; keep the first error
+                cursor.unregister("_incoming")
+
+    def stored_problem_ids(self, run_id: int) -> set[str]:
+        """Problems whose batch was committed (the baseline row is written with all variants)."""
+        rows = self.query("SELECT problem_id FROM results WHERE run_id = ? AND scheme = 'baseline'", [run_id])
+        return {r[0] for r in rows}
+
+    def run_problems(self, run_id: int) -> list[dict]:
+        """The run's problems in run order."""
+        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = ? ORDER BY ord",
+                              [run_id])
+        return frame.to_dict("records")
+
+    def run_row(self, run_id: int) -> dict | None:
+        frame = self.query_df("SELECT * FROM runs WHERE id = ?", [run_id])
+        return None if frame.empty else frame.iloc[0].to_dict()
+
+    # --- reference latents (mean / noise / resample) ---------------------------------------------------
+    def save_reference(self, run_id: int, site: str, problem_ids: list[str], values: np.ndarray) -> None:
+        self._check_writable()
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        with self.transaction(f"storing reference latents of run {run_id}") as cursor:
+            cursor.execute("DELETE FROM reference_latents WHERE run_id = ? AND site = ?", [run_id, site])
+            cursor.execute("INSERT INTO reference_latents VALUES (?, ?, ?, ?, ?)",
+                           [run_id, site, json.dumps(problem_ids), json.dumps(list(values.shape)), values.tobytes()])
+
+    def load_reference(self, run_id: int, site: str) -> tuple[list[str], np.ndarray] | None:
+        rows = self.query("SELECT problem_ids, shape, data FROM reference_latents WHERE run_id = ? AND site = ?",
+                          [run_id, site])
+        if not rows:
+            return None
+        problem_ids, shape, data = rows[0]
+        return json.loads(problem_ids), np.frombuffer(data, dtype=np.float32).reshape(json.loads(shape)).copy()

@@ -1,0 +1,308 @@
+"""Command line (DESIGN.md section 6): `python -m runner sweep|status|stats|export|import-seed|validate-data`.
+
+Bad input exits non-zero with one line on stderr and leaves what is stored untouched.
+Set THOUGHTSWEEP_DEBUG=1 for a traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+DEFAULT_DB = "thoughtsweep.duckdb"
+
+
+class CliError(Exception):
+    """One line for stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise CliError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_or_auto(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m runner", description="ThoughtSweep: ablation sweeps over a CODI model's latent thoughts.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    sweep = sub.add_parser("sweep", help="run (or resume) a sweep into the database")
+    sweep.add_argument("--model", default="default", help="default | checkpoint folder | hub id")
+    sweep.add_argument("--base-model", default=None, help="config + tokenizer source (folder or hub id)")
+    sweep.add_argument("--dataset", default="builtin", help="builtin | gsm8k | path (.jsonl, .json, .csv, .parquet)")
+    sweep.add_argument("--db", default=DEFAULT_DB)
+    sweep.add_argument("--run-name", default=None)
+    sweep.add_argument("--limit", type=int, default=None)
+    sweep.add_argument("--shuffle", action="store_true", help="shuffle the dataset with --seed before --limit")
+    sweep.add_argument("--validation", type=int, default=0, help="stratified validation subset size")
+    sweep.add_argument("--phase", choices=["all", "validation", "full"], default=None,
+                       help="which phases to run now (default all; on --resume, the run's own)")
+    sweep.add_argument("--schemes", type=_csv, default=("prefix", "single", "suffix"))
+    sweep.add_argument("--methods", type=_csv, default=("zero",))
+    sweep.add_argument("--site", default="latent", help="latent | resid:L")
+    sweep.add_argument("--mode", default="recompute", help="recompute | frozen")
+    sweep.add_argument("--batch-size", type=_positive_or_auto, default="auto")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID")
+    sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
+    sweep.add_argument("--checkpoint-dir", default=None)
+    sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
+    sweep.add_argument("--workers", type=int, default=1, help="Ray actors (needs requirements-distributed.txt)")
+    sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    status = sub.add_parser("status", help="runs in the database, newest first")
+    status.add_argument("--db", default=DEFAULT_DB)
+    fmt = status.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--markdown", action="store_true")
+    status.add_argument("--run", type=int, default=None)
+
+    stats = sub.add_parser("stats", help="the seed's summary statistics plus intervals and extras")
+    stats.add_argument("--db", default=DEFAULT_DB)
+    stats.add_argument("--run", type=int, default=None)
+    stats.add_argument("--method", default=None)
+    stats.add_argument("--site", default=None)
+    stats.add_argument("--mode", default=None)
+    stats.add_argument("--json", action="store_true")
+
+    export = sub.add_parser("export", help="write a run's results to files")
+    export.add_argument("--db", default=DEFAULT_DB)
+    export.add_argument("--run", type=int, default=None)
+    export.add_argument("--format", required=True, choices=["seed-json", "csv", "parquet", "markdown"])
+    export.add_argument("--out", required=True)
+
+    imp = sub.add_parser("import-seed", help="load the old script's JSON results as a run")
+    imp.add_argument("--db", default=DEFAULT_DB)
+    imp.add_argument("--name", default=None)
+    imp.add_argument("files", nargs="+", help="step_importance_scores.json [step_importance_validation.json]")
+
+    validate = sub.add_parser("validate-data", help="check a dataset before a sweep")
+    validate.add_argument("dataset")
+    validate.add_argument("--json", action="store_true")
+    validate.add_argument("--question-field", default="question")
+    validate.add_argument("--answer-field", default="answer")
+    return parser
+
+
+def _open(path: str, must_exist: bool = True):
+    from db.store import Store, StoreError
+    if must_exist and not os.path.exists(path):
+        raise CliError(f"database {path} does not exist (pass --db)")
+    try:
+        return Store(path)
+    except StoreError as error:
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return Store(path, read_only=True)  # a copied, read-only file still opens for reading
+        raise error
+
+
+def _run_id(store, requested: int | None) -> int:
+    from db import queries
+    run_id = requested if requested is not None else queries.latest_run_id(store)
+    if run_id is None:
+        raise CliError(f"{store.path} holds no runs yet")
+    if store.run_row(run_id) is None:
+        raise CliError(f"no run {run_id} in {store.path}")
+    return run_id
+
+
+def cmd_sweep(args) -> int:
+    from runner.model import load
+    from runner.sweep import Sweep, SweepConfig, SweepError
+    store = _open(args.db, must_exist=False)
+    phases = {"all": ("validation", "full"), "validation": ("validation",), "full": ("full",), None: None}[args.phase]
+    if args.resume is not None:
+        row = store.run_row(args.resume)
+        if row is None:
+            raise CliError(f"no run {args.resume} in {args.db} to resume")
+        if row["status"] == "running":
+            raise CliError(f"run {args.resume} is already running")
+        config = SweepConfig.from_json({**json.loads(row["config"]), **({"phases": phases} if phases else {})})
+        run_id = args.resume
+    else:
+        config = SweepConfig(model=args.model, base_model=args.base_model, dataset=args.dataset,
+                             run_name=args.run_name, limit=args.limit, shuffle=args.shuffle,
+                             validation=args.validation, phases=phases or ("validation", "full"),
+                             schemes=args.schemes, methods=args.methods, site=args.site, mode=args.mode,
+                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
+                             max_gpu_memory_gb=args.max_gpu_memory_gb)
+        config.check()
+    if args.workers > 1 or args.ray_address:
+        from runner import distributed
+        return distributed.main(store, config, run_id=args.resume, workers=args.workers,
+                                address=args.ray_address, quiet=args.quiet)
+    reasoner = load(config.model_spec())
+    if args.resume is None:
+        run_id = Sweep.create(store, reasoner, config)
+    stop = threading.Event()
+    bar = _progress_bar(args.quiet, run_id)
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nstopping run {run_id} after the batch in flight (again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
+    bar.close()
+    if status == "stopped":
+        print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}",
+              file=sys.stderr)
+    else:
+        print(f"run {run_id} {status}: python -m runner stats --db {args.db} --run {run_id}", file=sys.stderr)
+    return 0
+
+
+class _progress_bar:
+    """tqdm on stderr, fed by the sweep's progress callback."""
+
+    def __init__(self, quiet: bool, run_id: int):
+        self.bar, self.quiet, self.run_id = None, quiet, run_id
+
+    def __call__(self, progress) -> None:
+        if self.quiet or progress.status != "running":
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=progress.total, initial=progress.done, desc=f"run {self.run_id}",
+                            unit="problem", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(progress.done - self.bar.n)
+        self.bar.set_postfix_str(f"{progress.phase} batch={progress.batch_size} rss={progress.rss_mb or 0:.0f}MB")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_status(args) -> int:
+    from db import queries, report
+    store = _open(args.db)
+    if args.markdown:
+        print(report.status_markdown(store, _run_id(store, args.run)))
+        return 0
+    runs = queries.runs(store)
+    if args.json:
+        print(json.dumps(json.loads(runs.to_json(orient="records", date_format="iso")), indent=2))
+        return 0
+    if runs.empty:
+        print(f"{args.db}: no runs yet")
+    for run in runs.itertuples():
+        rate = f"{run.problems_per_hour:,.0f}/h" if run.problems_per_hour == run.problems_per_hour and run.problems_per_hour else "-"
+        print(f"{run.id:>4}  {run.status:<11} {run.phase or '-':<10} {run.done:>6}/{run.total:<6} {rate:>10}  {run.name}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from db import queries
+    store = _open(args.db)
+    stats = queries.stats_json(store, _run_id(store, args.run), method=args.method, site=args.site, mode=args.mode)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
+    print("position importance (prefix, flip rate): " +
+          ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
+    for steps, row in stats["by_difficulty"].items():
+        print(f"  {steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
+              f"early={row['early_importance']:.3f} late={row['late_importance']:.3f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from db import report, seed
+    store = _open(args.db)
+    run_id = _run_id(store, args.run)
+    os.makedirs(args.out, exist_ok=True)
+    if args.format == "seed-json":
+        paths = seed.export_seed(store, run_id, args.out)
+    elif args.format == "csv":
+        paths = report.export_csv(store, run_id, args.out)
+    elif args.format == "parquet":
+        paths = report.export_parquet(store, run_id, args.out)
+    else:
+        path = os.path.join(args.out, "report.md")
+        with open(path, "w") as f:
+            f.write(report.markdown_report(store, run_id))
+        paths = path
+    for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+        print(path)
+    return 0
+
+
+def cmd_import_seed(args) -> int:
+    from db import seed
+    store = _open(args.db, must_exist=False)
+    scores = [f for f in args.files if "validation" not in os.path.basename(f)]
+    validation = [f for f in args.files if "validation" in os.path.basename(f)]
+    if len(scores) != 1 or len(validation) > 1:
+        raise CliError("import-seed takes one scores file and at most one validation file")
+    run_id = seed.import_seed(store, scores[0], validation[0] if validation else None, name=args.name)
+    print(run_id)
+    return 0
+
+
+def cmd_validate_data(args) -> int:
+    from runner import data
+    report = data.validate_dataset(args.dataset, question_field=args.question_field, answer_field=args.answer_field)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"{report.n_problems} problems; difficulty " +
+              ", ".join(f"{k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+        for rejected in report.rejected:
+            print(f"  line {rejected['line']}: {rejected['reason']}")
+    return 1 if report.rejected and report.n_problems == 0 else 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "export": cmd_export,
+            "import-seed": cmd_import_seed, "validate-data": cmd_validate_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from db.store import StoreError
+    from runner.ablation import AblationError
+    from runner.data import DatasetError
+    from runner.model import ModelLoadError
+    from runner.sweep import SweepError
+    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except expected as error:
+        if os.environ.get("THOUGHTSWEEP_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("THOUGHTSWEEP_DEBUG"):
+            raise
+        print(f"error: {type(error).__name__}: {error} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

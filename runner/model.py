@@ -1,0 +1,360 @@
+"""Load a CODI checkpoint into a LatentReasoner, and the only forward loop: `rollout`.
+
+CODI (Continuous Chain-of-Thought via Self-Distillation) = a Hugging Face causal LM with three
+tokens added (pad = V, BOT = V+1, EOT = V+2), optional LoRA on it, and a projection MLP `prj`.
+One rollout (DESIGN.md section 2): encode `question + BOT`; T latent steps, each feeding
+prj(last hidden state) back as an input embedding; EOT; greedy decode over the base vocabulary.
+The official CODI test loop is the reference; unlike it, padded rows get an attention mask and
+position ids from the mask, so a row in a batch computes what it computes alone.
+
+Every baseline and every ablated rollout goes through `LatentReasoner.rollout`; the ablation
+is data (`runner.ablation.Plan`), applied at the input embedding or by a block hook that lives
+only inside `_block_hooks`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner import ablation
+from runner.ablation import Plan
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "default"
+CODI_PREFIX = "codi.base_model.model."
+CODI_CONFIG = "codi_config.json"  # beside the weights: num_latent, lora_alpha, base_model
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str = "default"  # 'default' | local folder | hub id
+    base_model: str | None = None  # config + tokenizer source; default: codi_config.json or the folder
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_latent: int | None = None  # override codi_config.json (released models: 6)
+    lora_alpha: float | None = None  # override codi_config.json (released models: 32)
+    merge_lora: bool = True  # fold LoRA into the base weights: same function, fewer matmuls
+
+
+# --- Loading ---------------------------------------------------------------------------------------
+
+def _local_or_hub(name: str, what: str, files: list[str] | None = None) -> Path:
+    """A local folder, or a hub id resolved through huggingface_hub's cache."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{what} {name!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=files))
+    except Exception as error:  # offline, gated, unknown id: the hub raises many types
+        raise ModelLoadError(
+            f"{what} {name!r} could not be fetched from the Hugging Face hub ({type(error).__name__}). "
+            f"Without network, download it elsewhere (`hf download {name} --local-dir DIR`), "
+            f"copy DIR here and pass the folder instead of the id") from None
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").exists():
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ModelLoadError(f"{folder / 'pytorch_model.bin'} is not a plain weights file "
+                                 f"(refused by weights_only=True: {str(error).splitlines()[0]})") from None
+    raise ModelLoadError(f"{folder}: not a CODI checkpoint (no model.safetensors or pytorch_model.bin)")
+
+
+def _lora_layout(base_keys: list[str], state: dict) -> tuple[int, list[str]] | None:
+    """(rank, target module names) inferred from the `lora_A` keys; None when there is no LoRA."""
+    lora_a = [k for k in base_keys if k.endswith(".lora_A.default.weight")]
+    if not lora_a:
+        return None
+    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora_a})
+    return state[CODI_PREFIX + lora_a[0]].shape[0], targets
+
+
+def _build_prj(state: dict, d_model: int) -> nn.Sequential:
+    """CODI's projection: Dropout, Linear(d, prj_dim), GELU, Linear(prj_dim, d) [, LayerNorm(d)]."""
+    keys = {k for k in state if k.startswith("prj.")}
+    if "prj.1.weight" not in keys or "prj.3.weight" not in keys:
+        raise ModelLoadError(f"not a CODI checkpoint: prj.1.weight / prj.3.weight missing (prj keys: {sorted(keys)})")
+    prj_dim = state["prj.1.weight"].shape[0]
+    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, prj_dim), nn.GELU(), nn.Linear(prj_dim, d_model))
+    if "prj.ln.weight" in keys:
+        prj.add_module("ln", nn.LayerNorm(d_model))
+    _load_strict(prj, {k[len("prj."):]: v for k, v in state.items() if k in keys}, "prj")
+    return prj
+
+
+def _load_strict(module: nn.Module, state: dict, what: str, tied: tuple[str, ...] = ()) -> None:
+    """load_state_dict, but every missing or unexpected key is an error that names it."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state) - set(tied))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(f"{what}: checkpoint does not match the model: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, tensor in module.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"{what}: {name} has shape {tuple(state[name].shape)}, "
+                                 f"the model expects {tuple(tensor.shape)}")
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
+    """Load a released-format CODI checkpoint (or the embedded default) for inference."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = DEFAULT_MODEL if spec.model == "default" else _local_or_hub(spec.model, "model")
+    if folder.is_file():
+        raise ModelLoadError(f"model {spec.model!r} is a file: pass the checkpoint's folder")
+    options = json.loads((folder / CODI_CONFIG).read_text()) if (folder / CODI_CONFIG).exists() else {}
+    base_name = spec.base_model or options.get("base_model") or (str(folder) if (folder / "config.json").exists() else None)
+    if base_name is None:
+        raise ModelLoadError(f"{folder} has no config.json: pass --base-model (e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct)")
+    base = folder if base_name == str(folder) else _local_or_hub(base_name, "base model")
+    state = _read_state_dict(folder)
+
+    strays = sorted(k for k in state if not k.startswith((CODI_PREFIX, "prj.")))
+    if strays:
+        raise ModelLoadError(f"{folder}: unexpected keys outside codi.* and prj.*: {strays[:5]}")
+    base_keys = [k[len(CODI_PREFIX):] for k in state if k.startswith(CODI_PREFIX)]
+    embed_key = next((k for k in base_keys if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if embed_key is None:
+        raise ModelLoadError(f"{folder}: no input embedding (…embed_tokens.weight or …wte.weight) among the codi.* keys")
+    vocab_rows = state[CODI_PREFIX + embed_key].shape[0]
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except Exception as error:
+        raise ModelLoadError(f"base model {base_name!r}: cannot read its config ({error})") from None
+    config.vocab_size = vocab_rows  # the grown vocabulary, read from the weights
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(config)
+    tied = tuple(n for n in ("lm_head.weight",) if getattr(config, "tie_word_embeddings", False))
+    lora = _lora_layout(base_keys, state)
+    base_state = {k[len(CODI_PREFIX):]: v for k, v in state.items() if k.startswith(CODI_PREFIX)}
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+        rank, targets = lora
+        alpha = spec.lora_alpha or options.get("lora_alpha", 32)
+        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                 fan_in_fan_out=config.model_type == "gpt2")
+        peft_model = get_peft_model(hf, lora_config, low_cpu_mem_usage=True)
+        _load_strict(peft_model.base_model.model, base_state, f"{folder} (codi.*)", tied)
+        hf = peft_model.merge_and_unload() if spec.merge_lora else peft_model
+    else:
+        _load_strict(hf, base_state, f"{folder} (codi.*)", tied)
+    if tied:
+        hf.get_output_embeddings().weight = hf.get_input_embeddings().weight
+    prj = _build_prj(state, config.hidden_size)
+
+    tokenizer_source = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    base_vocab = vocab_rows - 3
+    if len(tokenizer) not in (base_vocab, vocab_rows):
+        raise ModelLoadError(f"tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, but the checkpoint's "
+                             f"embedding has {vocab_rows} rows (base {base_vocab} + pad, BOT, EOT)")
+    if spec.dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {spec.dtype!r}: choose from {', '.join(DTYPES)}")
+    dtype = DTYPES[spec.dtype]
+    hf = hf.to(spec.device, dtype).eval()
+    prj = prj.to(spec.device, dtype).eval()
+    num_latent = spec.num_latent if spec.num_latent is not None else options.get("num_latent", 6)  # 0 is valid
+    return LatentReasoner(hf, prj, tokenizer, num_latent, base_vocab, name=str(spec.model))
+
+
+# --- The forward loop ---------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Outputs of one rollout for R = B*V rows, problem-major (row = b*V + v)."""
+    tokens: list[list[int]]  # generated ids, EOS excluded
+    texts: list[str]
+    gold_logprob: torch.Tensor | None  # (R,) float32: sum log p(answer prompt + gold)
+    latents: torch.Tensor  # (R, T, d) float32 on CPU: the vectors fed (after any ablation)
+    lens_ids: torch.Tensor  # (R, T, k): logit-lens top-k token ids of the state producing each latent
+    lens_probs: torch.Tensor  # (R, T, k)
+    captured: dict[int, torch.Tensor]  # layer -> (R, T, d) block output at each latent step
+
+
+class LatentReasoner:
+    """A CODI model ready for batched latent rollouts."""
+
+    def __init__(self, hf, prj, tokenizer, num_latent: int, base_vocab: int, name: str = ""):
+        self.hf, self.prj, self.tokenizer = hf, prj, tokenizer
+        self.num_latent, self.base_vocab, self.name = num_latent, base_vocab, name
+        self.pad_id, self.bot_id, self.eot_id = base_vocab, base_vocab + 1, base_vocab + 2
+        self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
+        self.blocks = next(m for m in hf.modules()
+                           if isinstance(m, nn.ModuleList) and len(m) == hf.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.get_input_embeddings().weight.dtype
+
+    def answer_prompt(self, gold: str) -> str:
+        return f"The answer is: {gold}"
+
+    def _forward(self, cache, attention_mask, position_ids, inputs_embeds=None, input_ids=None, keep=1):
+        out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
+                      attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, logits_to_keep=keep)
+        return out.logits, out.hidden_states[-1], out.cache
+
+    def _encode(self, questions: list[str]):
+        """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone."""
+        ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] + [self.bot_id]
+               for q in questions]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, hidden, cache = self._forward(None, mask, position_ids, input_ids=input_ids)
+        return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
+
+    @torch.inference_mode()
+    def rollout(self, questions: list[str], plan: Plan, golds: list[str] | None = None,
+                max_new_tokens: int = 24, top_k: int = 3, capture: tuple[int, ...] = ()) -> Rollout:
+        """Baseline and ablated rollouts of every question under every variant of `plan`."""
+        B, T, V = len(questions), self.num_latent, len(plan.variants)
+        R = B * V
+        assert plan.ablate.shape == (R, T), f"plan is {tuple(plan.ablate.shape)}, expected ({R}, {T})"
+        plan = plan.to(self.device, self.dtype)
+
+        bot_logits, hidden, cache, mask = self._encode(questions)  # shared by the V variants
+        cache.batch_repeat_interleave(V)
+        mask = mask.repeat_interleave(V, dim=0)  # (R, L)
+        hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
+        logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
+        latents = torch.zeros(R, T, self.d_model, device=self.device, dtype=self.dtype)
+        lens_ids = torch.zeros(R, T, top_k, dtype=torch.long, device=self.device)
+        lens_probs = torch.zeros(R, T, top_k, device=self.device)
+        captured = {layer: torch.zeros(R, T, self.d_model, device=self.device) for layer in capture}
+
+        with _block_hooks(self.blocks, plan, captured) as hooks:
+            for step in range(T):
+                probs = logits[:, : self.base_vocab].float().softmax(-1)
+                lens_probs[:, step], lens_ids[:, step] = probs.topk(top_k, dim=-1)
+                latent = self.prj(hidden)  # (R, 1, d)
+                if step > 0:  # frozen rows keep the baseline's latent wherever they do not ablate
+                    latent = torch.where(plan.frozen[:, None, None], latent[plan.baseline_row], latent)
+                latent = ablation.apply(plan, step, latent, layer=-1)
+                latents[:, step] = latent[:, 0]
+                # Early exit: steps at or past `fed` are holes, masked out of all later attention.
+                live = (step < plan.fed).long()[:, None]  # (R, 1)
+                position_ids = mask.sum(-1, keepdim=True)  # (R, 1): attended tokens so far
+                mask = torch.cat([mask, live], dim=-1)
+                hooks.step = step
+                logits, hidden, cache = self._forward(cache, mask, position_ids, inputs_embeds=latent)
+                logits = logits[:, -1]
+
+        # EOT, then (when golds are given) the teacher-forced answer prompt in the same forward.
+        eot = torch.full((R, 1), self.eot_id, device=self.device)
+        answer_ids = None
+        if golds is not None:
+            assert len(golds) == B, f"{len(golds)} golds for {B} questions"
+            answers = [self.tokenizer(self.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
+            width = max(map(len, answers))
+            answer_ids = torch.tensor([a + [self.pad_id] * (width - len(a)) for a in answers],
+                                      device=self.device).repeat_interleave(V, dim=0)  # (R, A)
+            answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)
+            eot = torch.cat([eot, answer_ids], dim=-1)  # right-padded: causal, and cropped below
+        length = cache.get_seq_length()
+        position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
+        step_mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
+        logits, _, cache = self._forward(cache, step_mask, position_ids, input_ids=eot, keep=eot.shape[1])
+        gold_logprob = None
+        if answer_ids is not None:
+            logprobs = logits[:, :-1, : self.base_vocab].float().log_softmax(-1)  # (R, A, V)
+            picked = logprobs.gather(-1, answer_ids[..., None])[..., 0]  # (R, A)
+            valid = torch.arange(answer_ids.shape[1], device=self.device)[None] < answer_len[:, None]
+            gold_logprob = (picked * valid).sum(-1).cpu()
+            cache.crop(length + 1 - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
+        mask = torch.cat([mask, torch.ones_like(eot[:, :1])], dim=-1)
+
+        tokens = self._greedy(logits[:, 0], cache, mask, max_new_tokens)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return Rollout(tokens, [t.strip() for t in texts], gold_logprob, latents.float().cpu(),
+                       lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
+
+    def _greedy(self, logits, cache, mask, max_new_tokens: int) -> list[list[int]]:
+        """Batched greedy decoding over the base vocabulary; finished rows leave the batch."""
+        R = logits.shape[0]
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
+        active = torch.arange(R, device=self.device)  # (A,) rows still decoding
+        for t in range(max_new_tokens):
+            next_ids = logits[:, : self.base_vocab].argmax(-1)  # (A,)
+            done = torch.isin(next_ids, eos)
+            out[active, t] = torch.where(done, -1, next_ids)
+            if bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows so later steps cost only what is left
+                keep = (~done).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                active, mask, next_ids = active[keep], mask[keep], next_ids[keep]
+            position_ids = mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            logits, _, cache = self._forward(cache, mask, position_ids, input_ids=next_ids[:, None])
+            logits = logits[:, -1]
+        return [[t for t in row if t >= 0] for row in out.tolist()]
+
+
+class _BlockHooks:
+    def __init__(self):
+        self.step = 0
+
+
+@contextlib.contextmanager
+def _block_hooks(blocks: nn.ModuleList, plan: Plan, captured: dict[int, torch.Tensor]):
+    """Forward hooks on the blocks a plan ablates or captures; always removed on exit."""
+    state, handles = _BlockHooks(), []
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (R, 1, d)
+            if layer in plan.layers:
+                hidden = ablation.apply(plan, state.step, hidden, layer)
+            if layer in captured:
+                captured[layer][:, state.step] = hidden[:, -1].float()
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    try:
+        for layer in sorted(set(plan.layers) | set(captured)):
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()

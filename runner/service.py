@@ -1,0 +1,124 @@
+"""The one background sweep thread that the dashboard talks to.
+
+API (all methods thread-safe; the dashboard keeps one `SweepService` in `st.cache_resource`):
+
+    service = SweepService(store)
+    run_id = service.start(SweepConfig(...))   # SweepBusy if a sweep is running
+    run_id = service.resume(run_id)            # continue a stopped / interrupted / failed run
+    service.stop()                             # finish the batch in flight, then 'stopped'
+    progress = service.status()                # Progress snapshot, or None before any sweep
+    service.running                            # is the thread alive?
+    service.model(spec)                        # the loaded model, cached per ModelSpec
+
+The thread never calls Streamlit: it writes to the database through its own cursor and hands
+`Progress` snapshots to a lock-protected slot that pages poll.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import traceback
+
+import numpy  # noqa: F401  imported here, on the caller's thread, before the sweep thread needs it
+import pandas  # noqa: F401
+
+from db.store import Store
+from runner.model import LatentReasoner, ModelSpec, load
+from runner.sweep import Progress, Sweep, SweepConfig, SweepError
+
+
+class SweepBusy(RuntimeError):
+    """A sweep is already running in this process."""
+
+
+class SweepService:
+    def __init__(self, store: Store, loader=load):
+        self.store = store
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._progress: Progress | None = None
+        self._models: dict[ModelSpec, LatentReasoner] = {}
+        self._model_lock = threading.Lock()
+
+    # --- queries ----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> Progress | None:
+        with self._lock:
+            return self._progress
+
+    def model(self, spec: ModelSpec) -> LatentReasoner:
+        """Load once per spec; every later sweep and page reuses it."""
+        with self._model_lock:
+            if spec not in self._models:
+                self._models[spec] = self._loader(spec)
+            return self._models[spec]
+
+    # --- commands ---------------------------------------------------------------------------------
+    def start(self, config: SweepConfig) -> int:
+        """Validate, create the run (problems stored) and sweep it in the background."""
+        with self._lock:
+            self._refuse_if_running()
+            config.check()
+            reasoner = self.model(config.model_spec())
+            run_id = Sweep.create(self.store, reasoner, config)
+            self._launch(run_id, config, reasoner)
+            return run_id
+
+    def resume(self, run_id: int, phases: tuple[str, ...] | None = None) -> int:
+        with self._lock:
+            self._refuse_if_running()
+            row = self.store.run_row(run_id)
+            if row is None:
+                raise SweepError(f"no run {run_id} in {self.store.path}")
+            if row["source"] != "sweep":
+                raise SweepError(f"run {run_id} was imported from the old script's files: there is nothing to resume")
+            config = SweepConfig.from_json(json.loads(row["config"]))
+            if phases:
+                config = SweepConfig.from_json({**config.to_json(), "phases": phases})
+            reasoner = self.model(config.model_spec())
+            self._launch(run_id, config, reasoner)
+            return run_id
+
+    def stop(self) -> bool:
+        """Ask the running sweep to stop after its batch in flight; False when none runs."""
+        if not self.running:
+            return False
+        self._stop.set()
+        return True
+
+    def join(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # --- internals --------------------------------------------------------------------------------
+    def _refuse_if_running(self) -> None:
+        if self.running:
+            progress = self._progress
+            which = f"run {progress.run_id}" if progress else "a sweep"
+            raise SweepBusy(f"{which} is already running in this process: stop it first (one sweep at a time)")
+
+    def _publish(self, progress: Progress) -> None:
+        with self._lock:
+            self._progress = progress
+
+    def _launch(self, run_id: int, config: SweepConfig, reasoner: LatentReasoner) -> None:
+        self._stop = threading.Event()
+        sweep = Sweep(self.store, reasoner, config, run_id, stop=self._stop, on_progress=self._publish)
+        row = self.store.run_row(run_id)
+        self._progress = Progress(run_id, "running", row["phase"], int(row["done"]), int(row["total"]),
+                                  float(row["elapsed_s"] or 0.0))
+
+        def work():
+            try:
+                sweep.run()
+            except Exception:  # recorded as 'failed' by the sweep; keep the trace for the server log
+                traceback.print_exc()
+
+        self._thread = threading.Thread(target=work, name=f"sweep-run-{run_id}", daemon=True)
+        self._thread.start()

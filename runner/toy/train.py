@@ -1,0 +1,294 @@
+"""Train the embedded default CODI model on synthetic problems: `python -m runner.toy.train`.
+
+The result is a 4-layer, 128-wide Hugging Face GPT-2 with CODI's three extra tokens and `prj`,
+saved in the released CODI layout (`codi.base_model.model.*` + `prj.*`, no LoRA) under
+models/default/, so it runs through exactly the loader and rollout that serve real checkpoints.
+
+Objective (CODI, Shen et al. 2025), all weights 1:
+- teacher: cross-entropy on the explicit chain of thought and the answer;
+- student: cross-entropy on `The answer is: N` + EOS after BOT, six latents and EOT;
+- distillation: L1 between student and (detached) teacher hidden states, every layer, at the
+  token before the answer number, divided by the teacher's std (as CODI does);
+- auxiliary (ours, to converge on a CPU): the state that produces latent j predicts, through
+  the tied output embedding, the value after step j+1 (the answer once the steps run out).
+  It also makes the logit lens of each latent readable in the dashboard.
+Numbers 0..40 are single tokens whose embedding adds a shared tens-digit and units-digit vector;
+the sum is materialised into the plain embedding matrix when saving.
+
+Inference stays exactly CODI's loop: latent = prj(last hidden state), fed back T = 6 times.
+Resumable: a training state is written every `--save-every` steps to models/.train/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from runner.toy import problems as toy
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_LATENT = 6
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 250
+    eval_problems: int = 300
+    save_every: int = 50
+
+
+# --- Tokenizer -----------------------------------------------------------------------------------
+
+def build_tokenizer():
+    """Word-level vocabulary over GPT-2's byte-level pre-tokeniser: one token per word, exact decoding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = toy.vocabulary()
+    pieces = {p for w in words for p, _ in byte_level.pre_tokenize_str(w)}
+    pieces |= {p for w in words for p, _ in byte_level.pre_tokenize_str(" " + w)}
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1}
+    for piece in sorted(pieces):
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   unk_token="[UNK]", clean_up_tokenization_spaces=False)
+
+
+def number_digits(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token id: tens and units digit + 1 for number tokens ('7', 'Ġ7'), 0 otherwise."""
+    V = len(tokenizer) + 3
+    tens, units = torch.zeros(V, dtype=torch.long), torch.zeros(V, dtype=torch.long)
+    for piece, index in tokenizer.get_vocab().items():
+        word = piece.lstrip("Ġ")
+        if word.isdigit():
+            tens[index], units[index] = int(word) // 10 + 1, int(word) % 10 + 1
+    return tens, units
+
+
+# --- Model ---------------------------------------------------------------------------------------
+
+class ToyCodi(nn.Module):
+    """GPT-2 + prj + digit embeddings; `embeddings()` is the matrix saved as wte (and tied lm_head)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self.base_vocab = len(tokenizer)
+        self.config = GPT2Config(vocab_size=self.base_vocab + 3, n_positions=128, n_embd=cfg.n_embd,
+                                 n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                 attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=self.base_vocab)
+        self.gpt = GPT2LMHeadModel(self.config)
+        self.gpt.set_attn_implementation("eager")  # faster than SDPA at this size on a CPU
+        d = cfg.n_embd
+        self.prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.prj.add_module("ln", nn.LayerNorm(d))
+        self.tens_emb = nn.Embedding(6, d)
+        self.units_emb = nn.Embedding(11, d)
+        for table in (self.tens_emb, self.units_emb):
+            nn.init.normal_(table.weight, std=0.02)
+            with torch.no_grad():
+                table.weight[0].zero_()
+        tens, units = number_digits(tokenizer)
+        self.register_buffer("tens", tens, persistent=False)
+        self.register_buffer("units", units, persistent=False)
+
+    def embeddings(self) -> torch.Tensor:  # (V+3, d)
+        tens = self.tens_emb(self.tens) * (self.tens > 0)[:, None]
+        units = self.units_emb(self.units) * (self.units > 0)[:, None]
+        return self.gpt.transformer.wte.weight + tens + units
+
+    def run(self, embeds, cache=None):
+        """-> (all hidden states, last hidden state, cache) of the GPT-2 body."""
+        out = self.gpt.transformer(inputs_embeds=embeds, cache=cache, use_cache=True, output_hidden_states=True)
+        return out.hidden_states, out.last_hidden_state, out.cache
+
+
+def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str = "train"):
+    """One batch of a single step count: every sequence has the same length, so no padding."""
+    rows = [toy.sample_problem(rng, steps, split) for _ in range(size)]
+    enc = lambda texts: torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+    question = enc([p.question for p in rows])  # (B, Lq)
+    cot = enc([" " + p.cot for p in rows])  # (B, Lc)
+    answer = enc([f"The answer is: {p.chain.answer}" for p in rows])  # (B, La)
+    # Targets of the auxiliary loss: the value after step j+1, the answer once the steps run out.
+    values = [p.chain.values()[1:] for p in rows]
+    targets = [[v[min(j, steps - 1)] for j in range(NUM_LATENT)] for v in values]
+    aux = enc([" " + " ".join(map(str, t)) for t in targets])  # (B, T): ' 12' tokens
+    return question, cot, answer, aux
+
+
+def codi_losses(model: ToyCodi, batch, eos_id: int) -> dict[str, torch.Tensor]:
+    question, cot, answer, aux = batch
+    E = model.embeddings()
+    B, V = question.shape[0], model.base_vocab
+    ce = nn.functional.cross_entropy
+    eos = torch.full((B, 1), eos_id)
+
+    # Teacher: question + CoT + answer + EOS.
+    teacher_ids = torch.cat([question, cot, answer, eos], dim=1)
+    t_hidden, t_last, t_cache = model.run(E[teacher_ids])
+    t_logits = t_last @ E.T
+    start = question.shape[1] - 1
+    teacher_loss = ce(t_logits[:, start:-1].flatten(0, 1), teacher_ids[:, start + 1:].flatten())
+    colon = teacher_ids.shape[1] - 3  # "... is : N EOS": the token before the number
+
+    # Student: question + BOT, six latents, EOT + answer + EOS. The question's keys and values are
+    # the teacher's (same weights, same tokens): crop the teacher's cache instead of re-encoding.
+    t_cache.crop(question.shape[1] - t_cache.get_seq_length())  # negative: tokens to drop
+    _, last, cache = model.run(E[torch.full((B, 1), V + 1)], t_cache)
+    h = last[:, -1:]  # (B, 1, d)
+    aux_loss = 0.0
+    for j in range(NUM_LATENT):
+        aux_loss = aux_loss + ce((h[:, 0] @ E.T), aux[:, j]) / NUM_LATENT
+        _, last, cache = model.run(model.prj(h), cache)
+        h = last[:, -1:]
+    tail = torch.cat([torch.full((B, 1), V + 2), answer, eos], dim=1)  # EOT The answer is : N EOS
+    s_hidden, s_last, _ = model.run(E[tail[:, :-1]], cache)
+    student_loss = ce((s_last @ E.T).flatten(0, 1), tail[:, 1:].flatten())
+    s_colon = tail.shape[1] - 3
+    distill = 0.0
+    for s_layer, t_layer in zip(s_hidden[1:], t_hidden[1:]):
+        target = t_layer[:, colon].detach()
+        distill = distill + (s_layer[:, s_colon] - target).abs().mean() / target.std()
+    distill = distill / (len(s_hidden) - 1)
+    return {"teacher": teacher_loss, "student": student_loss, "distill": distill, "aux": aux_loss}
+
+
+# --- Saving in the released CODI layout ----------------------------------------------------------
+
+def save_codi(model: ToyCodi, tokenizer, folder: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    with torch.no_grad():
+        for name, tensor in model.gpt.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte; the loader re-ties it
+            if name == "transformer.wte.weight":
+                tensor = model.embeddings()
+            state[f"codi.base_model.model.{name}"] = tensor.detach().clone().contiguous()
+        for name, tensor in model.prj.state_dict().items():
+            state[f"prj.{name}"] = tensor.detach().clone().contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "codi_config.json").write_text(json.dumps({"num_latent": NUM_LATENT, **meta}, indent=2) + "\n")
+
+
+def evaluate(folder: Path, n: int, seed: int) -> dict[int, float]:
+    """Held-out accuracy per step count, through the product's own loader and rollout."""
+    from runner import model as engine
+    from runner.ablation import BASELINE, make_plan
+
+    reasoner = engine.load(engine.ModelSpec(model=str(folder)))
+    rng = random.Random(10_000 + seed)
+    accuracy = {}
+    for steps in range(1, toy.MAX_STEPS + 1):
+        rows = [toy.sample_problem(rng, steps, "test") for _ in range(n // toy.MAX_STEPS)]
+        plan = make_plan([BASELINE], [str(i) for i in range(len(rows))], reasoner.num_latent, reasoner.d_model)
+        out = reasoner.rollout([p.question for p in rows], plan)
+        hits = [text == f"The answer is: {p.chain.answer}" for text, p in zip(out.texts, rows)]
+        accuracy[steps] = sum(hits) / len(hits)
+    return accuracy
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: TrainConfig, out: Path, work: Path, resume: bool) -> None:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    model = ToyCodi(cfg, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    step, elapsed, history = 0, 0.0, []
+    state_file = work / "state.pt"
+    if resume and state_file.exists():
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        history = json.loads(state["history"])
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+    work.mkdir(parents=True, exist_ok=True)
+    eos_id = tokenizer.eos_token_id
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    while step < cfg.steps:
+        started = time.time()
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # batch depends on the step only: resume is exact
+        batch = make_batch(rng, tokenizer, cfg.batch_size, steps=1 + step % toy.MAX_STEPS)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = codi_losses(model, batch, eos_id)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        step += 1
+        elapsed += time.time() - started
+        bar.update(1)
+        bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            save_codi(model, tokenizer, work / "eval", {})
+            accuracy = evaluate(work / "eval", cfg.eval_problems, cfg.seed)
+            overall = sum(accuracy.values()) / len(accuracy)
+            history.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(loss.item(), 4),
+                            "accuracy": round(overall, 4), "by_steps": accuracy})
+            bar.write(f"step {step} ({elapsed / 60:.1f} min): held-out accuracy {overall:.1%} "
+                      + " ".join(f"{s}:{a:.0%}" for s, a in accuracy.items()))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "elapsed": elapsed, "history": json.dumps(history)}, state_file)
+    bar.close()
+    meta = {"trained": {"config": asdict(cfg), "minutes": round(elapsed / 60, 1), "history": history}}
+    save_codi(model, tokenizer, out, meta)
+    shutil.rmtree(work / "eval", ignore_errors=True)
+    print(f"saved {out} after {elapsed / 60:.1f} min of training")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--work", type=Path, default=REPO / "models" / ".train", help="resumable state")
+    parser.add_argument("--fresh", action="store_true", help="ignore a saved training state")
+    for field, default in TrainConfig.__dataclass_fields__.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
+    args = parser.parse_args()
+    cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
+    train(cfg, args.out, args.work, resume=not args.fresh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""db/queries.py against a hand-built run whose numbers are known (a real DuckDB file in tmp_path).
+
+The run: 10 problems p0..p9, T = 6, baseline right on p0..p7 and wrong on p8, p9, p0..p3 in the
+validation phase; variants prefix k=1..6 and single k=0..5 (zero/latent/recompute) and prefix k=1..6
+with method mean. Prefix (zero) flips are nested (PREFIX_FLIPS); single k flips problem k only.
+Gold log-prob: baseline -1, a prefix-k variant of problem i is 0.1 k + 0.01 i below it.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from db import queries
+from db.queries import Curve, Filters
+from db.store import Store
+
+T = 6
+DIFFICULTY = [1, 1, 2, 2, 3, 3, 4, 5, 6, 7]
+BASELINE_RIGHT = [True] * 8 + [False] * 2
+PREFIX_FLIPS = {1: set(), 2: {0}, 3: {0, 1, 8}, 4: {0, 1, 2, 8}, 5: {0, 1, 2, 3, 8, 9}, 6: {0, 1, 2, 3, 4, 5, 8, 9}}
+QUESTIONS = ["Janet's ducks lay 16 eggs.", "Tom says \"hi\" twice."] + [f"Question number {i}" for i in range(2, 10)]
+
+
+def result(i: int, scheme: str, k: int, flip: bool, method: str = "zero", drop: float | None = None) -> dict:
+    base = BASELINE_RIGHT[i]
+    correct = base != flip
+    logprob = -1.0 if drop is None else -1.0 - drop
+    return {"problem_id": f"p{i}", "variant": f"{scheme}:{k}/{method}/latent/recompute", "scheme": scheme, "k": k,
+            "method": method, "site": "latent", "mode": "recompute", "answer_text": f"The answer is: {i if correct else 99}",
+            "answer_value": float(i if correct else 99), "extraction": "codi", "correct": correct, "changed": flip,
+            "flip": flip, "harm": base and not correct, "help": correct and not base, "gold_logprob": logprob,
+            "logprob_drop": drop, "lens": json.dumps([[["7", 0.5]]]) if scheme == "baseline" else None}
+
+
+def build_run(store: Store, name: str = "hand") -> int:
+    """The run described in the module docstring, written through the Store as a sweep would."""
+    run_id = store.create_run(name=name, model="toy", dataset="builtin", config={"schemes": ["prefix", "single"]},
+                              num_latent=T, n_variants=25, total=10, status="running")
+    store.insert_problems(run_id, [{"problem_id": f"p{i}", "ord": i, "question": QUESTIONS[i], "gold": str(i),
+                                    "gold_value": float(i), "difficulty": DIFFICULTY[i], "solution": "",
+                                    "phase": "validation" if i < 4 else "full"} for i in range(10)])
+    for batch in (range(0, 5), range(5, 10)):
+        rows = []
+        for i in batch:
+            rows.append(result(i, "baseline", 0, False, method="none", drop=0.0))
+            rows += [result(i, "prefix", k, i in PREFIX_FLIPS[k], drop=0.1 * k + 0.01 * i) for k in range(1, T + 1)]
+            rows += [result(i, "single", k, i == k) for k in range(T)]
+            rows += [result(i, "prefix", k, False, method="mean", drop=0.0) for k in range(1, T + 1)]
+        store.write_batch(run_id, rows, {"elapsed_s": 10.0 * (batch.stop // 5), "phase": "full", "done": batch.stop,
+                                         "problems_per_hour": 1800.0, "rss_mb": 500.0 + batch.stop},
+                          done=batch.stop, problems_per_hour=1800.0)
+    return run_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "q.duckdb")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def run_id(store):
+    return build_run(store)
+
+
+def wilson(x: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = x / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def row(frame: pd.DataFrame, **match) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for column, value in match.items():
+        mask &= frame[column] == value
+    assert mask.sum() == 1, f"{mask.sum()} rows match {match}"
+    return frame[mask].iloc[0]
+
+
+def test_wilson_for_three_of_ten_is_the_hand_value(store, run_id):
+    curve = queries.position_curve(store, run_id, Filters(), "flip", "prefix", "zero")
+    k3 = row(curve, k=3)
+    assert (k3["n"], k3["value"]) == (10, 0.3)
+    assert k3["value_lo"] == pytest.approx(0.1078, abs=1e-4) and k3["value_hi"] == pytest.approx(0.6032, abs=1e-4)
+    assert k3["position"] == 2  # prefix k ablates 0..k-1: position k-1
+    assert list(curve["value"]) == [len(PREFIX_FLIPS[k]) / 10 for k in range(1, 7)]
+
+
+def test_baseline_accuracy_and_filters(store, run_id):
+    acc = queries.baseline_accuracy(store, run_id)
+    assert (acc["n"], acc["correct"], acc["accuracy"]) == (10, 8, 0.8)
+    assert (acc["lo"], acc["hi"]) == pytest.approx(wilson(8, 10))
+    assert queries.baseline_accuracy(store, run_id, Filters(phase="full")) == acc  # full = every problem
+    val = queries.baseline_accuracy(store, run_id, Filters(phase="validation"))
+    assert (val["n"], val["correct"]) == (4, 4)
+    hard = queries.baseline_accuracy(store, run_id, Filters(difficulties=(6, 7, 5)))
+    assert (hard["n"], hard["correct"]) == (3, 1)
+    wrong = queries.baseline_accuracy(store, run_id, Filters(baseline_correct=False))
+    assert (wrong["n"], wrong["correct"], wrong["accuracy"]) == (2, 0, 0.0)
+    with pytest.raises(ValueError, match="phase"):
+        Filters(phase="everything")
+
+
+def test_rates_change_with_filters(store, run_id):
+    k3 = dict(scheme="prefix", method="zero", k=3)
+    right = row(queries.position_curve(store, run_id, Filters(baseline_correct=True), "flip"), **k3)
+    assert (right["n"], right["value"]) == (8, 2 / 8)
+    harm = row(queries.position_curve(store, run_id, Filters(), "harm"), **k3)
+    help_ = row(queries.position_curve(store, run_id, Filters(), "help"), **k3)
+    assert (harm["value"], help_["value"]) == (0.2, 0.1)
+    assert (harm["value_lo"], harm["value_hi"]) == pytest.approx(wilson(2, 10))
+    val = row(queries.position_curve(store, run_id, Filters(phase="validation"), "flip"), **k3)
+    assert (val["n"], val["value"]) == (4, 0.5)
+    easy = row(queries.position_curve(store, run_id, Filters(difficulties=(1,)), "changed"), **k3)
+    assert (easy["n"], easy["value"]) == (2, 1.0)
+    singles = queries.position_curve(store, run_id, Filters(), "flip", scheme="single")
+    assert set(singles["scheme"]) == {"single"} and list(singles["position"]) == list(range(6))
+    assert all(singles["value"] == 0.1)
+
+
+def test_logprob_drop_mean_and_seeded_bootstrap(store, run_id):
+    curve = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero")
+    k3 = row(curve, k=3)
+    assert k3["n"] == 10 and k3["value"] == pytest.approx(0.3 + 0.01 * 4.5)
+    assert k3["value_lo"] < k3["value"] < k3["value_hi"]
+    assert k3["value_lo"] >= 0.3 and k3["value_hi"] <= 0.39  # drops range over 0.30..0.39
+    again = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero")
+    pd.testing.assert_frame_equal(curve, again)
+    other = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero", seed=1)
+    assert not other["value_lo"].equals(curve["value_lo"])
+    flat = row(queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "mean"), k=2)
+    assert (flat["value"], flat["value_lo"], flat["value_hi"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="measure"):
+        queries.position_curve(store, run_id, Filters(), "flip; DROP TABLE results")
+
+
+def test_early_late_by_hand(store, run_id):
+    # Prefix k -> position k-1. Per-problem early = mean flip over k=1..3, late over k=4..6.
+    el = queries.early_late(store, run_id, Filters(), "prefix")
+    assert (el["method"], el["site"], el["mode"], el["n"]) == ("zero", "latent", "recompute", 10)
+    assert el["early"] == pytest.approx(4 / 3 / 10) and el["late"] == pytest.approx(0.6)
+    assert el["ratio"] == pytest.approx((4 / 30) / 0.6)
+    assert el["early_lo"] <= el["early"] <= el["early_hi"] and el["late_lo"] <= el["late"] <= el["late_hi"]
+    assert el["ratio_lo"] <= el["ratio"] <= el["ratio_hi"]
+    single = queries.early_late(store, run_id, Filters(), "single")
+    assert single["early"] == pytest.approx(0.1) and single["late"] == pytest.approx(0.1)
+    assert queries.early_late(store, run_id, Filters(), "suffix")["n"] == 0  # no such variants
+
+
+def test_difficulty_table_steps_and_buckets(store, run_id):
+    steps = queries.difficulty_table(store, run_id, Filters(), "prefix", by="steps")
+    assert list(steps["difficulty"]) == [1, 2, 3, 4, 5, 6, 7] and list(steps["n"]) == [2, 2, 2, 1, 1, 1, 1]
+    one = row(steps, difficulty=1)  # p0: early 2/3, late 1; p1: early 1/3, late 1
+    assert (one["early"], one["late"], one["accuracy"]) == pytest.approx((0.5, 1.0, 1.0))
+    assert one["ratio"] == pytest.approx(0.5)
+    six = row(steps, difficulty=6)  # p8, baseline wrong
+    assert (six["accuracy"], six["early"], six["late"]) == pytest.approx((0.0, 1 / 3, 1.0))
+    buckets = queries.difficulty_table(store, run_id, Filters(), "prefix", by="bucket")
+    assert list(buckets["bucket"]) == ["1-2", "3-4", "5+"] and list(buckets["n"]) == [4, 3, 3]
+    low = row(buckets, bucket="1-2")  # p0..p3: early (2/3+1/3+0+0)/4, late (1+1+1+2/3)/4
+    assert (low["early"], low["late"]) == pytest.approx((0.25, 11 / 12))
+    assert (low["accuracy_lo"], low["accuracy_hi"]) == pytest.approx(wilson(4, 4))
+    narrowed = queries.difficulty_table(store, run_id, Filters(difficulties=(1, 2)), "prefix", by="bucket")
+    assert list(narrowed["bucket"]) == ["1-2"]
+    with pytest.raises(ValueError):
+        queries.difficulty_table(store, run_id, Filters(), by="size")
+
+
+def test_heatmap_is_difficulty_by_k(store, run_id):
+    heat = queries.difficulty_heatmap(store, run_id, Filters(), "prefix", "zero", "latent", "recompute", "flip")
+    assert list(heat.index) == [1, 2, 3, 4, 5, 6, 7] and list(heat.columns) == [1, 2, 3, 4, 5, 6]
+    assert heat.loc[1, 3] == 1.0 and heat.loc[3, 6] == 1.0 and heat.loc[4, 6] == 0.0 and heat.loc[2, 5] == 1.0
+
+
+def test_problems_table_search_is_a_parameter(store, run_id):
+    table = queries.problems_table(store, run_id, Filters(), None, None, "ord", 100)
+    assert list(table["problem_id"]) == [f"p{i}" for i in range(10)]
+    p0 = row(table, problem_id="p0")  # prefix k=2..6 and single k=0
+    assert (p0["n_flips"], p0["baseline_correct"], p0["baseline_answer"]) == (6, True, "The answer is: 0")
+    assert list(queries.problems_table(store, run_id, search="janet's")["problem_id"]) == ["p0"]
+    assert list(queries.problems_table(store, run_id, search='says "hi"')["problem_id"]) == ["p1"]
+    for hostile in ("'; DROP TABLE results; --", "%", "_", "\\", "' OR 1=1 --"):
+        assert queries.problems_table(store, run_id, search=hostile).empty
+    assert store.query("SELECT count(*) FROM results")[0][0] == 10 * 19
+    flipped = queries.problems_table(store, run_id, any_flip=True)
+    assert set(flipped["problem_id"]) == {f"p{i}" for i in (0, 1, 2, 3, 4, 5, 8, 9)}
+    calm = queries.problems_table(store, run_id, any_flip=False)
+    assert set(calm["problem_id"]) == {"p6", "p7"}
+    by_flips = queries.problems_table(store, run_id, order_by="-n_flips", limit=2)
+    assert list(by_flips["problem_id"]) == ["p0", "p1"] and list(by_flips["n_flips"]) == [6, 5]
+    for bad in ("question; DROP TABLE results", "ord DESC", "-"):
+        with pytest.raises(ValueError, match="order_by"):
+            queries.problems_table(store, run_id, order_by=bad)
+
+
+def test_problem_detail_latest_and_metrics(store, run_id):
+    detail = queries.problem_detail(store, run_id, "p8")
+    assert detail["problem"]["difficulty"] == 6 and detail["problem"]["phase"] == "full"
+    variants = detail["variants"]
+    assert len(variants) == 19 and variants.iloc[0]["scheme"] == "baseline"
+    assert variants.iloc[0]["lens"] == [[["7", 0.5]]]
+    assert row(variants, variant="prefix:3/zero/latent/recompute")["correct"]  # p8 wrong at baseline: help
+    assert queries.problem_detail(store, run_id, "nope") is None
+    latest = queries.latest_results(store, run_id, 3)
+    assert list(latest["problem_id"]) == ["p9", "p8", "p7"] and list(latest["n_flips"]) == [2, 4, 0]
+    series = queries.metrics(store, run_id)
+    assert list(series["done"]) == [5, 10] and list(series["rss_mb"]) == [505.0, 510.0]
+
+
+def test_runs_groups_and_latest(store, run_id):
+    second = build_run(store, "second")
+    listing = queries.runs(store)
+    assert list(listing["id"]) == [second, run_id] and queries.latest_run_id(store) == second
+    assert {"problems_per_hour", "n_variants", "peak_rss_mb", "tags"} <= set(listing.columns)
+    groups = queries.variant_groups(store, run_id)
+    assert [tuple(g) for g in groups[["scheme", "method"]].itertuples(index=False)] == [
+        ("prefix", "zero"), ("single", "zero"), ("prefix", "mean")]
+    assert queries.first_group(store, run_id, "prefix") == ("zero", "latent", "recompute")
+    assert queries.first_group(store, run_id, "prefix", "mean") == ("mean", "latent", "recompute")
+    assert queries.latest_run_id(Store(store.path.with_name("empty.duckdb"))) is None
+
+
+def test_compare_validation_against_full(store, run_id):
+    both = queries.compare(store, Curve(run_id, Filters(phase="validation")), Curve(run_id))
+    k3 = row(both, k=3)
+    assert (k3["value_a"], k3["value_b"], k3["diff"]) == pytest.approx((0.5, 0.3, 0.2))
+    assert k3["overlap"]
+    assert (k3["lo_a"], k3["hi_a"]) == pytest.approx(wilson(2, 4))
+    methods = queries.compare(store, Curve(run_id, method="zero"), Curve(run_id, method="mean"))
+    k6 = row(methods, k=6)
+    assert (k6["value_a"], k6["value_b"]) == (0.8, 0.0) and not k6["overlap"]
+
+
+def test_stats_json_is_plain_json_with_seed_keys(store, run_id):
+    stats = queries.stats_json(store, run_id)
+    text = json.dumps(stats, allow_nan=False)
+    assert json.loads(text) == stats
+    assert stats["n_problems"] == 10 and stats["baseline_accuracy"] == 0.8
+    # Seed numbering: "0" is the baseline, "k" the prefix variant k.
+    assert stats["position_importance"] == {"0": 0.0, **{str(k): len(PREFIX_FLIPS[k]) / 10 for k in range(1, 7)}}
+    one = stats["by_difficulty"]["1"]  # p0, p1: positions 0,1,2 = 0, 0, 0.5; 3,4,5 = 1, 1, 1
+    assert one == {"n_problems": 2, "baseline_accuracy": 1.0, "early_importance": pytest.approx(0.5 / 3),
+                   "late_importance": 1.0, "pattern_validated": False}
+    extras = stats["extras"]
+    assert extras["baseline_accuracy"]["accuracy"] == 0.8 and extras["summary_group"]["method"] == "zero"
+    assert [(g["scheme"], g["method"]) for g in extras["groups"]] == [("prefix", "zero"), ("single", "zero"),
+                                                                      ("prefix", "mean")]
+    k3 = extras["groups"][0]["positions"][2]
+    assert k3["k"] == 3 and k3["flip"]["value"] == 0.3 and k3["flip"]["lo"] == pytest.approx(0.1078, abs=1e-4)
+    assert {"flip", "harm", "help", "changed", "logprob_drop"} <= set(k3)
+    assert extras["groups"][0]["early_late"]["late"] == pytest.approx(0.6)
+    assert [r["bucket"] for r in extras["groups"][0]["by_difficulty"]["bucket"]] == ["1-2", "3-4", "5+"]
+    mean = queries.stats_json(store, run_id, method="mean")
+    assert mean["position_importance"]["6"] == 0.0 and mean["extras"]["summary_group"]["method"] == "mean"

@@ -1,0 +1,102 @@
+"""db/report.py: CSV/Parquet exports, the experiment report and the live status page, on the run of test_queries.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from db import report, seed
+from db.queries import Filters
+from db.store import Store
+from test_queries import build_run  # the hand-built 10-problem run (numbers known)
+
+REQUIRED = ["run_id", "problem_id", "difficulty", "phase", "scheme", "k", "method", "site", "mode", "answer_text",
+            "answer_value", "correct", "changed", "flip", "harm", "help", "gold_logprob"]
+FIXTURES = Path(__file__).parent / "fixtures" / "seed"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "r.duckdb")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def run_id(store):
+    return build_run(store)
+
+
+def test_csv_has_one_row_per_problem_and_variant(store, run_id, tmp_path):
+    path = report.export_csv(store, run_id, tmp_path / "new" / "dir")
+    assert path == tmp_path / "new" / "dir" / "results.csv"
+    frame = pd.read_csv(path)
+    assert list(frame.columns[:4]) == ["run_id", "problem_id", "difficulty", "phase"] and set(REQUIRED) <= set(frame)
+    assert len(frame) == 10 * 19 and not frame.duplicated(["problem_id", "variant"]).any()
+    first = frame.iloc[0]
+    assert (first["problem_id"], first["scheme"], first["k"], first["method"]) == ("p0", "baseline", 0, "none")
+    k3 = frame[(frame.problem_id == "p8") & (frame.variant == "prefix:3/zero/latent/recompute")].iloc[0]
+    assert (bool(k3["flip"]), bool(k3["help"]), bool(k3["correct"]), k3["difficulty"]) == (True, True, True, 6)
+    only = pd.read_csv(report.export_csv(store, run_id, tmp_path / "v", Filters(phase="validation")))
+    assert len(only) == 4 * 19 and set(only["phase"]) == {"validation"}
+
+
+def test_parquet_matches_csv(store, run_id, tmp_path):
+    csv = pd.read_csv(report.export_csv(store, run_id, tmp_path))
+    parquet = pd.read_parquet(report.export_parquet(store, run_id, tmp_path))
+    assert list(parquet.columns) == list(csv.columns) and len(parquet) == len(csv)
+    assert parquet["gold_logprob"].tolist() == pytest.approx(csv["gold_logprob"].tolist())
+
+
+@pytest.mark.parametrize("name", ["../results.csv", "sub/results.csv", "..", "results.txt", "/etc/passwd"])
+def test_export_names_cannot_escape(store, run_id, tmp_path, name):
+    with pytest.raises(ValueError, match="export name"):
+        report.export_csv(store, run_id, tmp_path / "out", name=name)
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_export_dispatch(store, run_id, tmp_path):
+    names = {fmt: [p.name for p in report.export(store, run_id, fmt, tmp_path / fmt)] for fmt in report.FORMATS}
+    assert names == {"seed-json": [seed.SCORES, seed.SUMMARY, seed.VALIDATION], "csv": ["results.csv"],
+                     "parquet": ["results.parquet"], "markdown": ["report.md"]}
+    with pytest.raises(ValueError, match="format"):
+        report.export(store, run_id, "xlsx", tmp_path)
+
+
+def test_markdown_report_holds_the_numbers(store, run_id):
+    text = report.markdown_report(store, run_id)
+    for expected in ("# ThoughtSweep run", "## Setup", "| schemes |", "8/10 = 0.800 [0.490, 0.943]",
+                     "validation subset: 4/4", "### prefix · zero · latent · recompute", "### single · zero",
+                     "| 3 | 0–2 | 10 | 0.300 [0.108, 0.603] | 0.200 [", "## By difficulty (prefix · zero",
+                     "| 1-2 | 4 |", "## Early vs late", "cumulative by construction", "Wilson"):
+        assert expected in text, expected
+    assert "\n| 1 | 0 | 10 | 0.000 [0.000, 0.278] |" in text  # prefix k=1 ablates latent 0 only
+
+
+def test_report_of_an_imported_run(store):
+    run_id = seed.import_seed(store, FIXTURES / seed.SCORES, FIXTURES / seed.VALIDATION)
+    text = report.markdown_report(store, run_id)
+    assert "imported from the seed" in text and "3/4 = 0.750" in text
+
+
+def test_status_page_of_a_running_sweep(store, run_id):
+    store.insert_problems(run_id, [{"problem_id": f"q{i}", "ord": 10 + i, "question": "?", "gold": "1",
+                                    "gold_value": 1.0, "difficulty": 2, "solution": "", "phase": "full"}
+                                   for i in range(10)])
+    store.update_run(run_id, total=20, phase="full", status="running")
+    text = report.status_markdown(store, run_id)
+    for expected in ("— running (phase full)", "10/20 problems (50.0%)", "1800 problems/hour", "2s per problem",
+                     "ETA: 20s", "| validation | 4/4 | 8s |", "| full (the other problems) | 6/16 | 32s | 20s so far | "
+                     "running |", "RSS now 510 MB, peak 510 MB", "## Validation vs full run so far",
+                     "| baseline accuracy | 1.000 [", f"python -m runner sweep --resume {run_id} --db {store.path}",
+                     "kill -INT"):
+        assert expected in text, expected
+    store.update_run(run_id, status="stopped")
+    stopped = report.status_markdown(store, run_id)
+    assert "kill -INT" not in stopped and "ETA: –" in stopped and "| stopped |" in stopped
+
+
+def test_unknown_run(store):
+    with pytest.raises(ValueError, match="no run 42"):
+        report.markdown_report(store, 42)

@@ -1,0 +1,163 @@
+"""Sweeps into a real DuckDB file with a real (tiny) model: rows, phases, stop/resume, faults."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from db.store import Store
+from runner import ablation
+from runner.model import LatentReasoner
+from runner.sweep import Sweep, SweepConfig, SweepError
+
+COLUMNS = "problem_id, variant, answer_text, answer_value, correct, changed, flip, harm, help, gold_logprob, lens"
+
+
+def config(model_dir, **overrides) -> SweepConfig:
+    values = dict(model=str(model_dir), dataset="builtin", limit=12, batch_size=4, validation=6,
+                  schemes=("prefix", "exit"), methods=("zero",))
+    return SweepConfig(**(values | overrides))
+
+
+def sweep(store, reasoner, cfg, stop_after: int | None = None) -> tuple[int, str]:
+    run_id = Sweep.create(store, reasoner, cfg)
+    return run_id, run(store, reasoner, cfg, run_id, stop_after)
+
+
+def run(store, reasoner, cfg, run_id, stop_after=None) -> str:
+    stop = threading.Event()
+
+    def on_progress(progress):
+        if stop_after is not None and progress.status == "running" and progress.done >= stop_after:
+            stop.set()
+    return Sweep(store, reasoner, cfg, run_id, stop=stop, on_progress=on_progress).run()
+
+
+def rows(store, run_id) -> list[tuple]:
+    return store.query(f"SELECT {COLUMNS} FROM results WHERE run_id = ? ORDER BY problem_id, variant", [run_id])
+
+
+def test_a_sweep_stores_every_problem_times_every_variant(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, schemes=("prefix", "single", "suffix", "exit"), methods=("zero", "mean"))
+    run_id, status = sweep(store, tiny_reasoner, cfg)
+    variants = ablation.expand(cfg.schemes, cfg.methods, cfg.site, cfg.mode, tiny_reasoner.num_latent)
+    assert status == "finished"
+    assert len(variants) == 1 + 2 * (6 + 6 + 6) + 7
+    (n, distinct) = store.query("SELECT count(*), count(DISTINCT (problem_id, variant)) FROM results WHERE run_id = ?",
+                                [run_id])[0]
+    assert n == distinct == 12 * len(variants)
+    run_row = store.run_row(run_id)
+    assert (run_row["status"], run_row["done"], run_row["total"], run_row["phase"]) == ("finished", 12, 12, "full")
+    assert run_row["elapsed_s"] > 0 and run_row["problems_per_hour"] > 0 and run_row["peak_rss_mb"] > 100
+    phases = dict(store.query("SELECT phase, count(*) FROM problems WHERE run_id = ? GROUP BY phase", [run_id]))
+    assert sum(phases.values()) == 12 and 1 <= phases["validation"] <= 6
+    # One metrics row per batch: the validation batches, then the rest in batches of 4.
+    n_batches = -(-phases["validation"] // 4) + -(-phases["full"] // 4)
+    assert store.query("SELECT count(*) FROM run_metrics WHERE run_id = ?", [run_id])[0][0] == n_batches
+    assert store.load_reference(run_id, "latent")[1].shape == (cfg.reference_size and 12, 6, tiny_reasoner.d_model)
+
+
+def test_measures_are_consistent_with_the_baseline(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    run_id, _ = sweep(store, tiny_reasoner, config(tiny_model_dir))
+    bad = store.query("""
+        SELECT count(*) FROM results r JOIN results b
+          ON b.run_id = r.run_id AND b.problem_id = r.problem_id AND b.scheme = 'baseline'
+        WHERE r.run_id = ? AND (r.flip <> (r.correct <> b.correct) OR r.harm <> (b.correct AND NOT r.correct)
+           OR r.help <> (NOT b.correct AND r.correct)
+           OR abs(r.logprob_drop - (b.gold_logprob - r.gold_logprob)) > 1e-9)""", [run_id])[0][0]
+    assert bad == 0
+    # The exit variant that feeds every latent is the baseline itself: same answer, same log-prob.
+    same = store.query("""
+        SELECT count(*) FROM results r JOIN results b USING (run_id, problem_id)
+        WHERE r.run_id = ? AND r.variant = 'exit:6/none/latent/recompute' AND b.scheme = 'baseline'
+          AND r.answer_text = b.answer_text AND r.gold_logprob = b.gold_logprob AND NOT r.changed""", [run_id])[0][0]
+    assert same == 12
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, methods=("zero", "noise"))
+    whole, _ = sweep(store, tiny_reasoner, cfg)
+    parted, status = sweep(store, tiny_reasoner, cfg, stop_after=5)
+    assert status == "stopped"
+    row = store.run_row(parted)
+    assert row["status"] == "stopped" and 5 <= row["done"] < 12
+    stored = len(rows(store, parted))
+    assert stored == row["done"] * row["n_variants"]  # whole batches only
+    assert run(store, tiny_reasoner, cfg, parted) == "finished"
+    assert rows(store, parted) == rows(store, whole)
+
+
+def test_validation_phase_alone_then_full_does_not_rerun_validation(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, phases=("validation",))
+    run_id, status = sweep(store, tiny_reasoner, cfg)
+    validation = store.query("SELECT count(*) FROM problems WHERE run_id = ? AND phase = 'validation'", [run_id])[0][0]
+    assert status == "finished" and store.run_row(run_id)["done"] == validation
+    before = rows(store, run_id)
+    assert run(store, tiny_reasoner, SweepConfig.from_json({**cfg.to_json(), "phases": ["full"]}), run_id) == "finished"
+    after = rows(store, run_id)
+    assert len(after) == 12 * store.run_row(run_id)["n_variants"]
+    assert set(before) <= set(after)
+
+
+class FlakyReasoner(LatentReasoner):
+    """The real tiny model, with a fault injected on chosen rollout calls."""
+
+    def __init__(self, real: LatentReasoner, fail_on: set[int], error: Exception, min_batch: int = 0):
+        self.__dict__.update(real.__dict__)
+        self.calls, self.fail_on, self.error, self.min_batch = 0, fail_on, error, min_batch
+
+    def rollout(self, questions, plan, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_on and len(questions) > self.min_batch:
+            raise self.error
+        return super().rollout(questions, plan, *args, **kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, validation=0, batch_size=8)
+    flaky = FlakyReasoner(tiny_reasoner, fail_on={1}, error=torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    run_id, status = sweep(store, flaky, cfg)
+    assert status == "finished"
+    assert store.run_row(run_id)["batch_size"] == 4
+    # The retried batches are those of a sweep at batch size 4: the same rows, bit for bit.
+    reference_store = Store(tmp_path / "r.duckdb")
+    reference, _ = sweep(reference_store, tiny_reasoner, SweepConfig.from_json({**cfg.to_json(), "batch_size": 4}))
+    assert rows(store, run_id) == rows(reference_store, reference)
+
+
+def test_a_model_error_marks_the_run_failed_and_keeps_committed_batches(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, validation=0)
+    flaky = FlakyReasoner(tiny_reasoner, fail_on={2}, error=RuntimeError("injected fault in batch 2"))
+    run_id = Sweep.create(store, flaky, cfg)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(store, flaky, cfg, run_id)
+    row = store.run_row(run_id)
+    assert row["status"] == "failed" and "injected fault in batch 2" in row["error"]
+    assert row["done"] == 4 and len(rows(store, run_id)) == 4 * row["n_variants"]
+    assert run(store, tiny_reasoner, cfg, run_id) == "finished"  # and it resumes
+
+
+def test_bad_options_are_refused_before_anything_is_stored(tmp_path, tiny_reasoner, tiny_model_dir):
+    store = Store(tmp_path / "s.duckdb")
+    for bad, message in [({"limit": 0}, "--limit"), ({"batch_size": 0}, "--batch-size"),
+                         ({"schemes": ("sideways",)}, "scheme"), ({"site": "resid:9"}, "layer"),
+                         ({"methods": ()}, "method"), ({"dataset": str(tmp_path / "none.jsonl")}, "none.jsonl")]:
+        with pytest.raises((SweepError, ValueError), match=message):
+            Sweep.create(store, tiny_reasoner, config(tiny_model_dir, **bad))
+    assert store.query("SELECT count(*) FROM runs")[0][0] == 0
+
+
+def test_a_run_left_running_by_a_dead_process_opens_as_interrupted(tmp_path, tiny_reasoner, tiny_model_dir):
+    path = tmp_path / "s.duckdb"
+    store = Store(path)
+    run_id = Sweep.create(store, tiny_reasoner, config(tiny_model_dir))
+    store.update_run(run_id, status="running", pid=2**22 + 7)  # no such process
+    store.close()
+    assert Store(path).run_row(run_id)["status"] == "interrupted"
