@@ -76,6 +76,7 @@ GROUP = "(? IS NULL OR r.scheme = ?) AND (? IS NULL OR r.method = ?) AND (? IS N
 
 
 def scope_params(run_id: int, filters: Filters) -> list:
+    """The `?` values of SCOPE, in order (db/report.py builds its export on SCOPE too)."""
     phase = None if filters.phase in (None, "full") else filters.phase
     return [run_id, run_id, phase, phase, not filters.difficulties, list(filters.difficulties) or [0],
             filters.baseline_correct, filters.baseline_correct]
@@ -87,10 +88,12 @@ def _group_params(scheme, method, site, mode) -> list:
 
 def _wilson(x: str, n: str, name: str = "value") -> str:
     """SQL columns `name, name_lo, name_hi`: x/n and its 95% Wilson score interval (x, n: column names)."""
-    p, z2, n = f"({x}::DOUBLE / NULLIF({n}, 0))", Z * Z, f"NULLIF({n}, 0)"
-    centre, denom = f"({p} + {z2} / (2.0 * {n}))", f"(1 + {z2} / {n})"
-    half = f"({Z} * sqrt({p} * (1 - {p}) / {n} + {z2} / (4.0 * {n} * {n})))"
-    lo, hi = (f"({centre} - {half}) / {denom}", f"({centre} + {half}) / {denom}")
+    p, z2, m = f"({x}::DOUBLE / NULLIF({n}, 0))", Z * Z, f"NULLIF({n}, 0)"
+    centre, denom = f"({p} + {z2} / (2.0 * {m}))", f"(1 + {z2} / {m})"
+    half = f"({Z} * sqrt({p} * (1 - {p}) / {m} + {z2} / (4.0 * {m} * {m})))"
+    # greatest/least: at x = 0 or x = n the bounds are 0 and 1 up to round-off (and they skip NULLs: n = 0)
+    lo = f"CASE WHEN {n} > 0 THEN greatest(0.0, ({centre} - {half}) / {denom}) END"
+    hi = f"CASE WHEN {n} > 0 THEN least(1.0, ({centre} + {half}) / {denom}) END"
     return f"{p} AS {name}, {lo} AS {name}_lo, {hi} AS {name}_hi"
 
 
@@ -103,8 +106,9 @@ def _bootstrap_means(values: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
     out = np.full((n_boot, groups), np.nan)
     if n == 0:
         return out
-    present = (~np.isnan(values)).astype(float)
-    filled = np.where(present > 0, values, 0.0)
+    present = ~np.isnan(values)
+    filled = np.where(present, values, 0.0)
+    complete = bool(present.all())  # then every replicate averages exactly n values
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, 4_000_000 // n))  # bounds the (chunk, n) count matrix at ~32 MB
     for start in range(0, n_boot, chunk):
@@ -112,7 +116,7 @@ def _bootstrap_means(values: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
         picks = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
         counts = np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + rows] = (counts @ filled) / (counts @ present)
+            out[start:start + rows] = (counts @ filled) / (n if complete else counts @ present.astype(float))
     return out
 
 
@@ -183,6 +187,8 @@ def variant_groups(store, run_id: int) -> pd.DataFrame:
 
 def first_group(store, run_id: int, scheme: str, method=None, site=None, mode=None) -> tuple[str, str, str] | None:
     """The run's first stored (method, site, mode) of `scheme` matching those given (None = any); None if absent."""
+    if None not in (method, site, mode):
+        return method, site, mode  # fully named: nothing to look up (an absent group gives empty figures)
     rows = store.query(
         f"SELECT r.method, r.site, r.mode FROM results r WHERE r.run_id = ? AND {GROUP} "
         "GROUP BY ALL ORDER BY min(r.rowid) LIMIT 1", [run_id, *_group_params(scheme, method, site, mode)])
@@ -221,18 +227,21 @@ def _drops(store, run_id: int, filters: Filters, scheme=None, method=None, site=
             f"r.logprob_drop FROM results r JOIN scope s USING (problem_id) "
             f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP}) ")
     order = f"{SCHEME_ORDER}, method, site, mode, k"
-    cells = store.query_df(rows + "SELECT scheme, method, site, mode, k, position, count(logprob_drop) AS n_logprob, "
-                           f"avg(logprob_drop) AS logprob_drop FROM d GROUP BY scheme, method, site, mode, k, position "
-                           f"ORDER BY {order}", params)
+    key = "hash(scheme, method, site, mode, k) AS cell"
+    cells = store.query_df(rows + f"SELECT scheme, method, site, mode, k, position, count(logprob_drop) AS n_logprob, "
+                           f"avg(logprob_drop) AS logprob_drop, {key} FROM d "
+                           f"GROUP BY scheme, method, site, mode, k, position ORDER BY {order}", params)
     cells["logprob_drop_lo"] = cells["logprob_drop_hi"] = np.nan
     if cells["n_logprob"].sum() == 0:
-        return cells  # e.g. an imported seed run: no log-probs stored
-    # Integer codes only: a long frame of 40k+ rows with text columns costs more to fetch than to bootstrap.
-    codes = store.query_df(rows + f"SELECT dense_rank() OVER (ORDER BY {order}) - 1 AS g, "
-                           "dense_rank() OVER (ORDER BY ord) - 1 AS i, logprob_drop FROM d", params)
-    matrix = np.full((int(codes["i"].max()) + 1, len(cells)), np.nan)  # (problems, groups x k)
-    matrix[codes["i"].to_numpy(), codes["g"].to_numpy()] = codes["logprob_drop"].to_numpy(dtype=float)
+        return cells.drop(columns="cell")  # e.g. an imported seed run: no log-probs stored
+    # Numbers only (a hash names the cell): 40k+ rows of text cost more to fetch than the bootstrap.
+    long = store.query_df(rows + f"SELECT {key}, ord, logprob_drop FROM d", params)
+    column = pd.Index(cells["cell"]).get_indexer(long["cell"])
+    _, problem = np.unique(long["ord"].to_numpy(), return_inverse=True)
+    matrix = np.full((problem.max() + 1, len(cells)), np.nan)  # (problems, cells)
+    matrix[problem, column] = long["logprob_drop"].to_numpy(dtype=float)
     cells["logprob_drop_lo"], cells["logprob_drop_hi"] = _interval(_bootstrap_means(matrix, seed, n_boot))
+    cells = cells.drop(columns="cell")
     return cells
 
 
@@ -254,14 +263,15 @@ def position_curve(store, run_id: int, filters: Filters = Filters(), measure: st
 
 
 def _scores(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None) -> pd.DataFrame:
-    """Per (problem in scope, group): ord, difficulty, bucket, and the problem's mean flip over early / late positions."""
+    """Per (problem in scope, group): group code g, ord, difficulty, bucket, mean flip over early / late positions."""
     return store.query_df(
-        f"WITH {SCOPE}, t AS (SELECT num_latent AS T FROM runs WHERE id = ?) "
+        f"WITH {SCOPE}, t AS (SELECT num_latent AS T FROM runs WHERE id = ?), per_problem AS ("
         f"SELECT r.scheme, r.method, r.site, r.mode, s.ord, s.difficulty, {BUCKET} AS bucket, "
         f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} < t.T // 2) AS early, "
         f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} >= t.T // 2 AND {POSITION} < t.T) AS late "
         f"FROM scope s JOIN results r USING (problem_id) CROSS JOIN t "
-        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL",
+        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL) "
+        f"SELECT *, dense_rank() OVER (ORDER BY {SCHEME_ORDER}, method, site, mode) - 1 AS g FROM per_problem",
         [*scope_params(run_id, filters), run_id, run_id, *_group_params(scheme, method, site, mode)])
 
 
@@ -273,29 +283,38 @@ def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: i
     columns = ([by] if by else []) + [*GROUP_KEYS, "n", *EARLY_LATE]
     if scores.empty:
         return pd.DataFrame(columns=columns)
-    group_code = scores.groupby(GROUP_KEYS, sort=False).ngroup().to_numpy()
-    names = scores[GROUP_KEYS].drop_duplicates().to_numpy()  # in ngroup order (sort=False: first seen)
-    G, rows = len(names), []
-    for stratum, sub in (scores.groupby(by, sort=True) if by else [(None, scores)]):
-        problem = pd.factorize(sub["ord"])[0]
+    group = scores["g"].to_numpy()  # dense 0..G-1, from SQL
+    names = scores.drop_duplicates("g").sort_values("g")[GROUP_KEYS].to_numpy()
+    early, late = scores["early"].to_numpy(dtype=float), scores["late"].to_numpy(dtype=float)
+    ords = scores["ord"].to_numpy()
+    strata = scores[by].to_numpy() if by else np.zeros(len(scores), dtype=int)
+    G, found = len(names), {c: [] for c in columns}
+    for stratum in sorted(set(strata.tolist())):
+        rows = strata == stratum
+        _, problem = np.unique(ords[rows], return_inverse=True)
         values = np.full((problem.max() + 1, 2 * G), np.nan)  # (problems, early per group | late per group)
-        values[problem, group_code[sub.index]] = sub["early"].to_numpy(dtype=float)
-        values[problem, G + group_code[sub.index]] = sub["late"].to_numpy(dtype=float)
+        values[problem, group[rows]] = early[rows]
+        values[problem, G + group[rows]] = late[rows]
         replicates = _bootstrap_means(values, seed, n_boot)
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group absent from the stratum: all-NaN column
             means = np.nanmean(values, axis=0)
             ratio_reps = replicates[:, :G] / replicates[:, G:]
             ratio = means[:G] / means[G:]
         ratio_reps[~np.isfinite(ratio_reps)] = np.nan  # a replicate without late flips has no ratio
+        ratio[~np.isfinite(ratio)] = np.nan
         lo, hi = _interval(replicates)
         ratio_lo, ratio_hi = _interval(ratio_reps)
         counts = (~np.isnan(values[:, :G])).sum(axis=0)
-        for g in np.flatnonzero(counts):
-            rows.append([*([stratum] if by else []), *names[g], int(counts[g]), means[g], lo[g], hi[g], means[G + g],
-                         lo[G + g], hi[G + g], ratio[g] if np.isfinite(ratio[g]) else np.nan, ratio_lo[g],
-                         ratio_hi[g]])
-    return pd.DataFrame(rows, columns=columns)
+        kept = counts > 0
+        stats = {"n": counts, "early": means[:G], "early_lo": lo[:G], "early_hi": hi[:G], "late": means[G:],
+                 "late_lo": lo[G:], "late_hi": hi[G:], "ratio": ratio, "ratio_lo": ratio_lo, "ratio_hi": ratio_hi}
+        stats.update({key: names[:, i] for i, key in enumerate(GROUP_KEYS)})
+        if by:
+            stats[by] = np.full(G, stratum, dtype=object)
+        for column in columns:
+            found[column].append(stats[column][kept])
+    return pd.DataFrame({column: np.concatenate(parts) for column, parts in found.items()})
 
 
 def early_late(store, run_id: int, filters: Filters = Filters(), scheme: str = "prefix", method=None, site=None,
@@ -377,7 +396,7 @@ def compare(store, a: Curve, b: Curve, measure: str = "flip", seed: int = 0, n_b
 # --- problems --------------------------------------------------------------------------------------
 def problems_table(store, run_id: int, filters: Filters = Filters(), any_flip: bool | None = None,
                    search: str | None = None, order_by: str = "ord", limit: int = 500) -> pd.DataFrame:
-    """One row per problem in scope with its baseline answer and flip count; `order_by` from PROBLEM_ORDER, '-' = descending."""
+    """One row per problem in scope: baseline answer, flip count; `order_by` a PROBLEM_ORDER key, '-key' descending."""
     name = order_by.lstrip("-")
     if name not in PROBLEM_ORDER:
         raise ValueError(f"order_by must be one of {', '.join(PROBLEM_ORDER)} (optionally '-name'), got {order_by!r}")
@@ -396,7 +415,7 @@ def problems_table(store, run_id: int, filters: Filters = Filters(), any_flip: b
 
 
 def problem_detail(store, run_id: int, problem_id: str) -> dict | None:
-    """{'problem': the problem row, 'variants': every variant's answer, correct, flip, gold_logprob, lens}; None if absent."""
+    """{'problem': its row, 'variants': each variant's answer, correct, flip, gold_logprob, lens}; None if absent."""
     problem = store.query_df("SELECT problem_id, ord, question, gold, gold_value, difficulty, solution, phase "
                              "FROM problems WHERE run_id = ? AND problem_id = ?", [run_id, problem_id])
     if problem.empty:
@@ -464,7 +483,7 @@ def _seed_keys(store, run_id: int, group: tuple[str, str, str] | None) -> dict:
 
 
 def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int = 0, n_boot: int = 1000) -> dict:
-    """`stats --json`: the seed summary keys for the run's prefix group at the top, every section-4 figure in 'extras'."""
+    """`stats --json`: the seed summary keys for the run's prefix group, every section-4 figure under 'extras'."""
     run = store.run_row(run_id)
     if run is None:
         raise ValueError(f"no run {run_id} in {store.path}")

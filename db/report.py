@@ -10,15 +10,19 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
+import pyarrow
+import pyarrow.csv
+
 from db import queries
 from db.queries import Curve, Filters
 from db.seed import export_seed
 
-EXPORT_NAMES = ("results.csv", "results.parquet", "report.md", "status.md")
+EXPORT_NAMES = ("results.csv", "results.parquet", "report.md")
 FORMATS = ("seed-json", "csv", "parquet", "markdown")
-EXPORT_COLUMNS = ("run_id, problem_id, difficulty, phase, variant, scheme, k, method, site, mode, answer_text, "
-                  "answer_value, extraction, correct, changed, flip, harm, help, gold_logprob, logprob_drop, gold, "
-                  "baseline_correct")
+EXPORT_COLUMNS = ("run_id", "problem_id", "difficulty", "phase", "variant", "scheme", "k", "method", "site", "mode",
+                  "answer_text", "answer_value", "extraction", "correct", "changed", "flip", "harm", "help",
+                  "gold_logprob", "logprob_drop", "gold", "baseline_correct")
 
 
 def _target(out_dir, name: str) -> Path:
@@ -32,19 +36,22 @@ def _target(out_dir, name: str) -> Path:
 
 def results_frame(store, run_id: int, filters: Filters = Filters()):
     """One row per (problem, variant) in scope, in run order, baseline first: what the CSV/Parquet exports hold."""
-    return store.query_df(
+    frame = store.query_df(
         f"WITH {queries.SCOPE} SELECT r.run_id, r.problem_id, s.difficulty, s.phase, r.variant, r.scheme, r.k, "
         f"r.method, r.site, r.mode, r.answer_text, r.answer_value, r.extraction, r.correct, r.changed, r.flip, "
         f"r.harm, r.help, r.gold_logprob, r.logprob_drop, s.gold, s.baseline_correct "
         f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? "
         f"ORDER BY s.ord, {queries.SCHEME_ORDER}, r.method, r.site, r.mode, r.k",
         [*queries.scope_params(run_id, filters), run_id])
+    assert tuple(frame.columns) == EXPORT_COLUMNS, f"export columns {list(frame.columns)} != EXPORT_COLUMNS"
+    return frame
 
 
 def export_csv(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.csv") -> Path:
     """Write results.csv (columns EXPORT_COLUMNS) into out_dir."""
     path = _target(out_dir, name)
-    results_frame(store, run_id, filters).to_csv(path, index=False)
+    # pyarrow's writer: pandas' to_csv takes seconds on a 50k-row run. Booleans are written true/false.
+    pyarrow.csv.write_csv(pyarrow.Table.from_pandas(results_frame(store, run_id, filters), preserve_index=False), path)
     return path
 
 
@@ -63,7 +70,7 @@ def export_markdown(store, run_id: int, out_dir, name: str = "report.md") -> Pat
 
 
 def export(store, run_id: int, fmt: str, out_dir, filters: Filters = Filters()) -> list[Path]:
-    """`runner export --format FMT`: the files written for one of FORMATS."""
+    """`runner export --format FMT`: the files written for one of FORMATS (seed-json: the whole run, no filters)."""
     if fmt == "seed-json":
         return export_seed(store, run_id, out_dir)
     writers = {"csv": export_csv, "parquet": export_parquet}
@@ -115,7 +122,7 @@ def _run(store, run_id: int) -> dict:
     run = store.run_row(run_id)
     if run is None:
         raise ValueError(f"no run {run_id} in {store.path}")
-    return run
+    return {k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in run.items()}  # NaN -> None
 
 
 # --- the experiment report ------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ def status_markdown(store, run_id: int) -> str:
     done, total = int(run["done"]), int(run["total"])
     eta = None if per_problem is None or run["status"] != "running" else (total - done) * per_problem
     out = [f"# Run {run_id}: {run['name']} — {run['status']}" + (f" (phase {run['phase']})" if run["phase"] else ""),
-           "", f"- progress: {done}/{total} problems ({100 * done / total:.1f}%)" if total else "- progress: 0 problems",
+           "", f"- progress: {done}/{total} problems ({100 * done / max(total, 1):.1f}%)",
            f"- time sweeping: {_duration(run['elapsed_s'])}; ETA: {_duration(eta)}"
            + ("" if eta is None else " at the current throughput"),
            f"- throughput: {'–' if rate is None else f'{rate:.0f}'} problems/hour; "
@@ -256,8 +263,8 @@ def status_markdown(store, run_id: int) -> str:
     else:
         def mb(value):
             return "–" if _missing(value) else f"{value:,.0f} MB"
-        out += [f"- RSS now {mb(last['rss_mb'])}, peak {mb(series['rss_mb'].max())}; CPU {last['cpu_pct']:.0f}%"
-                if not _missing(last["cpu_pct"]) else f"- RSS now {mb(last['rss_mb'])}, peak {mb(series['rss_mb'].max())}",
+        cpu = "" if _missing(last["cpu_pct"]) else f"; CPU {last['cpu_pct']:.0f}%"
+        out += [f"- RSS now {mb(last['rss_mb'])}, peak {mb(series['rss_mb'].max())}{cpu}",
                 f"- GPU memory now {mb(last['gpu_mem_mb'])}, peak {mb(series['gpu_peak_mb'].max())}",
                 f"- batches stored: {len(series)}; last at {last['t']:%H:%M:%S}", ""]
 
@@ -281,7 +288,8 @@ def status_markdown(store, run_id: int) -> str:
     if run["status"] == "running":
         where = f" on {run['host']}" if run["host"] else ""
         out.append(f"- stop: Ctrl-C in the sweep's terminal, or `kill -INT {run['pid']}`{where} (or Stop in the "
-                   "dashboard for a sweep it started); stored batches are kept, the batch in flight is redone on resume")
+                   "dashboard for a sweep it started); stored batches are kept, the batch in flight is redone "
+                   "on resume")
     out.append(f"- resume: `python -m runner sweep --resume {run_id} --db {store.path}`")
     out.append(f"- this page: `python -m runner status --markdown --run {run_id} --db {store.path}`")
     return "\n".join(out) + "\n"

@@ -11,6 +11,8 @@ Mapping to the database: position 0 <-> the baseline row, position p <-> variant
 `prefix:p/<method>/<site>/<mode>` (an import uses method zero, mode recompute, site 'latent' unless told;
 the seed itself zeroed the residual stream at block 8, `resid:8`). Exports write positions 0..T when
 the run has prefix k = 1..T (the seed stopped at 5; readers of the old files index positions by key).
+Round trip caveats: problem ids are stored as text, and an expected_answer given as numeric text
+("18") is exported as a number (18), the type the seed itself wrote.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from db import queries
 
@@ -99,31 +100,25 @@ def _transition(baseline_correct: bool, correct: bool) -> str:
 def seed_scores(store, run_id: int, method=None, site=None, mode=None, phase: str | None = None) -> list[dict]:
     """The run's problems as seed records (problem order), for its first prefix group unless one is given."""
     group = queries.first_group(store, run_id, "prefix", method, site, mode) or (None, None, None)
-    rows = store.query_df(
+    rows = store.query(
         "SELECT p.ord, p.problem_id, p.question, p.gold, p.difficulty, r.scheme, r.k, r.answer_text, r.correct, "
         "r.flip FROM problems p JOIN results r ON r.problem_id = p.problem_id "
         "WHERE p.run_id = ? AND r.run_id = ? AND (? IS NULL OR p.phase = ?) "
         "AND (r.scheme = 'baseline' OR (r.scheme = 'prefix' AND r.method = ? AND r.site = ? AND r.mode = ?)) "
         "ORDER BY p.ord, r.scheme <> 'baseline', r.k", [run_id, run_id, phase, phase, *group])
-    records = []
-    for _, problem in rows.groupby("ord", sort=True):
-        base = problem.iloc[0]
-        if base["scheme"] != "baseline":
-            continue  # no baseline stored: the problem's batch never committed
-        baseline_correct = bool(base["correct"])
-        position_results = []
-        for row in problem.itertuples(index=False):
-            correct = bool(row.correct)
-            position_results.append({
-                "position": 0 if row.scheme == "baseline" else int(row.k),
-                "ablated_answer": None if pd.isna(row.answer_text) else row.answer_text,
-                "ablated_correct": correct, "importance_score": 1.0 if row.flip else 0.0,
-                "baseline_to_ablated": _transition(baseline_correct, correct)})
-        records.append({"problem_id": base["problem_id"], "question": base["question"],
-                        "expected_answer": _expected_answer(base["gold"]),
-                        "baseline_answer": position_results[0]["ablated_answer"],
-                        "baseline_correct": baseline_correct, "difficulty": int(base["difficulty"]),
-                        "position_results": position_results})
+    records, current = [], None
+    for ord_, problem_id, question, gold, difficulty, scheme, k, answer, correct, flip in rows:
+        if scheme == "baseline":  # rows come baseline first: a new problem starts
+            current = {"problem_id": problem_id, "question": question, "expected_answer": _expected_answer(gold),
+                       "baseline_answer": answer, "baseline_correct": correct, "difficulty": difficulty,
+                       "position_results": []}
+            records.append(current)
+        elif current is None or current["problem_id"] != problem_id:
+            continue  # variants without a baseline row: the problem's batch never committed
+        current["position_results"].append({
+            "position": 0 if scheme == "baseline" else k, "ablated_answer": answer, "ablated_correct": correct,
+            "importance_score": 1.0 if flip else 0.0,
+            "baseline_to_ablated": _transition(current["baseline_correct"], correct)})
     return records
 
 
@@ -132,7 +127,7 @@ def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scores = seed_scores(store, run_id, method, site, mode)
-    validation = seed_scores(store, run_id, method, site, mode, phase="validation")
+    validation = seed_scores(store, run_id, method, site, mode, phase="validation")  # a subset: cheap to re-read
     documents = {SCORES: scores, SUMMARY: seed_summary(scores),
                  VALIDATION: {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
                               "statistics": seed_summary(validation)}}
@@ -256,6 +251,8 @@ def _rows(record: dict, site: str) -> list[dict]:
 
 def import_seed(store, scores_path, validation_path=None, name: str | None = None, site: str = "latent") -> int:
     """Load the seed's scores file (and validation file: its problems get phase 'validation') into a new run."""
+    if not re.fullmatch(r"latent|resid:\d+", site):
+        raise ValueError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
     scores_path = Path(scores_path)
     records = _load(scores_path, validation=False)
     validation_ids: set[str] = set()

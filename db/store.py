@@ -180,17 +180,23 @@ class Store:
             cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
     # --- problems and results -------------------------------------------------------------------------
-    def insert_problems(self, run_id: int, problems: list[dict]) -> None:
+    @staticmethod
+    def _frame(rows: list[dict] | pd.DataFrame, run_id: int, columns: list[str]) -> pd.DataFrame:
+        frame = rows.assign(run_id=run_id) if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows).assign(run_id=run_id)
+        return frame.reindex(columns=columns)
+
+    def insert_problems(self, run_id: int, problems: list[dict] | pd.DataFrame) -> None:
         """Rows with PROBLEM_COLUMNS (run_id filled in), in one transaction."""
         self._check_writable()
-        frame = pd.DataFrame([{**p, "run_id": run_id} for p in problems], columns=PROBLEM_COLUMNS)
+        frame = self._frame(problems, run_id, PROBLEM_COLUMNS)
         with self.transaction(f"storing the problems of run {run_id}") as cursor:
             self._append(cursor, "problems", frame, PROBLEM_COLUMNS)
 
-    def write_batch(self, run_id: int, results: list[dict], metrics: dict | None = None, **run_fields) -> None:
+    def write_batch(self, run_id: int, results: list[dict] | pd.DataFrame, metrics: dict | None = None,
+                    **run_fields) -> None:
         """One batch in one transaction: its results, a metrics row, and the run's progress."""
         self._check_writable()
-        frame = pd.DataFrame([{**r, "run_id": run_id} for r in results], columns=RESULT_COLUMNS)
+        frame = self._frame(results, run_id, RESULT_COLUMNS)
         with self.transaction(f"storing a batch of run {run_id}") as cursor:
             self._append(cursor, "results", frame, RESULT_COLUMNS)
             if metrics is not None:

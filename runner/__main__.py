@@ -64,6 +64,7 @@ def build_parser() -> Parser:
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
+    sweep.add_argument("--max-new-tokens", type=int, default=24, help="answer tokens decoded at most")
     sweep.add_argument("--workers", type=int, default=1, help="Ray actors (needs requirements-distributed.txt)")
     sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -144,7 +145,7 @@ def cmd_sweep(args) -> int:
                              schemes=args.schemes, methods=args.methods, site=args.site, mode=args.mode,
                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-                             max_gpu_memory_gb=args.max_gpu_memory_gb)
+                             max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens)
         config.check()
     if args.workers > 1 or args.ray_address:
         from runner import distributed

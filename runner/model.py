@@ -232,10 +232,13 @@ class LatentReasoner:
                       output_hidden_states=True, logits_to_keep=keep)
         return out.logits, out.hidden_states[-1], out.cache
 
-    def _encode(self, questions: list[str]):
-        """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone."""
-        ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] + [self.bot_id]
-               for q in questions]
+    def _encode(self, questions: list[str] | list[list[int]]):
+        """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
+
+        A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
+        """
+        ids = [(self.tokenizer(q, add_special_tokens=False)["input_ids"] if isinstance(q, str) else list(q))
+               + [self.bot_id] for q in questions]
         width = max(map(len, ids))
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
@@ -311,7 +314,7 @@ class LatentReasoner:
     def _greedy(self, logits, cache, mask, max_new_tokens: int) -> list[list[int]]:
         """Batched greedy decoding over the base vocabulary; finished rows leave the batch."""
         R = logits.shape[0]
-        eos = torch.tensor(self.eos_ids, device=self.device)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
         active = torch.arange(R, device=self.device)  # (A,) rows still decoding
         for t in range(max_new_tokens):

@@ -82,6 +82,8 @@ class SweepConfig:
             raise SweepError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SweepError("--device cuda: no CUDA device is visible to this process")
+        if self.max_new_tokens < 1:
+            raise SweepError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise SweepError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         ablation.expand(self.schemes, self.methods, self.site, self.mode, 6)  # raises AblationError

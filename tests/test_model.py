@@ -25,8 +25,8 @@ CLOSE = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def tiny(request, tmp_path_factory):
-    """(in-memory TinyCodi, its saved checkpoint folder) per family."""
-    codi = build_codi(request.param)
+    """(in-memory TinyCodi, its saved checkpoint folder) per family; alpha 16 so codi_config.json matters."""
+    codi = build_codi(request.param, lora_alpha=16)
     return codi, save_checkpoint(codi, tmp_path_factory.mktemp(request.param))
 
 
@@ -223,13 +223,11 @@ def test_half_precision_loads_and_runs_on_cpu(tiny, dtype):
 
 def test_baseline_equals_the_official_codi_loop_at_batch_size_one(reasoner):
     out = reasoner.rollout(QUESTIONS, plan_for(reasoner, [BASELINE], len(QUESTIONS)), GOLDS, STEPS)
-    lengths = set()
     for i, (question, gold) in enumerate(zip(QUESTIONS, GOLDS)):
         tokens, logprob, fed, _ = codi_reference(reasoner, question, gold)
         assert out.tokens[i] == tokens, f"question {i}: rollout {out.tokens[i]} != official loop {tokens}"
         assert out.gold_logprob[i].item() == pytest.approx(logprob, abs=1e-4)
         torch.testing.assert_close(out.latents[i], fed, **CLOSE)
-        lengths.add(len(tokens))
     assert out.texts == [t.strip() for t in reasoner.tokenizer.batch_decode(out.tokens)]
     assert all(t < reasoner.base_vocab for row in out.tokens for t in row), "an added token was emitted"
 

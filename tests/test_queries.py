@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -29,7 +30,8 @@ def result(i: int, scheme: str, k: int, flip: bool, method: str = "zero", drop: 
     correct = base != flip
     logprob = -1.0 if drop is None else -1.0 - drop
     return {"problem_id": f"p{i}", "variant": f"{scheme}:{k}/{method}/latent/recompute", "scheme": scheme, "k": k,
-            "method": method, "site": "latent", "mode": "recompute", "answer_text": f"The answer is: {i if correct else 99}",
+            "method": method, "site": "latent", "mode": "recompute",
+            "answer_text": f"The answer is: {i if correct else 99}",
             "answer_value": float(i if correct else 99), "extraction": "codi", "correct": correct, "changed": flip,
             "flip": flip, "harm": base and not correct, "help": correct and not base, "gold_logprob": logprob,
             "logprob_drop": drop, "lens": json.dumps([[["7", 0.5]]]) if scheme == "baseline" else None}
@@ -256,3 +258,36 @@ def test_stats_json_is_plain_json_with_seed_keys(store, run_id):
     assert [r["bucket"] for r in extras["groups"][0]["by_difficulty"]["bucket"]] == ["1-2", "3-4", "5+"]
     mean = queries.stats_json(store, run_id, method="mean")
     assert mean["position_importance"]["6"] == 0.0 and mean["extras"]["summary_group"]["method"] == "mean"
+
+
+def test_runs_do_not_mix(store, run_id):
+    other = store.create_run(name="all flips", model="toy", dataset="builtin", config={}, num_latent=T, n_variants=7)
+    store.insert_problems(other, [{"problem_id": f"p{i}", "ord": i, "question": "?", "gold": "1", "gold_value": 1.0,
+                                   "difficulty": 1, "solution": "", "phase": "full"} for i in range(3)])
+    store.write_batch(other, [result(i, "baseline", 0, False, method="none") for i in range(3)]
+                      + [result(i, "prefix", k, True) for i in range(3) for k in range(1, T + 1)])
+    assert list(queries.position_curve(store, other, Filters(), "flip")["value"]) == [1.0] * 6
+    assert row(queries.position_curve(store, run_id, Filters(), "flip", "prefix", "zero"), k=1)["value"] == 0.0
+    assert queries.baseline_accuracy(store, run_id)["n"] == 10
+
+
+def test_a_run_with_nothing_stored_yet(store):
+    empty = store.create_run(name="new", model="toy", dataset="builtin", config={}, num_latent=T, n_variants=7)
+    assert queries.baseline_accuracy(store, empty) == {"n": 0, "correct": 0, "accuracy": None, "lo": None,
+                                                         "hi": None}
+    assert queries.position_curve(store, empty, Filters(), "logprob_drop").empty
+    assert queries.difficulty_table(store, empty).empty and queries.problems_table(store, empty).empty
+    assert queries.early_late(store, empty)["n"] == 0 and queries.difficulty_heatmap(store, empty).empty
+    stats = queries.stats_json(store, empty)
+    assert stats["n_problems"] == 0 and stats["extras"]["groups"] == [] and json.dumps(stats, allow_nan=False)
+
+
+def test_interval_matches_numpy_percentiles():
+    rng = np.random.default_rng(3)
+    replicates = rng.normal(size=(1000, 5))
+    replicates[rng.random((1000, 5)) < 0.1] = np.nan
+    replicates[:, 4] = np.nan
+    lo, hi = queries._interval(replicates)
+    expected = np.array([np.nanpercentile(replicates[:, j], [2.5, 97.5]) for j in range(4)])
+    assert np.allclose(lo[:4], expected[:, 0]) and np.allclose(hi[:4], expected[:, 1])
+    assert np.isnan(lo[4]) and np.isnan(hi[4])

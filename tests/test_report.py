@@ -100,3 +100,12 @@ def test_status_page_of_a_running_sweep(store, run_id):
 def test_unknown_run(store):
     with pytest.raises(ValueError, match="no run 42"):
         report.markdown_report(store, 42)
+
+
+def test_pages_of_a_run_that_has_just_started(store, tmp_path):
+    run_id = store.create_run(name="new", model="toy", dataset="builtin", config={}, num_latent=6, n_variants=7,
+                              total=5)
+    assert "# ThoughtSweep run" in report.markdown_report(store, run_id)
+    status = report.status_markdown(store, run_id)
+    assert "0/5 problems" in status and "No batch stored yet" in status and "--resume" in status
+    assert pd.read_csv(report.export_csv(store, run_id, tmp_path)).empty

@@ -155,6 +155,8 @@ def test_site_argument_and_native_group_choice(store, tmp_path):
     assert queries.first_group(store, run_id, "prefix") == ("zero", "resid:8", "recompute")
     summary = json.loads((FIXTURES / seed.SUMMARY).read_text())
     assert top_level(queries.stats_json(store, run_id, site="resid:8")) == summary
+    with pytest.raises(ValueError, match="site"):
+        import_seed(store, FIXTURES / seed.SCORES, site="resid:8; DROP TABLE runs")
 
 
 def test_native_run_exports_positions_up_to_T(store, tmp_path):

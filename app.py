@@ -1,0 +1,75 @@
+"""ThoughtSweep dashboard: `streamlit run app.py [-- --db PATH]`.
+
+The entry point lists the pages (st.navigation) and draws the sidebar every page shares: the run
+selector, a live status of the sweep (a fragment that polls while a sweep runs, on every page and
+after a reload) and the database file switcher.
+"""
+import streamlit as st
+
+from dashboard import state
+from db import queries
+from db.store import StoreError
+
+st.set_page_config(page_title="ThoughtSweep", page_icon=":material/psychology:", layout="wide")
+
+PAGES = {
+    "Sweep": [st.Page("pages/run.py", title="Run", icon=":material/play_circle:", default=True),
+              st.Page("pages/progress.py", title="Progress", icon=":material/monitoring:")],
+    "Results": [st.Page("pages/importance.py", title="Importance", icon=":material/show_chart:"),
+                st.Page("pages/difficulty.py", title="Difficulty", icon=":material/stairs:"),
+                st.Page("pages/problems.py", title="Problems", icon=":material/list_alt:"),
+                st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:")],
+    "Share": [st.Page("pages/export.py", title="Export", icon=":material/download:")],
+}
+page = st.navigation(PAGES)
+
+
+@st.fragment(run_every=2)
+def live_status() -> None:
+    """The sweep of this process, wherever the user is; a full rerun when it ends refreshes every number."""
+    try:
+        svc = state.service()
+    except StoreError:
+        return
+    progress, running = svc.status(), svc.running
+    if progress is None:
+        st.caption("No sweep running.")
+        return
+    share = progress.done / progress.total if progress.total else 0.0
+    status = "running" if running else progress.status
+    st.progress(share, text=f"Run #{progress.run_id} · **{status}** · {progress.done}/{progress.total}")
+    if running and progress.problems_per_hour:
+        eta = f" · ETA {progress.eta_s / 60:.0f} min" if progress.eta_s else ""
+        st.caption(f"{progress.phase} phase · {progress.problems_per_hour:,.0f} problems/h{eta}")
+    if st.session_state.get("live_was_running") and not running:
+        st.session_state["live_was_running"] = False
+        st.rerun(scope="app")
+    st.session_state["live_was_running"] = running
+
+
+with st.sidebar:
+    try:
+        svc = state.service()
+        runs = queries.runs(svc.store)
+    except StoreError as error:
+        svc, runs = None, None
+        st.error(str(error))
+    if runs is not None:
+        state.run_selector(runs)
+    live_status()
+    with st.expander("Database file", icon=":material/database:"):
+        st.caption(f"`{state.db_path()}`")
+        new_path = st.text_input("Open another .duckdb file", placeholder="/path/to/other.duckdb",
+                                 help="A new name creates an empty database. Refused while a sweep runs.")
+        if st.button("Open", disabled=not new_path):
+            refusal = state.switch_database(new_path)
+            if refusal:
+                st.error(refusal)
+            else:
+                st.rerun()
+
+if svc is None:
+    st.title("ThoughtSweep")
+    st.error("The dashboard could not open its database; open another file in the sidebar (*Database file*).")
+    st.stop()
+page.run()

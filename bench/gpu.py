@@ -1,0 +1,147 @@
+"""The engine at Llama-3.2-1B scale on one GPU: `python bench/gpu.py [--json] [--tiny]`.
+
+A randomly initialised CODI model of Llama-3.2-1B's shape (16 blocks, hidden 2048, vocabulary
+128,256 + 3, prj; LoRA r=128 merged into the weights, which is what the loader does by default)
+in bfloat16, on questions of random token ids with the real length distribution of the GSM8K
+test questions. Decoding is forced to 8 answer tokens (EOS disabled) so that random weights do not
+run to the cap. Prints problems/hour and peak GPU memory of the engine (`--batch-size auto`, the
+product's BatchSizer, capped by --max-gpu-memory-gb) and of the old loop (bench/reference.py) on
+a small subset, and their ratio. `--tiny` runs the same code on a 2-block model on the CPU so
+that this script cannot rot on machines without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.reference import reference_answer  # noqa: E402
+from runner import ablation  # noqa: E402
+from runner.model import LatentReasoner  # noqa: E402
+from runner.sweep import BatchSizer  # noqa: E402
+
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+# GSM8K test questions measured with the Llama-3 tokenizer average ~62 tokens (min ~15, max ~210);
+# without the file at hand we draw from that range.
+FALLBACK_LENGTHS = (15, 62, 210)
+
+
+def question_lengths(n: int, rng: np.random.Generator) -> list[int]:
+    """Token counts with the GSM8K test questions' distribution (~1.3 tokens per word)."""
+    if GSM8K.exists():
+        words = [len(json.loads(line)["question"].split()) for line in GSM8K.open()]
+        return [max(4, int(round(w * 1.3))) for w in rng.choice(words, n)]
+    low, mode, high = FALLBACK_LENGTHS
+    return [int(x) for x in rng.triangular(low, mode, high, n)]
+
+
+class IdTokenizer:
+    """Enough of a tokenizer for random ids: decode to 't<id>' words (no tokenizer files needed)."""
+    eos_token_id = None
+
+    def __len__(self):
+        return self.vocab
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{i}" for i in ids)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(r) for r in rows]
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype) -> LatentReasoner:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if tiny:
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=1000 + 3, tie_word_embeddings=True)
+    else:  # meta-llama/Llama-3.2-1B
+        config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256 + 3, max_position_embeddings=131072,
+                             rope_theta=500000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(dtype).eval()
+        d = config.hidden_size
+        prj = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(d, d), torch.nn.GELU(),
+                                  torch.nn.Linear(d, d), torch.nn.LayerNorm(d)).to(dtype).eval()
+    reasoner = LatentReasoner(hf, prj, IdTokenizer(config.vocab_size - 3), 6, config.vocab_size - 3, name="random-1b")
+    reasoner.eos_ids = []  # forced-length decoding
+    return reasoner
+
+
+def engine(reasoner, questions, variants, sizer: BatchSizer, device: str) -> tuple[float, int]:
+    """Every question x variant through the engine with the product's batch sizing; (seconds, final batch)."""
+    started, index = time.perf_counter(), 0
+    while index < len(questions):
+        chunk = questions[index : index + sizer.size]
+        plan = ablation.make_plan(variants, [str(index + i) for i in range(len(chunk))], 6, reasoner.d_model)
+        batch_started = time.perf_counter()
+        try:
+            reasoner.rollout(chunk, plan, max_new_tokens=8)
+        except torch.OutOfMemoryError:
+            sizer.out_of_memory()
+            torch.cuda.empty_cache()
+            continue
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        sizer.succeeded(len(chunk), time.perf_counter() - batch_started)
+        index += len(chunk)
+    return time.perf_counter() - started, sizer.size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="2-block model on the CPU (a smoke run)")
+    parser.add_argument("--problems", type=int, default=None)
+    parser.add_argument("--reference-problems", type=int, default=None)
+    parser.add_argument("--schemes", default="prefix", help="prefix = the old configuration (7 variants)")
+    parser.add_argument("--max-gpu-memory-gb", type=float, default=70.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = args.problems or (2048 if device == "cuda" else 64)
+    n_ref = args.reference_problems or (16 if device == "cuda" else 4)
+    reasoner = build(args.tiny or device == "cpu", device, dtype)
+    rng = np.random.default_rng(0)
+    questions = [rng.integers(0, reasoner.base_vocab, size=length).tolist() for length in question_lengths(n, rng)]
+    variants = ablation.expand(tuple(args.schemes.split(",")), ("zero",), "latent", "recompute", 6)
+
+    sizer = BatchSizer("auto", len(variants), device, args.max_gpu_memory_gb)
+    engine(reasoner, questions[:64], variants, sizer, device)  # warm-up, and lets 'auto' find its size
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, batch = engine(reasoner, questions, variants, sizer, device)
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+    started = time.perf_counter()
+    for question in questions[:n_ref]:
+        for variant in variants:
+            reference_answer(reasoner, question, variant.ablated_positions(6), max_new_tokens=8)
+    ref_seconds = time.perf_counter() - started
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny shape)",
+              "dtype": str(dtype).removeprefix("torch."), "variants": len(variants), "problems": n,
+              "engine_problems_per_hour": n / seconds * 3600, "engine_batch_problems": batch,
+              "reference_problems_per_hour": n_ref / ref_seconds * 3600,
+              "speedup": (n / seconds) / (n_ref / ref_seconds), "peak_gpu_memory_gb": peak_gb,
+              "gpu_memory_cap_gb": args.max_gpu_memory_gb if device == "cuda" else None}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:28} {value:,.1f}" if isinstance(value, float) else f"{key:28} {value}")
+
+
+if __name__ == "__main__":
+    main()

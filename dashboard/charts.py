@@ -1,0 +1,201 @@
+"""Plotly figure builders for the pages: data frames in, `go.Figure` out, no Streamlit and no queries.
+
+Conventions: rates are fractions shown as percentages; every interval is the 95% interval that
+db/queries.py computed (Wilson for rates, bootstrap for log-prob drops), drawn as a shaded band.
+A variant's x position is its k, labelled with the latents it ablates (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
+MEASURE_LABELS = {"flip": "Flip rate", "harm": "Harm rate (right → wrong)", "help": "Help rate (wrong → right)",
+                  "changed": "Answer changed", "logprob_drop": "Drop in gold log-prob (nats)"}
+MEASURE_HELP = {
+    "flip": "baseline correctness differs from the variant's: the old script's importance_score",
+    "harm": "baseline right and the variant wrong",
+    "help": "baseline wrong and the variant right",
+    "changed": "the variant's answer differs from the baseline's answer, right or wrong",
+    "logprob_drop": "baseline log-prob of the gold answer minus the variant's (teacher forced; higher = more damage)",
+}
+SCHEME_TITLES = {"prefix": "Prefix (cumulative)", "single": "Single position", "suffix": "Suffix",
+                 "exit": "Early exit"}
+SCHEME_AXES = {"prefix": "Latents ablated (prefix k: latents 0…k−1)", "single": "Ablated latent (one at a time)",
+               "suffix": "Latents ablated (suffix k: latents k…T−1)", "exit": "Latents fed before the answer"}
+
+
+def ablated(scheme: str, k: int, num_latent: int) -> str:
+    """Which latents a variant replaces, as a tick label."""
+    if scheme == "prefix":
+        return "0" if k == 1 else f"0–{k - 1}"
+    if scheme == "suffix":
+        return str(k) if k == num_latent - 1 else f"{k}–{num_latent - 1}"
+    return str(k)  # single: the latent; exit: how many are fed
+
+
+def is_rate(measure: str) -> bool:
+    return measure != "logprob_drop"
+
+
+def _layout(fig: go.Figure, height: int, x_title: str = "", y_title: str = "", title: str | None = None):
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40 if title else 10, b=10), title=title,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None),
+                      hoverlabel=dict(namelength=-1))
+    fig.update_xaxes(title=x_title, showgrid=False)
+    fig.update_yaxes(title=y_title, zeroline=True)
+    return fig
+
+
+def _band(fig, x, lo, hi, color: str, name: str, **where):
+    """A filled 95% interval: hi left to right, then lo back."""
+    fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(hi) + list(lo)[::-1], fill="toself", mode="lines",
+                             fillcolor=color, opacity=0.18, line=dict(width=0), hoverinfo="skip",
+                             showlegend=False, legendgroup=name), **where)
+
+
+def value_range(frames: list[pd.DataFrame], measure: str) -> list[float]:
+    """One y range for several charts, so that schemes can be compared by eye."""
+    highs = [f["value_hi"].max() for f in frames if len(f)] + [f["value"].max() for f in frames if len(f)]
+    lows = [f["value_lo"].min() for f in frames if len(f)] + [f["value"].min() for f in frames if len(f)]
+    high = max([h for h in highs if not pd.isna(h)], default=1.0)
+    low = min([v for v in lows if not pd.isna(v)], default=0.0)
+    if is_rate(measure):
+        return [0, min(1.0, max(0.1, high * 1.1))]
+    pad = 0.1 * max(high - min(low, 0), 1e-3)
+    return [min(low, 0) - pad, high + pad]
+
+
+def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: int,
+                    y_range: list[float] | None = None, height: int = 320) -> go.Figure:
+    """One scheme's per-k curve for each (method, site, mode), with its 95% band."""
+    fig = go.Figure()
+    part = curve[curve["scheme"] == scheme]
+    several = part[["site", "mode"]].drop_duplicates().shape[0] > 1
+    for i, ((method, site, mode), group) in enumerate(part.groupby(["method", "site", "mode"], sort=False)):
+        color, name = COLORS[i % len(COLORS)], f"{method} · {site} · {mode}" if several else method
+        group = group.sort_values("k")
+        _band(fig, group["k"], group["value_lo"], group["value_hi"], color, name)
+        labels = [ablated(scheme, int(k), num_latent) for k in group["k"]]
+        fig.add_trace(go.Scatter(
+            x=group["k"], y=group["value"], mode="lines+markers", name=name, legendgroup=name,
+            line=dict(color=color, width=2.5), marker=dict(size=7),
+            customdata=list(zip(labels, group["value_lo"], group["value_hi"], group["n"])),
+            hovertemplate=(f"<b>{name}</b><br>ablated %{{customdata[0]}}<br>value %{{y:{_fmt(measure)}}} "
+                           f"[%{{customdata[1]:{_fmt(measure)}}}, %{{customdata[2]:{_fmt(measure)}}}]"
+                           "<br>n = %{customdata[3]}<extra></extra>")))
+    ks = sorted(part["k"].unique())
+    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, int(k), num_latent) for k in ks])
+    _layout(fig, height, SCHEME_AXES.get(scheme, "k"), MEASURE_LABELS[measure])
+    fig.update_yaxes(tickformat=".0%" if is_rate(measure) else ".2f", range=y_range)
+    fig.update_layout(showlegend=True)
+    return fig
+
+
+def _fmt(measure: str) -> str:
+    return ".1%" if is_rate(measure) else ".3f"
+
+
+def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str, measure: str,
+                       num_latent: int) -> go.Figure:
+    """Step count (rows) x k (columns), colour = the measure, each cell labelled with its value."""
+    rows = [f"{d} step{'s' if d != 1 else ''} (n={counts.get(int(d), '?')})" for d in matrix.index]
+    columns = [ablated(scheme, int(k), num_latent) for k in matrix.columns]
+    rate = is_rate(measure)
+    fig = go.Figure(go.Heatmap(
+        z=matrix.to_numpy(dtype=float), x=columns, y=rows, colorscale="Reds" if rate else "Purples",
+        zmin=0, zmax=1 if rate else None, texttemplate="%{z:.0%}" if rate else "%{z:.2f}",
+        colorbar=dict(title=dict(text="rate" if rate else "nats", side="right"), tickformat=".0%" if rate else ".2f"),
+        hovertemplate="%{y}<br>ablated %{x}<br>%{z:" + _fmt(measure) + "}<extra></extra>", xgap=2, ygap=2))
+    fig.update_yaxes(autorange="reversed", title="Difficulty (reasoning steps)")
+    _layout(fig, max(260, 60 + 36 * len(rows)), SCHEME_AXES.get(scheme, "k"))
+    fig.update_yaxes(title="Difficulty (reasoning steps)")
+    return fig
+
+
+def compare_figure(table: pd.DataFrame, label_a: str, label_b: str, scheme: str, measure: str,
+                   num_latent: int) -> go.Figure:
+    """Both curves with their bands (top) and the difference a − b per k (bottom; grey where the intervals overlap)."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
+    for (side, label), color in zip((("a", label_a), ("b", label_b)), COLORS):
+        _band(fig, table["k"], table[f"lo_{side}"], table[f"hi_{side}"], color, label, row=1, col=1)
+        fig.add_trace(go.Scatter(x=table["k"], y=table[f"value_{side}"], mode="lines+markers", name=label,
+                                 legendgroup=label, line=dict(color=color, width=2.5),
+                                 hovertemplate=f"{label}: %{{y:{_fmt(measure)}}}<extra></extra>"), row=1, col=1)
+    colors = ["#9ca3af" if overlap else "#111827" for overlap in table["overlap"].fillna(True)]
+    fig.add_trace(go.Bar(x=table["k"], y=table["diff"], marker_color=colors, name="difference a − b",
+                         showlegend=False, hovertemplate=f"a − b: %{{y:{_fmt(measure)}}}<extra></extra>"), row=2, col=1)
+    ks = list(table["k"])
+    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, int(k), num_latent) for k in ks])
+    _layout(fig, 460)
+    fig.update_xaxes(title=SCHEME_AXES.get(scheme, "k"), row=2, col=1)
+    fig.update_yaxes(title=MEASURE_LABELS[measure], tickformat=".0%" if is_rate(measure) else ".2f", row=1, col=1)
+    fig.update_yaxes(title="a − b", tickformat="+.0%" if is_rate(measure) else "+.2f", row=2, col=1)
+    return fig
+
+
+def time_series(metrics: pd.DataFrame, column: str, title: str, unit: str, color: str = COLORS[0],
+                height: int = 220) -> go.Figure:
+    """One resource or throughput series against time sweeping (minutes once it passes two)."""
+    minutes = len(metrics) and metrics["elapsed_s"].max() > 120
+    x = metrics["elapsed_s"] / 60 if minutes else metrics["elapsed_s"]
+    fig = go.Figure(go.Scatter(x=x, y=metrics[column], mode="lines+markers", line=dict(color=color, width=2),
+                               marker=dict(size=5), name=title, fill="tozeroy", fillcolor=_fade(color),
+                               hovertemplate=f"%{{y:,.0f}} {unit}<br>at %{{x:.1f}} {'min' if minutes else 's'}"
+                                             "<extra></extra>"))
+    _layout(fig, height, f"time sweeping ({'min' if minutes else 's'})", unit, title)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(showlegend=False, title=dict(font=dict(size=14)))
+    return fig
+
+
+def _fade(hex_color: str) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},0.12)"
+
+
+def difficulty_histogram(counts: dict[str, int]) -> go.Figure:
+    """Problems per step count (the dataset validation panel)."""
+    steps = sorted(counts, key=int)
+    fig = go.Figure(go.Bar(x=[int(s) for s in steps], y=[counts[s] for s in steps], marker_color=COLORS[0],
+                           text=[counts[s] for s in steps], textposition="outside",
+                           hovertemplate="%{x} steps: %{y} problems<extra></extra>"))
+    _layout(fig, 240, "reasoning steps (difficulty)", "problems")
+    fig.update_xaxes(tickmode="linear", dtick=1)
+    fig.update_layout(showlegend=False)
+    return fig
+
+
+def logprob_figure(variants: pd.DataFrame, labels: list[str]) -> go.Figure:
+    """Gold log-prob of every variant, flipped variants in red, the baseline as a dashed line."""
+    base = variants.loc[variants["scheme"] == "baseline", "gold_logprob"]
+    colors = ["#4b5563" if s == "baseline" else ("#dc2626" if f else COLORS[0])
+              for s, f in zip(variants["scheme"], variants["flip"])]
+    fig = go.Figure(go.Bar(x=labels, y=variants["gold_logprob"], marker_color=colors,
+                           hovertemplate="%{x}<br>log p(gold) = %{y:.3f}<extra></extra>"))
+    if len(base) and not pd.isna(base.iloc[0]):
+        fig.add_hline(y=float(base.iloc[0]), line_dash="dash", line_color="#4b5563",
+                      annotation_text="baseline", annotation_position="top left")
+    _layout(fig, 300, "", "log-prob of the gold answer (nats)")
+    fig.update_layout(showlegend=False)
+    fig.update_xaxes(tickangle=-45)
+    return fig
+
+
+def lens_figure(lens: list[list[list]]) -> go.Figure:
+    """Logit lens: one row per latent, its top-k tokens left to right, colour = probability."""
+    depth = max((len(row) for row in lens), default=0)
+    probs = [[row[j][1] if j < len(row) else math.nan for j in range(depth)] for row in lens]
+    tokens = [[repr(row[j][0])[1:-1] if j < len(row) else "" for j in range(depth)] for row in lens]
+    text = [[f"{t}<br>{p:.0%}" if t else "" for t, p in zip(tr, pr)] for tr, pr in zip(tokens, probs)]
+    fig = go.Figure(go.Heatmap(
+        z=probs, x=[f"top {j + 1}" for j in range(depth)], y=[f"latent {i}" for i in range(len(lens))],
+        text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1, xgap=2, ygap=2,
+        colorbar=dict(title=dict(text="prob", side="right"), tickformat=".0%"),
+        customdata=tokens, hovertemplate="%{y}, %{x}: '%{customdata}' %{z:.1%}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    _layout(fig, 60 + 44 * max(len(lens), 1))
+    return fig

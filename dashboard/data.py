@@ -1,0 +1,148 @@
+"""The pages' reads: db/queries.py (and the export builders) behind `st.cache_data`.
+
+Every function is keyed by plain arguments: the database path, the run id, the run's `version`
+(its done count and status, see state.version, so a sweep that writes a batch never leaves a
+page on stale numbers) and the query's own arguments (`Filters` and `Curve` are frozen
+dataclasses of plain values). The Store itself comes from the path via `state.open_service`.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.state import open_service
+from db import queries, report, seed
+from db.queries import Curve, Filters
+from runner import data as datasets
+
+CACHE = dict(show_spinner=False, max_entries=128)
+
+
+def _store(db: str):
+    return open_service(db).store
+
+
+@st.cache_data(**CACHE)
+def variant_groups(db: str, run_id: int, version: tuple) -> pd.DataFrame:
+    return queries.variant_groups(_store(db), run_id)
+
+
+@st.cache_data(**CACHE)
+def difficulties(db: str, run_id: int, version: tuple) -> list[int]:
+    """The step counts of the run's stored problems, for the difficulty filter."""
+    table = queries.problems_table(_store(db), run_id, Filters(), limit=1_000_000)
+    return sorted(int(d) for d in table["difficulty"].unique())
+
+
+@st.cache_data(**CACHE)
+def has_validation(db: str, run_id: int, version: tuple) -> bool:
+    return queries.baseline_accuracy(_store(db), run_id, Filters(phase="validation"))["n"] > 0
+
+
+@st.cache_data(**CACHE)
+def baseline_accuracy(db: str, run_id: int, version: tuple, filters: Filters) -> dict:
+    return queries.baseline_accuracy(_store(db), run_id, filters)
+
+
+@st.cache_data(**CACHE)
+def position_curves(db: str, run_id: int, version: tuple, filters: Filters, measure: str) -> pd.DataFrame:
+    """Every variant group's per-k curve of one measure (position_curve with no group named)."""
+    return queries.position_curve(_store(db), run_id, filters, measure)
+
+
+@st.cache_data(**CACHE)
+def early_late(db: str, run_id: int, version: tuple, filters: Filters, scheme: str, method: str, site: str,
+               mode: str) -> dict:
+    return queries.early_late(_store(db), run_id, filters, scheme, method, site, mode)
+
+
+@st.cache_data(**CACHE)
+def difficulty_table(db: str, run_id: int, version: tuple, filters: Filters, by: str, scheme: str, method: str,
+                     site: str, mode: str) -> pd.DataFrame:
+    return queries.difficulty_table(_store(db), run_id, filters, scheme, method, site, mode, by=by)
+
+
+@st.cache_data(**CACHE)
+def difficulty_heatmap(db: str, run_id: int, version: tuple, filters: Filters, measure: str, scheme: str,
+                       method: str, site: str, mode: str) -> pd.DataFrame:
+    return queries.difficulty_heatmap(_store(db), run_id, filters, scheme, method, site, mode, measure)
+
+
+@st.cache_data(**CACHE)
+def compare(db: str, versions: tuple, a: Curve, b: Curve, measure: str) -> pd.DataFrame:
+    """`versions`: both runs' versions, so either one's new batch refreshes the comparison."""
+    return queries.compare(_store(db), a, b, measure)
+
+
+@st.cache_data(**CACHE)
+def problems_table(db: str, run_id: int, version: tuple, filters: Filters, any_flip: bool | None, search: str,
+                   order_by: str) -> pd.DataFrame:
+    return queries.problems_table(_store(db), run_id, filters, any_flip, search or None, order_by, limit=5000)
+
+
+@st.cache_data(**CACHE)
+def problem_detail(db: str, run_id: int, version: tuple, problem_id: str) -> dict | None:
+    return queries.problem_detail(_store(db), run_id, problem_id)
+
+
+@st.cache_data(**CACHE)
+def metrics(db: str, run_id: int, version: tuple) -> pd.DataFrame:
+    return queries.metrics(_store(db), run_id)
+
+
+@st.cache_data(**CACHE)
+def latest_results(db: str, run_id: int, version: tuple) -> pd.DataFrame:
+    return queries.latest_results(_store(db), run_id, 12)
+
+
+# --- exports (the old script's JSON schema, tables, report) -----------------------------------------
+@st.cache_data(**CACHE)
+def seed_scores(db: str, run_id: int, version: tuple, filters: Filters, method: str, site: str,
+                mode: str) -> list[dict]:
+    """The old script's scores records for one prefix group, restricted to the problems the filters keep."""
+    phase = "validation" if filters.phase == "validation" else None
+    records = seed.seed_scores(_store(db), run_id, method, site, mode, phase=phase)
+    return [r for r in records
+            if (not filters.difficulties or r["difficulty"] in filters.difficulties)
+            and (filters.baseline_correct is None or r["baseline_correct"] == filters.baseline_correct)]
+
+
+def seed_summary(scores: list[dict]) -> dict:
+    return seed.seed_summary(scores)
+
+
+def to_json(document) -> str:
+    """JSON as the old script's json.dump(indent=2) wrote it."""
+    return json.dumps(document, indent=2)
+
+
+def results_csv(db: str, run_id: int, filters: Filters) -> bytes:
+    """Deferred download (runs on the download's own thread, so it opens its own cursor)."""
+    return report.results_frame(_store(db), run_id, filters).to_csv(index=False).encode()
+
+
+def results_parquet(db: str, run_id: int, filters: Filters) -> bytes:
+    return report.results_frame(_store(db), run_id, filters).to_parquet(index=False)
+
+
+def markdown_report(db: str, run_id: int) -> str:
+    return report.markdown_report(_store(db), run_id)
+
+
+def stats_json(db: str, run_id: int) -> str:
+    return json.dumps(queries.stats_json(_store(db), run_id), indent=2)
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+@st.cache_data(show_spinner="Checking the dataset…", max_entries=16)
+def validate_dataset(source: str, modified: float | None) -> dict:
+    """validate-data for the Run page's panel; `modified` (the file's mtime) re-checks an edited file.
+
+    Returns {"report": DatasetReport.to_json()} or {"error": the DatasetError's message}.
+    """
+    try:
+        return {"report": datasets.validate_dataset(source).to_json()}
+    except datasets.DatasetError as error:
+        return {"error": str(error)}

@@ -1,0 +1,232 @@
+"""What the dashboard holds: its database file, that file's Store and SweepService, the run selector.
+
+DuckDB lets one process hold a file read-write, so the file is a process-wide choice: every tab
+sees the same one, and a browser reload finds it (and its sweep) again. The Store and the
+SweepService live in `st.cache_resource`, keyed by the file's path. Sessions keep UI state only:
+the selected run (`run_id`) and the outcome of the last Start (`sweep_feedback`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
+
+from db import queries
+from db.store import Store, StoreError
+from runner.ablation import AblationError
+from runner.data import DatasetError
+from runner.model import ModelLoadError
+from runner.service import SweepBusy, SweepService
+from runner.sweep import SweepConfig, SweepError
+
+DEFAULT_DB = "thoughtsweep.duckdb"
+DB_SUFFIXES = (".duckdb", ".db")
+# Errors whose message is written for a person: shown as they are, never as a traceback.
+EXPLAINED = (SweepError, DatasetError, ModelLoadError, AblationError, StoreError)
+
+
+def launch_db(argv: list[str] | None = None) -> str:
+    """`streamlit run app.py -- --db PATH`, else $THOUGHTSWEEP_DB, else thoughtsweep.duckdb; absolute."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--db")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)  # pytest's own argv passes through
+    return str(Path(args.db or os.environ.get("THOUGHTSWEEP_DB") or DEFAULT_DB).expanduser().resolve())
+
+
+def _close(service: SweepService) -> None:
+    service.store.close()  # releases the file, so that a CLI sweep may open it
+
+
+@st.cache_resource(show_spinner="Opening the database…", on_release=_close)
+def open_service(path: str) -> SweepService:
+    """The Store of one database file and the one sweep thread that writes into it."""
+    return SweepService(Store(path))
+
+
+@dataclass
+class HeldFile:
+    """The database file this dashboard process holds (mutable: the sidebar can switch it)."""
+    path: str
+    lock: threading.Lock
+
+
+@st.cache_resource(show_spinner=False)
+def held_file(launch: str) -> HeldFile:
+    return HeldFile(launch, threading.Lock())
+
+
+def db_path() -> str:
+    return held_file(launch_db()).path
+
+
+def service() -> SweepService:
+    """This process's service for the held file; StoreError (e.g. locked by a CLI sweep) if it cannot open."""
+    return open_service(db_path())
+
+
+def open_page() -> SweepService:
+    """The first line of every page: make sure app.py frames this run, then the service.
+
+    Streamlit treats a `pages/` folder beside the entry point as a legacy (v1) multipage app until
+    app.py has called st.navigation once in this process: a first request straight to /importance
+    after a restart (a reload, a bookmark, AppTest's switch_page) would run the page alone, without
+    the sidebar. Leave that mode and rerun, so that app.py runs and st.navigation picks the page.
+    """
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+    return service()
+
+
+def switch_database(requested: str) -> str | None:
+    """Hold another database file; returns why not, or None. Refused while a sweep runs."""
+    target = Path(requested.strip()).expanduser().resolve()
+    if target.suffix not in DB_SUFFIXES:
+        return f"{target} is not a DuckDB file name: use a path ending in .duckdb"
+    held = held_file(launch_db())
+    with held.lock:
+        if str(target) == held.path:
+            return None
+        try:
+            current = open_service(held.path)
+        except StoreError:
+            current = None  # the held file never opened: nothing to protect
+        if current is not None and current.running:
+            progress = current.status()
+            return (f"run {progress.run_id if progress else '?'} is sweeping into {held.path}: "
+                    f"stop it (Run or Progress page) before switching files")
+        try:
+            open_service(str(target))
+        except StoreError as error:
+            return str(error)
+        if current is not None:
+            open_service.clear(held.path)
+        held.path = str(target)
+    return None
+
+
+# --- the selected run ------------------------------------------------------------------------------
+def run_selector(runs) -> int | None:
+    """Sidebar selectbox over the runs (newest first, default the newest); the selected id or None."""
+    if runs.empty:
+        return None
+    ids = [int(i) for i in runs["id"]]
+    pending = st.session_state.pop("pending_run_id", None)
+    if pending in ids:
+        st.session_state["run_id"] = pending
+    if st.session_state.get("run_id") not in ids:
+        st.session_state["run_id"] = ids[0]
+    labels = {int(r.id): f"#{r.id} · {r.name} · {r.status}" for r in runs.itertuples()}
+    return st.selectbox("Run", ids, key="run_id", format_func=labels.get,
+                        help="Every page shows this run. Newest first; imported seed runs are listed too.")
+
+
+def select(run_id: int) -> None:
+    """Select a run from anywhere (the sidebar widget picks it up on the next rerun)."""
+    st.session_state["pending_run_id"] = int(run_id)
+
+
+def selected_run(svc: SweepService) -> dict | None:
+    """The selected run's row (queries.runs columns), or None when the database has no runs."""
+    runs = queries.runs(svc.store)
+    if runs.empty:
+        return None
+    wanted = st.session_state.get("pending_run_id", st.session_state.get("run_id"))
+    chosen = runs[runs["id"] == wanted] if wanted is not None else runs.iloc[:0]
+    return (chosen if len(chosen) else runs.iloc[:1]).iloc[0].to_dict()
+
+
+def version(run: dict) -> tuple[int, str]:
+    """The cache key part that changes whenever the run's stored numbers can change."""
+    return int(run["done"]), str(run["status"])
+
+
+def require_results(svc: SweepService) -> dict:
+    """The selected run for an analysis page; stops the page with an empty state when there is nothing to show."""
+    run = selected_run(svc)
+    if run is None:
+        empty_database(svc)
+        st.stop()
+    if int(run["done"]) == 0:
+        st.info(f"Run #{run['id']} ({run['name']}) has no stored results yet: it is **{run['status']}**. "
+                "Results appear here as soon as its first batch is written.", icon=":material/hourglass_empty:")
+        st.page_link("pages/progress.py", label="Follow it on Progress", icon=":material/monitoring:")
+        st.stop()
+    return run
+
+
+# --- starting sweeps -------------------------------------------------------------------------------
+def demo_config() -> SweepConfig:
+    """The embedded model on the built-in problems with the default variants.
+
+    THOUGHTSWEEP_DEMO_LIMIT shrinks it (the browser test, a slow laptop); validation is a quarter, at most 30.
+    """
+    limit = int(os.environ.get("THOUGHTSWEEP_DEMO_LIMIT", "120"))
+    return SweepConfig(run_name="demo", limit=limit, validation=min(30, limit // 4))
+
+
+def start_sweep(config: SweepConfig) -> None:
+    """on_click of Start: start the sweep, select its run, leave the outcome in `sweep_feedback`.
+
+    A second click while a sweep runs (a double click included) gets SweepBusy: one warning, no second run.
+    """
+    try:
+        run_id = service().start(config)
+    except SweepBusy as error:
+        st.session_state["sweep_feedback"] = ("warning", f"Not started: {error}.")
+    except EXPLAINED as error:
+        st.session_state["sweep_feedback"] = ("error", f"Not started: {error}")
+    except Exception as error:  # e.g. a transformers OSError on a broken checkpoint: the text, not a traceback
+        st.session_state["sweep_feedback"] = ("error", f"Not started: {type(error).__name__}: {error}")
+    else:
+        select(run_id)
+        st.session_state["loaded_models"] = [*st.session_state.get("loaded_models", []), config.model_spec()]
+        st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} started.")
+
+
+def resume_sweep(run_id: int) -> None:
+    """on_click of Resume: continue a stopped / interrupted / failed run where it stopped."""
+    try:
+        service().resume(run_id)
+    except SweepBusy as error:
+        st.session_state["sweep_feedback"] = ("warning", f"Not resumed: {error}.")
+    except EXPLAINED as error:
+        st.session_state["sweep_feedback"] = ("error", f"Not resumed: {error}")
+    else:
+        select(run_id)
+        st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} resumed.")
+
+
+def stop_sweep() -> None:
+    if service().stop():
+        st.session_state["sweep_feedback"] = ("info", "Stopping after the batch in flight; stored batches are kept.")
+
+
+def show_feedback() -> None:
+    """The outcome of the last Start / Resume / Stop, shown once."""
+    kind, text = st.session_state.pop("sweep_feedback", (None, None))
+    if kind == "success":
+        st.success(text, icon=":material/play_arrow:")
+    elif kind is not None:
+        getattr(st, kind)(text)
+
+
+def empty_database(svc: SweepService) -> None:
+    """No runs yet: say so and offer the one-click demo."""
+    config = demo_config()
+    with st.container(border=True):
+        st.subheader("No runs yet")
+        st.markdown(f"`{svc.store.path}` holds no sweeps. The demo runs the embedded model on "
+                    f"{config.limit} built-in problems ({config.validation} of them as a validation subset) "
+                    f"with the prefix, single and suffix zero-ablations: about a minute on a laptop CPU.")
+        st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", on_click=start_sweep,
+                  args=(config,), disabled=svc.running)
+        show_feedback()
+        st.caption("Or choose a model, dataset and variants on the **Run** page, or import the old script's JSON "
+                   "files: `python -m runner import-seed step_importance_scores.json`.")

@@ -1,0 +1,211 @@
+"""The Run page's sweep options: widgets -> a SweepConfig, and every reason it cannot start yet.
+
+Problems are found before Start is possible: SweepConfig.check(), the dataset's validation report,
+the model folder, and (once the model is loaded) the residual-stream layer against its depth.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import data, state
+from runner.ablation import METHODS, MODES, SCHEMES, AblationError, expand, parse_site
+from runner.model import ModelSpec
+from runner.sweep import SweepConfig, SweepError
+
+MODEL_CHOICES = ("Embedded default", "Local CODI checkpoint")
+DATASET_CHOICES = ("Built-in problems", "GSM8K .jsonl file", "Old script's .json file", "Upload a file")
+PATH_HINTS = {"GSM8K .jsonl file": "../shared/data/gsm8k/test.jsonl", "Old script's .json file": "problems.json"}
+SEED_PRESET = "Seed MECH-02"
+KEEP = dict(persist_state="session")  # the form survives a visit to another page
+
+
+@dataclass
+class Plan:
+    """What the form produced: the config, what blocks Start, what only deserves a warning."""
+    config: SweepConfig
+    issues: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dataset: dict | None = None  # validate-data's report
+    model: object | None = None  # the loaded LatentReasoner, once loaded
+    n_variants: int | None = None  # rows per problem, baseline included
+
+
+def _init() -> None:
+    defaults = {"model_choice": MODEL_CHOICES[0], "model_path": "", "base_model": "", "dataset_choice":
+                DATASET_CHOICES[0], "dataset_path": "", "limit": 0, "validation": 0, "shuffle": False, "seed": 0,
+                "schemes": ["prefix", "single", "suffix"], "methods": ["zero"], "site_kind": "latent",
+                "site_layer": 2, "mode": "recompute", "batch_auto": True, "batch_size": 16, "device": "cpu",
+                "dtype": "float32", "run_name": "", "loaded_models": []}
+    for key, value in defaults.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
+def model_spec() -> ModelSpec:
+    local = st.session_state["model_choice"] == MODEL_CHOICES[1]
+    return ModelSpec(model=st.session_state["model_path"].strip() if local else "default",
+                     base_model=(st.session_state["base_model"].strip() or None) if local else None,
+                     device=st.session_state["device"], dtype=st.session_state["dtype"])
+
+
+def load_model() -> None:
+    """on_click of Load model: load it once (the service caches it per spec) or say why not."""
+    spec = model_spec()
+    try:
+        state.service().model(spec)
+    except Exception as error:  # ModelLoadError, or whatever a broken checkpoint makes transformers raise
+        st.session_state["sweep_feedback"] = ("error", f"Model not loaded: {error}")
+        return
+    st.session_state["loaded_models"] = [*st.session_state["loaded_models"], spec]
+
+
+def apply_seed_preset() -> None:
+    """The old script's setting: prefix zeroing of the residual stream, block 8 on Llama (16 blocks), else the middle."""
+    load_model()
+    spec = model_spec()
+    if spec not in st.session_state["loaded_models"]:
+        return
+    reasoner = state.service().model(spec)
+    llama = reasoner.hf.config.model_type == "llama" and reasoner.n_layers > 8
+    st.session_state.update(schemes=["prefix"], methods=["zero"], site_kind="residual stream", mode="recompute",
+                            site_layer=8 if llama else reasoner.n_layers // 2)
+    st.session_state["sweep_feedback"] = ("info", f"{SEED_PRESET}: prefix · zero · resid:{st.session_state['site_layer']}"
+                                                  f" · recompute ({reasoner.n_layers} blocks).")
+
+
+def _saved_upload(upload, folder: Path) -> str:
+    """The uploaded bytes as a file beside the database (a resume needs the dataset again); its path."""
+    content = upload.getvalue()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(upload.name))[-80:]
+    target = folder / "uploads" / f"{hashlib.sha256(content).hexdigest()[:12]}-{name}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    return str(target)
+
+
+def _model_widgets(plan_issues: list[str]) -> None:
+    st.radio("Model", MODEL_CHOICES, key="model_choice", **KEEP, horizontal=True,
+             help="The embedded default is a small CODI model shipped in models/default")
+    if st.session_state["model_choice"] == MODEL_CHOICES[1]:
+        st.text_input("Checkpoint folder", key="model_path", **KEEP, placeholder="/models/CODI-llama3.2-1b-Instruct",
+                      help="A released-format CODI checkpoint: model.safetensors or pytorch_model.bin")
+        st.text_input("Base model (config + tokenizer)", key="base_model", **KEEP,
+                      placeholder="/models/Llama-3.2-1B-Instruct, or empty to use the checkpoint's own")
+        path = st.session_state["model_path"].strip()
+        if not path:
+            plan_issues.append("Model: give the checkpoint folder.")
+        elif not Path(path).expanduser().is_dir():
+            plan_issues.append(f"Model: {path} is not a folder.")
+
+
+def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
+    choice = st.radio("Dataset", DATASET_CHOICES, key="dataset_choice", **KEEP, horizontal=True)
+    if choice == DATASET_CHOICES[0]:
+        return "builtin"
+    if choice == DATASET_CHOICES[3]:
+        upload = st.file_uploader("Dataset file", type=["jsonl", "json", "csv", "parquet"],
+                                  help="GSM8K .jsonl, the old script's .json, or .csv / .parquet with question and "
+                                       "answer columns; at most 20 MB (give a path for bigger files)")
+        if upload is None:
+            plan_issues.append("Dataset: upload a file.")
+            return None
+        return _saved_upload(upload, db_folder)
+    st.text_input("Dataset path", key="dataset_path", **KEEP, placeholder=PATH_HINTS[choice])
+    path = st.session_state["dataset_path"].strip()
+    if not path:
+        plan_issues.append("Dataset: give the file's path.")
+        return None
+    return path
+
+
+def sweep_form(db_folder: Path) -> Plan:
+    """Every option of a sweep; returns the plan with its config and what blocks Start."""
+    _init()
+    issues: list[str] = []
+    left, right = st.columns(2, gap="large")
+    with left.container(border=True):
+        st.markdown("**Model and data**")
+        _model_widgets(issues)
+        dataset = _dataset_widgets(issues, db_folder)
+        a, b, c = st.columns(3)
+        a.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems")
+        b.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP,
+                       help="A stratified subset swept first, to check the pattern before the full run")
+        c.number_input("Seed", min_value=0, step=1, key="seed", **KEEP, help="Validation sampling, shuffle, noise, resample")
+        st.checkbox("Shuffle before the limit", key="shuffle", **KEEP)
+        st.text_input("Run name", key="run_name", **KEEP, placeholder="model on dataset")
+    with right.container(border=True):
+        st.markdown("**Variants and compute**")
+        st.multiselect("Schemes", SCHEMES, key="schemes", **KEEP, help="prefix: latents 0..k-1; single: latent k; "
+                       "suffix: latents k..T-1; exit: answer after k latents")
+        st.multiselect("Methods", METHODS, key="methods", **KEEP, help="What replaces an ablated latent")
+        a, b = st.columns(2)
+        a.radio("Site", ["latent", "residual stream"], key="site_kind", **KEEP, horizontal=True,
+                help="latent: the vector fed back as input; residual stream: block L's output at that position")
+        b.number_input("Block L", min_value=0, step=1, key="site_layer", **KEEP,
+                       disabled=st.session_state["site_kind"] == "latent")
+        st.radio("Mode", MODES, key="mode", **KEEP, horizontal=True,
+                 help="recompute: later latents follow the ablated state; frozen: they keep their baseline values")
+        a, b, c = st.columns(3)
+        a.selectbox("Device", ["cpu", "cuda"], key="device", **KEEP)
+        b.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP)
+        c.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP,
+                       disabled=st.session_state["batch_auto"], help="Problems per batch")
+        st.toggle("Automatic batch size", key="batch_auto", **KEEP, help="Grows while throughput improves and memory allows")
+
+    site = "latent" if st.session_state["site_kind"] == "latent" else f"resid:{st.session_state['site_layer']}"
+    config = SweepConfig(
+        model=model_spec().model, base_model=model_spec().base_model, dataset=dataset or "",
+        run_name=st.session_state["run_name"].strip() or None, limit=st.session_state["limit"] or None,
+        shuffle=st.session_state["shuffle"], validation=st.session_state["validation"],
+        schemes=tuple(st.session_state["schemes"]), methods=tuple(st.session_state["methods"]), site=site,
+        mode=st.session_state["mode"], batch_size="auto" if st.session_state["batch_auto"] else
+        int(st.session_state["batch_size"]), device=st.session_state["device"], dtype=st.session_state["dtype"],
+        seed=int(st.session_state["seed"]))
+    return _check(Plan(config, issues))
+
+
+def _check(plan: Plan) -> Plan:
+    config = plan.config
+    try:
+        config.check()
+    except (SweepError, AblationError) as error:
+        plan.issues.append(f"Options: {error}")
+    spec = config.model_spec()
+    if spec in st.session_state["loaded_models"]:  # loading takes seconds: only once asked (Load, preset, Start)
+        try:
+            plan.model = state.service().model(spec)
+        except Exception as error:
+            plan.issues.append(f"Model: {error}")
+    if plan.model is not None:
+        try:
+            parse_site(config.site, plan.model.n_layers)
+        except AblationError as error:
+            plan.issues.append(f"Site: {error}")
+    try:
+        T = plan.model.num_latent if plan.model is not None else 6  # the released models' 6 until loaded
+        plan.n_variants = len(expand(config.schemes, config.methods, config.site, config.mode, T))
+    except AblationError:
+        pass  # already an issue
+    if config.dataset:
+        path = Path(config.dataset)
+        checked = data.validate_dataset(config.dataset, path.stat().st_mtime if path.is_file() else None)
+        if "error" in checked:
+            plan.issues.append(f"Dataset: {checked['error']}")
+        else:
+            plan.dataset = checked["report"]
+            n = plan.dataset["n_problems"]
+            if n == 0:
+                plan.issues.append("Dataset: no usable problem in it (see the rejected lines below).")
+            if config.limit and config.limit > n:
+                plan.warnings.append(f"Limit {config.limit} is more than the {n} usable problems: all will run.")
+            if config.validation > min(n, config.limit or n):
+                plan.warnings.append(f"Validation subset {config.validation} is more than the problems in the run.")
+    return plan

@@ -1,0 +1,68 @@
+"""Export: the selected run (and filters) as the old script's JSON files, CSV, Parquet and a Markdown report."""
+from dataclasses import replace
+from functools import partial
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, state, widgets
+
+svc = state.open_page()
+run = state.require_results(svc)
+db, run_id, version = state.db_path(), int(run["id"]), state.version(run)
+
+st.title("Export")
+widgets.run_caption(run)
+filters = widgets.filters(db, run, version, key="export")
+groups = data.variant_groups(db, run_id, version)
+
+st.subheader("The old script's files")
+with st.columns(2)[0]:
+    group = widgets.pick_group(groups, "export_group", "Prefix variant group", scheme="prefix")
+if group is None:
+    st.info("This run has no prefix variants, and the old script's files describe the prefix scheme only. "
+            "The tables and the report below cover every scheme.")
+else:
+    keys = (group["method"], group["site"], group["mode"])
+    scores = data.seed_scores(db, run_id, version, filters, *keys)
+    summary = data.seed_summary(scores)
+    validation = data.seed_scores(db, run_id, version, replace(filters, phase="validation"), *keys)
+    cells = st.columns(3)
+    cells[0].metric("n_problems", summary["n_problems"])
+    cells[1].metric("baseline_accuracy", widgets.ci(summary["baseline_accuracy"]))
+    cells[2].metric("validation problems", len(validation))
+    importance = pd.DataFrame({"position": list(summary["position_importance"]),
+                               "importance (mean importance_score)": list(summary["position_importance"].values())})
+    st.dataframe(importance.set_index("position").T, column_config={
+        p: st.column_config.NumberColumn(f"{p} (baseline)" if p == "0" else p, format="%.3f")
+        for p in summary["position_importance"]})
+    st.caption("The old script's numbering: position 0 is the baseline, position p is prefix k = p (latents 0…p−1 "
+               "ablated). Files are named as the old script named them, so its tooling reads them unchanged.")
+    with st.container(horizontal=True):
+        st.download_button("Summary stats (JSON)", data.to_json(summary), "step_importance_summary_stats.json",
+                           "application/json", icon=":material/download:", on_click="ignore", type="primary")
+        st.download_button("Scores (JSON)", data.to_json(scores), "step_importance_scores.json",
+                           "application/json", icon=":material/download:", on_click="ignore")
+        st.download_button("Validation (JSON)", data.to_json(
+            {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
+             "statistics": data.seed_summary(validation)}), "step_importance_validation.json", "application/json",
+            icon=":material/download:", on_click="ignore", disabled=not validation)
+
+st.subheader("Every variant")
+st.caption("One row per (problem, variant), baseline first, for the problems the filters keep: the columns of "
+           "`python -m runner export --format csv`.")
+with st.container(horizontal=True):
+    st.download_button("results.csv", partial(data.results_csv, db, run_id, filters), f"run{run_id}_results.csv",
+                       "text/csv", icon=":material/table:", on_click="ignore")
+    st.download_button("results.parquet", partial(data.results_parquet, db, run_id, filters),
+                       f"run{run_id}_results.parquet", "application/vnd.apache.parquet", icon=":material/table:",
+                       on_click="ignore")
+
+st.subheader("Report")
+st.caption("The whole run (filters do not apply): setup, baseline accuracy, per-position effects with intervals, "
+           "difficulty, early vs late; and `stats --json`, the summary keys plus every figure with its interval.")
+with st.container(horizontal=True):
+    st.download_button("report.md", partial(data.markdown_report, db, run_id), f"run{run_id}_report.md",
+                       "text/markdown", icon=":material/description:", on_click="ignore")
+    st.download_button("stats.json", partial(data.stats_json, db, run_id), f"run{run_id}_stats.json",
+                       "application/json", icon=":material/data_object:", on_click="ignore")

@@ -1,0 +1,99 @@
+"""Progress: the selected run live (a fragment polls once a second while it sweeps), or how it ended."""
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, data, state
+from dashboard.widgets import duration, missing, status_badge
+
+svc = state.open_page()
+run = state.selected_run(svc)
+st.title("Progress")
+if run is None:
+    state.empty_database(svc)
+    st.stop()
+db, run_id = state.db_path(), int(run["id"])
+ENDINGS = {"finished": st.success, "stopped": st.warning, "interrupted": st.warning, "failed": st.error}
+
+
+@st.fragment(run_every=1.0 if run["status"] == "running" else None)
+def live_view() -> None:
+    row = svc.store.run_row(run_id)
+    if row is None:
+        st.info(f"Run #{run_id} was deleted.")
+        return
+    progress = svc.status()
+    live = progress if progress is not None and progress.run_id == run_id else None
+    status, done, total = row["status"], int(row["done"]), int(row["total"])
+    version = (done, status)
+    st.markdown(f"#### Run #{run_id} · {row['name']} {status_badge(status)}")
+    if status == "running":
+        st.caption(f"Sweeping the **{row['phase'] or '…'}** phase; this page updates itself every second.")
+    elif status in ENDINGS:
+        message = {"finished": f"Finished: all {total} problems are stored.",
+                   "stopped": f"Stopped after {done} of {total} problems. Resume continues where it stopped.",
+                   "interrupted": f"Interrupted after {done} of {total} problems: the process sweeping it ended "
+                                  "(a crash, a kill or a closed terminal). Resume continues where it stopped.",
+                   "failed": f"Failed after {done} of {total} problems: {row['error']}"}[status]
+        ENDINGS[status](message)
+
+    rate = live.problems_per_hour if live and live.problems_per_hour else row["problems_per_hour"]
+    eta = live.eta_s if live and status == "running" else None
+    cells = st.columns(6)
+    cells[0].metric("Phase", row["phase"] or "–")
+    cells[1].metric("Problems", f"{done} / {total}")
+    cells[2].metric("Throughput", "–" if missing(rate) or not rate else f"{rate:,.0f} /h")
+    cells[3].metric("ETA", duration(eta) if status == "running" else "–")
+    elapsed = live.elapsed_s if live and status == "running" else row["elapsed_s"] or None
+    cells[4].metric("Elapsed", duration(elapsed), help="Time spent sweeping, summed over resumes")
+    cells[5].metric("Batch size", "–" if missing(row["batch_size"]) else int(row["batch_size"]),
+                    help=f"{int(row['n_variants'])} variants per problem, so {int(row['n_variants'])}× as many rows")
+    st.progress(done / total if total else 0.0, text=f"{done / total:.0%}" if total else "no problems")
+
+    series = data.metrics(db, run_id, version)
+    if row["source"] == "import":
+        st.caption("Imported from the old script's files: there are no timings or resource measurements.")
+    elif series.empty:
+        st.caption("No batch stored yet: the charts start with the first batch.")
+    else:
+        top = st.columns(2)
+        top[0].plotly_chart(charts.time_series(series, "problems_per_hour", "Throughput per batch", "problems/hour"),
+                            key="chart_throughput")
+        top[1].plotly_chart(charts.time_series(series, "rss_mb", "Process memory (RSS)", "MB", charts.COLORS[2]),
+                            key="chart_rss")
+        bottom = st.columns(2)
+        bottom[0].plotly_chart(charts.time_series(series, "cpu_pct", "CPU", "% of one core", charts.COLORS[3]),
+                               key="chart_cpu")
+        if series["gpu_mem_mb"].notna().any():
+            bottom[1].plotly_chart(charts.time_series(series, "gpu_mem_mb", "GPU memory allocated", "MB",
+                                                      charts.COLORS[4]), key="chart_gpu")
+        else:
+            bottom[1].info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
+                           icon=":material/memory:")
+
+    st.markdown("##### Latest problems")
+    if live and live.latest:
+        latest = pd.DataFrame(list(live.latest))[["problem_id", "question", "gold", "answer", "correct", "flips"]]
+    else:
+        latest = data.latest_results(db, run_id, version)
+        latest = latest.rename(columns={"answer_text": "answer", "n_flips": "flips"})[
+            ["problem_id", "difficulty", "phase", "gold", "answer", "correct", "flips"]]
+    st.dataframe(latest, hide_index=True, column_config={
+        "question": st.column_config.TextColumn("question", width="large"),
+        "correct": st.column_config.CheckboxColumn("baseline right"),
+        "flips": st.column_config.NumberColumn("variants flipped", help="variants whose correctness differs")})
+
+    if st.session_state.get("progress_was_running") and status != "running":
+        st.session_state["progress_was_running"] = False
+        st.rerun(scope="app")  # stop polling; the other pages' numbers are final now
+    st.session_state["progress_was_running"] = status == "running"
+
+
+live_view()
+if run["source"] == "import":
+    st.stop()
+with st.container(horizontal=True):
+    st.button("Stop", icon=":material/stop:", on_click=state.stop_sweep, disabled=not svc.running)
+    resumable = not svc.running and run["source"] == "sweep" and run["status"] in ("stopped", "interrupted", "failed")
+    st.button(f"Resume run #{run_id}", icon=":material/replay:", on_click=state.resume_sweep, args=(run_id,),
+              disabled=not resumable)
+state.show_feedback()

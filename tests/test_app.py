@@ -1,0 +1,277 @@
+"""The dashboard through AppTest: every page on a real DuckDB file holding a real sweep and an imported seed run.
+
+The module's database: a sweep of the tiny CODI model over 24 built-in problems (8 of them a
+validation subset; prefix, single, suffix zero-ablations) and the hand-made seed trio imported
+from tests/fixtures/seed. app.py finds it through THOUGHTSWEEP_DB (AppTest passes no script args).
+Store and SweepService sit in st.cache_resource, which is process-wide: every AppTest here shares them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from db import queries
+from db.queries import Filters
+from db.seed import SCORES, VALIDATION, import_seed
+from db.store import Store
+from runner.sweep import Sweep, SweepConfig
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+SEED_FILES = Path(__file__).parent / "fixtures" / "seed"
+PAGES = ["pages/run.py", "pages/progress.py", "pages/importance.py", "pages/difficulty.py", "pages/problems.py",
+         "pages/compare.py", "pages/export.py"]
+
+
+@dataclass(frozen=True)
+class Database:
+    path: Path
+    sweep_id: int
+    seed_id: int
+    model_dir: Path
+    difficulties: dict[int, int]  # step count -> problems of the sweep
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory, tiny_model_dir, tiny_reasoner) -> Database:
+    path = tmp_path_factory.mktemp("dashboard") / "app.duckdb"
+    store = Store(path)
+    config = SweepConfig(model=str(tiny_model_dir), dataset="builtin", limit=24, validation=8, batch_size=8,
+                         run_name="tiny sweep")
+    sweep_id = Sweep.create(store, tiny_reasoner, config)
+    assert Sweep(store, tiny_reasoner, config, sweep_id).run() == "finished"
+    seed_id = import_seed(store, SEED_FILES / SCORES, SEED_FILES / VALIDATION, name="seed import")
+    table = queries.problems_table(store, sweep_id, Filters())
+    difficulties = table["difficulty"].value_counts().to_dict()
+    store.close()  # the dashboard opens it through its own cached Store
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THOUGHTSWEEP_DB", str(path))
+        yield Database(path, sweep_id, seed_id, tiny_model_dir, {int(k): int(v) for k, v in difficulties.items()})
+
+
+def open_app(run_id: int | None = None, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=180).run()
+    assert not at.exception, [e.message for e in at.exception]
+    if run_id is not None:
+        at.sidebar.selectbox(key="run_id").set_value(run_id).run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    values = [m.value for m in at.metric if m.label == label]
+    assert values, f"no metric {label!r} among {[m.label for m in at.metric]}"
+    return values[0]
+
+
+def figures(at: AppTest) -> list[dict]:
+    """Every Plotly chart on the page, as its figure JSON."""
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join(str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
+                     for e in getattr(at, kind))
+
+
+def test_every_page_renders_both_runs(database):
+    for run_id in (database.sweep_id, database.seed_id):
+        at = open_app(run_id)
+        for page in PAGES:
+            at.switch_page(page).run()
+            assert not at.exception, (page, run_id, [e.message for e in at.exception])
+            assert at.title, f"{page} has no title"
+            assert at.sidebar.selectbox(key="run_id").value == run_id  # app.py framed the page
+
+
+def test_run_selector_defaults_to_the_newest_run(database):
+    at = open_app(page="pages/importance.py")
+    assert at.sidebar.selectbox(key="run_id").value == database.seed_id  # imported last
+    assert metric(at, "Problems in scope") == "4"
+    at.sidebar.selectbox(key="run_id").set_value(database.sweep_id).run()
+    assert metric(at, "Problems in scope") == "24"
+
+
+def test_importance_curves_intervals_and_the_difficulty_filter(database):
+    at = open_app(database.sweep_id, "pages/importance.py")
+    shown = figures(at)
+    assert len(shown) == 3  # prefix, single, suffix
+    lines = [t for t in shown[0]["data"] if t.get("mode") == "lines+markers"]
+    bands = [t for t in shown[0]["data"] if t.get("fill") == "toself"]
+    assert len(lines) == 1 and len(bands) == 1 and len(lines[0]["y"]) == 6
+    assert shown[0]["layout"]["yaxis"]["tickformat"] == ".0%"
+    assert "Cumulative by construction" in texts(at) and "Single position" in texts(at)
+
+    steps, count = min(database.difficulties.items())
+    at.multiselect(key="importance_difficulty").set_value([steps]).run()
+    assert metric(at, "Problems in scope") == str(count) != "24"
+
+    at.segmented_control(key="importance_measure").set_value("logprob_drop").run()
+    assert not at.exception
+    assert figures(at)[0]["layout"]["yaxis"]["title"]["text"].startswith("Drop in gold log-prob")
+
+
+def test_imported_run_has_curves_but_no_logprobs(database):
+    at = open_app(database.seed_id, "pages/importance.py")
+    assert len(figures(at)) == 1  # the seed swept prefix only
+    at.segmented_control(key="importance_measure").set_value("logprob_drop").run()
+    assert "no gold log-probs" in texts(at)
+
+
+def test_difficulty_table_per_step_and_per_bucket(database):
+    at = open_app(database.sweep_id, "pages/difficulty.py")
+    table = at.dataframe[0].value
+    assert list(table["steps"]) == sorted(database.difficulties)
+    assert list(table["problems"]) == [database.difficulties[d] for d in sorted(database.difficulties)]
+    assert table["baseline accuracy"].str.contains(r"%").all()
+    heatmap = figures(at)[0]["data"][0]
+    assert heatmap["type"] == "heatmap" and len(heatmap["z"]) == len(database.difficulties)
+    at.segmented_control(key="difficulty_by").set_value("per bucket").run()
+    buckets = at.dataframe[0].value
+    assert set(buckets["bucket"]) <= {"1-2", "3-4", "5+"} and buckets["problems"].sum() == 24
+
+
+def test_problems_filters_search_and_drill_down(database):
+    at = open_app(database.sweep_id, "pages/problems.py")
+    table = at.dataframe[0].value
+    assert len(table) == 24
+    word = table["question"].iloc[0].split()[1]
+    at.text_input(key="problems_search").input(word).run()
+    narrowed = at.dataframe[0].value
+    assert 1 <= len(narrowed) <= 24 and narrowed["question"].str.lower().str.contains(word.lower()).all()
+
+    problem_id = narrowed["problem_id"].iloc[-1]
+    at.selectbox(key="problem_id").set_value(problem_id).run()
+    assert any(problem_id in h.value for h in at.subheader)
+    grids = [d.value for d in at.dataframe[1:4]]
+    assert [g.shape[1] for g in grids] == [6, 6, 6]  # prefix, single, suffix: one column per k
+    kinds = [f["data"][0]["type"] for f in figures(at)]
+    assert kinds == ["bar", "heatmap"]  # gold log-prob per variant, logit lens
+    assert len(figures(at)[0]["data"][0]["y"]) == 19  # baseline + 18 variants
+
+
+def test_compare_validation_vs_full_and_two_runs(database):
+    at = open_app(database.sweep_id, "pages/compare.py")
+    table = at.dataframe[0].value
+    assert "intervals overlap" in table.columns and len(table) == 6
+    assert set(table["intervals overlap"]) <= {"yes", "no"}
+    at.segmented_control(key="compare_mode").set_value("two runs").run()
+    at.selectbox(key="compare_run_b").select_index(0).run()
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 6  # prefix k = 1..6 against the seed's 1..5: an outer join
+    at.segmented_control(key="compare_mode").set_value("two variant groups").run()
+    assert not at.exception and figures(at)
+
+
+def test_export_summary_follows_the_filters(database):
+    at = open_app(database.sweep_id, "pages/export.py")
+    assert metric(at, "n_problems") == "24"
+    labels = {b.label for b in at.download_button}
+    assert {"Summary stats (JSON)", "Scores (JSON)", "results.csv", "results.parquet", "report.md"} <= labels
+    steps, count = max(database.difficulties.items())
+    at.multiselect(key="export_difficulty").set_value([steps]).run()
+    assert metric(at, "n_problems") == str(count)
+
+
+def test_progress_of_a_finished_run(database):
+    at = open_app(database.sweep_id, "pages/progress.py")
+    assert metric(at, "Problems") == "24 / 24"
+    assert any("Finished" in s.value for s in at.success)
+    titles = {f["layout"]["title"]["text"] for f in figures(at)}
+    assert {"Throughput per batch", "Process memory (RSS)", "CPU"} <= titles
+    assert any("No GPU memory" in i.value for i in at.info)
+
+
+def test_run_list_edits_notes_and_tags(database):
+    at = open_app(database.sweep_id)
+    runs = at.data_editor[0].value
+    row = list(runs["id"]).index(database.sweep_id)
+    at.session_state["runs_editor"] = {"edited_rows": {row: {"notes": "looks cumulative", "tags": "tiny , demo"}},
+                                       "added_rows": [], "deleted_rows": []}
+    at.run()
+    save = next(b for b in at.button if b.label.startswith("Save"))
+    save.click().run()
+    assert not at.exception
+    from dashboard import state
+    stored = state.open_service(str(database.path.resolve())).store.run_row(database.sweep_id)
+    assert (stored["notes"], stored["tags"]) == ("looks cumulative", "tiny, demo")
+
+
+def test_invalid_options_are_explained_and_start_nothing(database):
+    at = open_app(database.sweep_id)
+    before = len(at.data_editor[0].value)
+    at.multiselect(key="methods").set_value([]).run()
+    errors = [e.value for e in at.error]
+    assert any("method" in e for e in errors), errors
+    start = next(b for b in at.button if b.label == "Start")
+    assert start.disabled
+    at.multiselect(key="methods").set_value(["zero"]).run()
+    at.radio(key="dataset_choice").set_value("GSM8K .jsonl file").run()
+    at.text_input(key="dataset_path").input(str(database.path.parent / "missing.jsonl")).run()
+    assert any("no such file" in e.value for e in at.error)
+    assert next(b for b in at.button if b.label == "Start").disabled
+    at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
+    at.text_input(key="model_path").input(str(database.path.parent)).run()  # a folder, but no checkpoint
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert any(e.value.startswith("Model not loaded:") for e in at.error) and not at.exception
+    assert len(at.data_editor[0].value) == before
+
+
+def test_a_second_start_while_a_sweep_runs_is_refused(database):
+    from dashboard import state
+    first, second = open_app(database.sweep_id), open_app(database.sweep_id)  # two tabs, or a double click
+    for at in (first, second):
+        at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
+        at.text_input(key="model_path").input(str(database.model_dir)).run()
+        assert not next(b for b in at.button if b.label == "Start").disabled
+    service = state.open_service(str(database.path.resolve()))
+    try:
+        next(b for b in first.button if b.label == "Start").click().run()  # all 1,200 built-in problems: minutes
+        assert any("started" in s.value for s in first.success), [e.value for e in first.error]
+        assert service.running
+        assert next(b for b in first.button if b.label == "Start").disabled
+        next(b for b in second.button if b.label == "Start").click().run()
+        warnings = [w.value for w in second.warning]
+        assert any("already running" in w for w in warnings), warnings
+        runs = service.store.query("SELECT count(*) FROM runs")[0][0]
+        assert runs == 3  # the module's two and this one
+        refusal = state.switch_database(str(database.path.parent / "other.duckdb"))
+        assert refusal and "stop it" in refusal
+    finally:
+        service.stop()
+        service.join(timeout=120)
+    assert not service.running
+    new_id = service.status().run_id
+    assert service.store.run_row(new_id)["status"] == "stopped"
+    service.store.delete_run(new_id)
+
+
+def test_cached_numbers_follow_the_data_version(database):
+    """A page's cache is keyed by the run's (done, status): a new batch can never be hidden behind old numbers."""
+    from dashboard import data, state
+    db = str(database.path.resolve())
+    store = state.open_service(db).store
+    run = queries.runs(store).set_index("id").loc[database.sweep_id].to_dict() | {"id": database.sweep_id}
+    before = data.baseline_accuracy(db, database.sweep_id, state.version(run), Filters())
+    store.update_run(database.sweep_id, done=23)  # as if a batch were being rewritten
+    try:
+        changed = {**run, "done": 23}
+        assert state.version(changed) != state.version(run)
+        again = data.baseline_accuracy(db, database.sweep_id, state.version(run), Filters())
+        assert again == before  # same key, cached
+    finally:
+        store.update_run(database.sweep_id, done=24)
+
+
+def test_an_empty_database_offers_the_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("THOUGHTSWEEP_DB", str(tmp_path / "empty.duckdb"))
+    for page in (None, "pages/importance.py", "pages/progress.py"):
+        at = open_app(page=page)
+        assert any(b.label == "Run the demo sweep" for b in at.button), page
+        assert "No runs yet" in [h.value for h in at.subheader]
