@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -107,7 +108,8 @@ def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str
     rate = is_rate(measure)
     fig = go.Figure(go.Heatmap(
         z=matrix.to_numpy(dtype=float), x=columns, y=rows, colorscale="Reds" if rate else "Purples",
-        zmin=0, zmax=1 if rate else None, texttemplate="%{z:.0%}" if rate else "%{z:.2f}",
+        zmin=0, zmax=max(0.05, float(np.nanmax(matrix.to_numpy(dtype=float)))) if rate else None,
+        texttemplate="%{z:.0%}" if rate else "%{z:.2f}",
         colorbar=dict(title=dict(text="rate" if rate else "nats", side="right"), tickformat=".0%" if rate else ".2f"),
         hovertemplate="%{y}<br>ablated %{x}<br>%{z:" + _fmt(measure) + "}<extra></extra>", xgap=2, ygap=2))
     fig.update_yaxes(autorange="reversed", title="Difficulty (reasoning steps)")
@@ -170,18 +172,18 @@ def difficulty_histogram(counts: dict[str, int]) -> go.Figure:
 
 
 def logprob_figure(variants: pd.DataFrame, labels: list[str]) -> go.Figure:
-    """Gold log-prob of every variant, flipped variants in red, the baseline as a dashed line."""
+    """Gold log-prob of every variant as dots (the differences matter, not the distance to 0), flips in red."""
     base = variants.loc[variants["scheme"] == "baseline", "gold_logprob"]
     colors = ["#4b5563" if s == "baseline" else ("#dc2626" if f else COLORS[0])
               for s, f in zip(variants["scheme"], variants["flip"])]
-    fig = go.Figure(go.Bar(x=labels, y=variants["gold_logprob"], marker_color=colors,
-                           hovertemplate="%{x}<br>log p(gold) = %{y:.3f}<extra></extra>"))
+    fig = go.Figure(go.Scatter(x=labels, y=variants["gold_logprob"], mode="markers",
+                               marker=dict(color=colors, size=10, line=dict(width=1, color="white")),
+                               hovertemplate="%{x}<br>log p(gold) = %{y:.3f}<extra></extra>"))
     if len(base) and not pd.isna(base.iloc[0]):
-        fig.add_hline(y=float(base.iloc[0]), line_dash="dash", line_color="#4b5563",
-                      annotation_text="baseline", annotation_position="top left")
-    _layout(fig, 300, "", "log-prob of the gold answer (nats)")
+        fig.add_hline(y=float(base.iloc[0]), line_dash="dash", line_color="#4b5563")
+    _layout(fig, 320, "", "log p(gold answer), nats")
     fig.update_layout(showlegend=False)
-    fig.update_xaxes(tickangle=-45)
+    fig.update_xaxes(tickangle=-45, showgrid=True)
     return fig
 
 

@@ -224,9 +224,10 @@ def empty_database(svc: SweepService) -> None:
         st.subheader("No runs yet")
         st.markdown(f"`{svc.store.path}` holds no sweeps. The demo runs the embedded model on "
                     f"{config.limit} built-in problems ({config.validation} of them as a validation subset) "
-                    f"with the prefix, single and suffix zero-ablations: about a minute on a laptop CPU.")
+                    f"with the prefix, single and suffix zero-ablations: a few minutes on a laptop CPU, "
+                    f"followed live on the Progress page.")
         st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", on_click=start_sweep,
                   args=(config,), disabled=svc.running)
         show_feedback()
-        st.caption("Or choose a model, dataset and variants on the **Run** page, or import the old script's JSON "
-                   "files: `python -m runner import-seed step_importance_scores.json`.")
+        st.caption("Or choose a model, dataset and variants on the **Run** page, where you can also import the old "
+                   "script's JSON results (*Import the old script's results*).")

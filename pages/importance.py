@@ -46,7 +46,7 @@ if curves["value"].isna().all():
             "choose another measure.", icon=":material/info:")
     st.stop()
 y_range = charts.value_range([curves[curves["scheme"] == s] for s in schemes], measure)
-columns = st.columns(2 if len(schemes) > 1 else 1, gap="large")
+columns = st.columns(2 if len(schemes) in (2, 4) else min(len(schemes), 3), gap="medium")
 for i, scheme in enumerate(schemes):
     with columns[i % len(columns)]:
         st.markdown(f"##### {charts.SCHEME_TITLES[scheme]}")

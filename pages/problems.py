@@ -61,7 +61,8 @@ def answer(row) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
 
 
-st.subheader(f"{problem_id} · {problem['difficulty']} steps · {problem['phase']}")
+steps = int(problem["difficulty"])
+st.subheader(f"{problem_id} · {steps} step{'s' if steps != 1 else ''} · {problem['phase']} phase")
 left, right = st.columns([3, 2])
 with left.container(border=True):
     st.markdown(problem["question"])
@@ -101,7 +102,8 @@ for scheme, part in ablations.groupby("scheme", sort=False):
 if variants["gold_logprob"].notna().any():
     st.markdown("##### Gold log-probability per variant")
     st.plotly_chart(charts.logprob_figure(variants, list(variants["label"])), key="logprob")
-    st.caption("Red bars: variants that flip the answer's correctness. Log-prob of the gold answer under teacher forcing.")
+    st.caption("Log-probability of the gold answer under teacher forcing (higher is better). Red: the variant flips "
+               "the answer's correctness; dashed line: the baseline.")
 
 st.markdown("##### Logit lens of each latent")
 with_lens = variants[variants["lens"].notna()]

@@ -80,14 +80,17 @@ else:
                        "name": st.column_config.TextColumn("name")})
     changes = [(int(new.id), new) for old, new in zip(table[columns].itertuples(), edited.itertuples())
                if (old.name, old.notes, old.tags) != (new.name, new.notes, new.tags)]
-    left, right = st.columns([1, 3])
-    if left.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
-                   icon=":material/save:"):
-        for run_id, new in changes:
+
+    def save_edits(rows: list) -> None:
+        """on_click (a callback, so the edits are read before anything reruns): notes, tags, names -> runs."""
+        for run_id, new in rows:
             tags = ", ".join(t.strip() for t in str(new.tags or "").split(",") if t.strip())
             svc.store.update_run(run_id, name=str(new.name or f"run {run_id}"), notes=str(new.notes or ""), tags=tags)
-        st.toast(f"Saved {len(changes)} run(s).")
-        st.rerun()
+        st.toast(f"Saved {len(rows)} run(s).", icon=":material/save:")
+
+    left, right = st.columns([1, 3])
+    left.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
+                icon=":material/save:", key="save_runs", on_click=save_edits, args=(changes,))
 
     @st.dialog("Delete a run")
     def confirm_delete(run_id: int, name: str, done: int) -> None:

@@ -179,7 +179,8 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     hf = hf.to(spec.device, dtype).eval()
     prj = prj.to(spec.device, dtype).eval()
     num_latent = spec.num_latent if spec.num_latent is not None else options.get("num_latent", 6)  # 0 is valid
-    return LatentReasoner(hf, prj, tokenizer, num_latent, base_vocab, name=str(spec.model))
+    return LatentReasoner(hf, prj, tokenizer, num_latent, base_vocab, name=str(spec.model),
+                          pad_question_to=options.get("pad_question_to"))
 
 
 # --- The forward loop ---------------------------------------------------------------------------------
@@ -199,10 +200,14 @@ class Rollout:
 class LatentReasoner:
     """A CODI model ready for batched latent rollouts."""
 
-    def __init__(self, hf, prj, tokenizer, num_latent: int, base_vocab: int, name: str = ""):
+    def __init__(self, hf, prj, tokenizer, num_latent: int, base_vocab: int, name: str = "",
+                 pad_question_to: int | None = None):
         self.hf, self.prj, self.tokenizer = hf, prj, tokenizer
         self.num_latent, self.base_vocab, self.name = num_latent, base_vocab, name
         self.pad_id, self.bot_id, self.eot_id = base_vocab, base_vocab + 1, base_vocab + 2
+        # A prompt template of the embedded model (codi_config.json): attended pad tokens between the
+        # question and BOT up to this length, so that BOT and every latent sit at fixed positions.
+        self.pad_question_to = pad_question_to
         self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
         self.blocks = next(m for m in hf.modules()
                            if isinstance(m, nn.ModuleList) and len(m) == hf.config.num_hidden_layers)
@@ -237,8 +242,10 @@ class LatentReasoner:
 
         A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
         """
-        ids = [(self.tokenizer(q, add_special_tokens=False)["input_ids"] if isinstance(q, str) else list(q))
-               + [self.bot_id] for q in questions]
+        ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] if isinstance(q, str) else list(q)
+               for q in questions]
+        fill = self.pad_question_to or 0
+        ids = [x + [self.pad_id] * (fill - len(x)) + [self.bot_id] for x in ids]
         width = max(map(len, ids))
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)

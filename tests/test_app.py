@@ -7,11 +7,12 @@ Store and SweepService sit in st.cache_resource, which is process-wide: every Ap
 """
 from __future__ import annotations
 
+import base64
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -75,6 +76,15 @@ def figures(at: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
 
 
+def array(value) -> list:
+    """A Plotly JSON array: a list, or (Plotly 6+) base64 'bdata' with a dtype and an optional shape."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return flat.reshape([int(n) for n in str(value["shape"]).split(",")]).tolist() if "shape" in value \
+            else flat.tolist()
+    return list(value)
+
+
 def texts(at: AppTest) -> str:
     return "\n".join(str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
                      for e in getattr(at, kind))
@@ -104,7 +114,7 @@ def test_importance_curves_intervals_and_the_difficulty_filter(database):
     assert len(shown) == 3  # prefix, single, suffix
     lines = [t for t in shown[0]["data"] if t.get("mode") == "lines+markers"]
     bands = [t for t in shown[0]["data"] if t.get("fill") == "toself"]
-    assert len(lines) == 1 and len(bands) == 1 and len(lines[0]["y"]) == 6
+    assert len(lines) == 1 and len(bands) == 1 and len(array(lines[0]["y"])) == 6
     assert shown[0]["layout"]["yaxis"]["tickformat"] == ".0%"
     assert "Cumulative by construction" in texts(at) and "Single position" in texts(at)
 
@@ -131,7 +141,7 @@ def test_difficulty_table_per_step_and_per_bucket(database):
     assert list(table["problems"]) == [database.difficulties[d] for d in sorted(database.difficulties)]
     assert table["baseline accuracy"].str.contains(r"%").all()
     heatmap = figures(at)[0]["data"][0]
-    assert heatmap["type"] == "heatmap" and len(heatmap["z"]) == len(database.difficulties)
+    assert heatmap["type"] == "heatmap" and len(array(heatmap["z"])) == len(database.difficulties)
     at.segmented_control(key="difficulty_by").set_value("per bucket").run()
     buckets = at.dataframe[0].value
     assert set(buckets["bucket"]) <= {"1-2", "3-4", "5+"} and buckets["problems"].sum() == 24
@@ -153,7 +163,7 @@ def test_problems_filters_search_and_drill_down(database):
     assert [g.shape[1] for g in grids] == [6, 6, 6]  # prefix, single, suffix: one column per k
     kinds = [f["data"][0]["type"] for f in figures(at)]
     assert kinds == ["bar", "heatmap"]  # gold log-prob per variant, logit lens
-    assert len(figures(at)[0]["data"][0]["y"]) == 19  # baseline + 18 variants
+    assert len(array(figures(at)[0]["data"][0]["y"])) == 19  # baseline + 18 variants
 
 
 def test_compare_validation_vs_full_and_two_runs(database):
@@ -252,21 +262,29 @@ def test_a_second_start_while_a_sweep_runs_is_refused(database):
     service.store.delete_run(new_id)
 
 
-def test_cached_numbers_follow_the_data_version(database):
-    """A page's cache is keyed by the run's (done, status): a new batch can never be hidden behind old numbers."""
+def test_cached_numbers_follow_the_data_version(database, tiny_reasoner):
+    """Pages cache by the run's (done, status): a batch written since is never hidden behind old numbers."""
+    import threading
+
     from dashboard import data, state
     db = str(database.path.resolve())
     store = state.open_service(db).store
-    run = queries.runs(store).set_index("id").loc[database.sweep_id].to_dict() | {"id": database.sweep_id}
-    before = data.baseline_accuracy(db, database.sweep_id, state.version(run), Filters())
-    store.update_run(database.sweep_id, done=23)  # as if a batch were being rewritten
+    config = SweepConfig(model=str(database.model_dir), limit=8, batch_size=4, schemes=("prefix",))
+    run_id = Sweep.create(store, tiny_reasoner, config)
+    stop = threading.Event()
+    Sweep(store, tiny_reasoner, config, run_id, stop=stop,
+          on_progress=lambda p: p.done >= 4 and stop.set()).run()  # stopped after the first batch
     try:
-        changed = {**run, "done": 23}
-        assert state.version(changed) != state.version(run)
-        again = data.baseline_accuracy(db, database.sweep_id, state.version(run), Filters())
-        assert again == before  # same key, cached
+        half = state.version(store.run_row(run_id))
+        assert half == (4, "stopped")
+        assert data.baseline_accuracy(db, run_id, half, Filters())["n"] == 4
+        Sweep(store, tiny_reasoner, config, run_id).run()  # resumed to the end
+        full = state.version(store.run_row(run_id))
+        assert full == (8, "finished")
+        assert data.baseline_accuracy(db, run_id, half, Filters())["n"] == 4  # that key is cached...
+        assert data.baseline_accuracy(db, run_id, full, Filters())["n"] == 8  # ...and the new one is fresh
     finally:
-        store.update_run(database.sweep_id, done=24)
+        store.delete_run(run_id)
 
 
 def test_an_empty_database_offers_the_demo(tmp_path, monkeypatch):

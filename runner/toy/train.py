@@ -37,6 +37,11 @@ from runner.toy import problems as toy
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_LATENT = 6
+# Prompt template: every question is padded (attended CODI pad tokens) to the longest question's
+# 5 * (1 + 6) + 8 tokens before BOT, so that sentence j, BOT and latent j sit at the same positions
+# in every problem. Without it (BOT's position varying with the step count) the student plateaued
+# near 30% after 1,500 steps while the teacher had learned the arithmetic.
+QUESTION_TOKENS = 5 * (1 + toy.MAX_STEPS) + 8
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,9 @@ def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str 
     rows = [toy.sample_problem(rng, steps, split) for _ in range(size)]
     enc = lambda texts: torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
     question = enc([p.question for p in rows])  # (B, Lq)
+    assert question.shape[1] <= QUESTION_TOKENS, f"question of {question.shape[1]} tokens > {QUESTION_TOKENS}"
+    pad = torch.full((size, QUESTION_TOKENS - question.shape[1]), len(tokenizer))  # the CODI pad id, attended
+    question = torch.cat([question, pad], dim=1)  # (B, QUESTION_TOKENS)
     cot = enc([" " + p.cot for p in rows])  # (B, Lc)
     answer = enc([f"The answer is: {p.chain.answer}" for p in rows])  # (B, La)
     # Targets of the auxiliary loss: the value after step j+1, the answer once the steps run out.
@@ -196,7 +204,8 @@ def save_codi(model: ToyCodi, tokenizer, folder: Path, meta: dict) -> None:
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "codi_config.json").write_text(json.dumps({"num_latent": NUM_LATENT, **meta}, indent=2) + "\n")
+    options = {"num_latent": NUM_LATENT, "pad_question_to": QUESTION_TOKENS, **meta}
+    (folder / "codi_config.json").write_text(json.dumps(options, indent=2) + "\n")
 
 
 def evaluate(folder: Path, n: int, seed: int) -> dict[int, float]:
@@ -223,7 +232,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(cfg: TrainConfig, out: Path, work: Path, resume: bool) -> None:
+def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
@@ -260,6 +269,9 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool) -> None:
         elapsed += time.time() - started
         bar.update(1)
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}) + "\n")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             save_codi(model, tokenizer, work / "eval", {})
             accuracy = evaluate(work / "eval", cfg.eval_problems, cfg.seed)
@@ -283,11 +295,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--work", type=Path, default=REPO / "models" / ".train", help="resumable state")
     parser.add_argument("--fresh", action="store_true", help="ignore a saved training state")
+    parser.add_argument("--log", type=Path, default=None, help="append each step's losses here (JSON lines)")
     for field, default in TrainConfig.__dataclass_fields__.items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
     args = parser.parse_args()
     cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
-    train(cfg, args.out, args.work, resume=not args.fresh)
+    train(cfg, args.out, args.work, resume=not args.fresh, log=args.log)
 
 
 if __name__ == "__main__":

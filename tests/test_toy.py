@@ -1,0 +1,98 @@
+"""The embedded default: problem generator, tokenizer, committed checkpoint, training script."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from runner import ablation, answers, data
+from runner.toy import problems as toy
+from runner.toy.train import QUESTION_TOKENS, build_tokenizer
+
+ANNOTATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
+
+
+def test_the_builtin_set_is_the_generators_output_and_balanced():
+    shipped = [json.loads(line) for line in toy.BUILTIN_PATH.read_text().splitlines()]
+    assert shipped == toy.builtin_problems() == toy.builtin_problems()
+    steps = [row["reasoning_steps"] for row in shipped]
+    assert {s: steps.count(s) for s in set(steps)} == {s: toy.BUILTIN_PER_DIFFICULTY for s in range(1, 7)}
+    assert steps[:12] == [1, 2, 3, 4, 5, 6] * 2  # interleaved: any --limit prefix is balanced
+    assert len({row["question"] for row in shipped}) == len(shipped)
+
+
+def test_every_solution_is_true_arithmetic_in_gsm8k_format():
+    for row in toy.builtin_problems():
+        notes = ANNOTATION.findall(row["answer"])
+        assert len(notes) == row["reasoning_steps"]
+        value = None
+        for a, op, b, c in notes:
+            a, b, c = int(a), int(b), int(c)
+            assert value is None or a == value, f"{row['id']}: step starts from {a}, previous result {value}"
+            assert toy.apply_op(a, {"+": "+", "-": "-", "*": "*", "/": "/"}[op], b) == c
+            assert 1 <= c <= toy.MAX_VALUE
+            value = c
+        assert row["answer"].endswith(f"#### {value}")
+
+
+def test_the_builtin_set_loads_through_the_dataset_interface_with_its_difficulty():
+    problems = data.load_problems("builtin")
+    assert len(problems) == 6 * toy.BUILTIN_PER_DIFFICULTY
+    for problem in problems[:60]:
+        assert problem.difficulty == len(ANNOTATION.findall(problem.solution))
+        assert answers.parse_number(problem.gold) == int(problem.solution.rsplit("####", 1)[1])
+
+
+def test_train_and_test_chains_are_disjoint():
+    test_chains = set()
+    for row in toy.builtin_problems():
+        notes = ANNOTATION.findall(row["answer"])
+        chain = toy.Chain(int(notes[0][0]), tuple((op, int(b)) for _, op, b, _ in notes))
+        assert chain.split() == "test"
+        test_chains.add(chain)
+    rng = random.Random(1)
+    for steps in range(1, 7):
+        for _ in range(500):
+            assert toy.sample_problem(rng, steps, "train").chain not in test_chains
+
+
+def test_the_tokenizer_has_one_token_per_word_and_decodes_exactly():
+    tokenizer = build_tokenizer()
+    rng = random.Random(0)
+    for steps in range(1, 7):
+        problem = toy.sample_problem(rng, steps, "train")
+        ids = tokenizer(problem.question, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert len(ids) == 5 * (steps + 1) + 8 <= QUESTION_TOKENS  # five tokens a sentence
+        for text in (problem.question, " " + problem.cot, f"The answer is: {problem.chain.answer}"):
+            assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_the_committed_checkpoint_answers_builtin_problems(default_reasoner):
+    problems = data.load_problems("builtin", limit=24)
+    plan = ablation.make_plan([ablation.BASELINE], [p.problem_id for p in problems], 6, default_reasoner.d_model)
+    out = default_reasoner.rollout([p.question for p in problems], plan, golds=[p.gold for p in problems])
+    right = [answers.same_number(answers.extract_answer(t).value, float(p.gold)) for t, p in zip(out.texts, problems)]
+    assert all(t.startswith("The answer is: ") for t in out.texts)
+    assert sum(right) >= 20, list(zip(out.texts, [p.gold for p in problems]))
+    # The logit lens of the first latent reads the first intermediate result on most problems.
+    first = [p.solution.split("=<<")[1].split("=")[1].split(">>")[0] for p in problems]
+    lens = [default_reasoner.tokenizer.decode([int(out.lens_ids[i, 0, 0])]).strip() for i in range(len(problems))]
+    assert sum(a == b for a, b in zip(lens, first)) >= len(problems) // 2
+
+
+@pytest.mark.slow
+def test_a_short_training_run_makes_the_loss_fall(tmp_path):
+    log = tmp_path / "losses.jsonl"
+    subprocess.run([sys.executable, "-m", "runner.toy.train", "--steps", "24", "--batch-size", "16",
+                    "--eval-every", "1000", "--eval-problems", "12", "--save-every", "1000", "--out", str(tmp_path / "model"),
+                    "--work", str(tmp_path / "work"), "--fresh", "--log", str(log)],
+                   check=True, capture_output=True, timeout=300)
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
+    assert (tmp_path / "model" / "model.safetensors").exists()  # saved in the released layout
