@@ -40,7 +40,8 @@ def live_status() -> None:
     st.progress(share, text=f"Run #{progress.run_id} · **{status}** · {progress.done}/{progress.total}")
     if running and progress.problems_per_hour:
         eta = f" · ETA {progress.eta_s / 60:.0f} min" if progress.eta_s else ""
-        st.caption(f"{progress.phase} phase · {progress.problems_per_hour:,.0f} problems/h{eta}")
+        row = svc.store.run_row(progress.run_id) or {}  # its phase changes before the next snapshot
+        st.caption(f"{row.get('phase') or progress.phase} phase · {progress.problems_per_hour:,.0f} problems/h{eta}")
     if st.session_state.get("live_was_running") and not running:
         st.session_state["live_was_running"] = False
         st.rerun(scope="app")
@@ -59,14 +60,11 @@ with st.sidebar:
     live_status()
     with st.expander("Database file", icon=":material/database:"):
         st.caption(f"`{state.db_path()}`")
-        new_path = st.text_input("Open another .duckdb file", placeholder="/path/to/other.duckdb",
-                                 help="A new name creates an empty database. Refused while a sweep runs.")
-        if st.button("Open", disabled=not new_path):
-            refusal = state.switch_database(new_path)
-            if refusal:
-                st.error(refusal)
-            else:
-                st.rerun()
+        st.text_input("Open another .duckdb file", key="db_new_path", placeholder="/path/to/other.duckdb",
+                      help="A new name creates an empty database. Refused while a sweep runs.")
+        st.button("Open", on_click=state.open_database, disabled=not st.session_state.get("db_new_path"))
+        if "db_refusal" in st.session_state:
+            st.error(st.session_state.pop("db_refusal"))
 
 if svc is None:
     st.title("ThoughtSweep")

@@ -120,7 +120,7 @@ def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str
 
 def compare_figure(table: pd.DataFrame, label_a: str, label_b: str, scheme: str, measure: str,
                    num_latent: int) -> go.Figure:
-    """Both curves with their bands (top) and the difference a − b per k (bottom; grey where the intervals overlap)."""
+    """Both curves with their bands (top), and a − b per k (bottom; grey where the intervals overlap)."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
     for (side, label), color in zip((("a", label_a), ("b", label_b)), COLORS):
         _band(fig, table["k"], table[f"lo_{side}"], table[f"hi_{side}"], color, label, row=1, col=1)
@@ -129,7 +129,8 @@ def compare_figure(table: pd.DataFrame, label_a: str, label_b: str, scheme: str,
                                  hovertemplate=f"{label}: %{{y:{_fmt(measure)}}}<extra></extra>"), row=1, col=1)
     colors = ["#9ca3af" if overlap else "#111827" for overlap in table["overlap"].fillna(True)]
     fig.add_trace(go.Bar(x=table["k"], y=table["diff"], marker_color=colors, name="difference a − b",
-                         showlegend=False, hovertemplate=f"a − b: %{{y:{_fmt(measure)}}}<extra></extra>"), row=2, col=1)
+                         showlegend=False, hovertemplate=f"a − b: %{{y:{_fmt(measure)}}}<extra></extra>"),
+                  row=2, col=1)
     ks = list(table["k"])
     fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, int(k), num_latent) for k in ks])
     _layout(fig, 460)
@@ -150,6 +151,7 @@ def time_series(metrics: pd.DataFrame, column: str, title: str, unit: str, color
                                              "<extra></extra>"))
     _layout(fig, height, f"time sweeping ({'min' if minutes else 's'})", unit, title)
     fig.update_yaxes(rangemode="tozero")
+    fig.update_xaxes(rangemode="tozero")  # the sweep's start: a first lone batch is not centred on nothing
     fig.update_layout(showlegend=False, title=dict(font=dict(size=14)))
     return fig
 
@@ -195,7 +197,8 @@ def lens_figure(lens: list[list[list]]) -> go.Figure:
     text = [[f"{t}<br>{p:.0%}" if t else "" for t, p in zip(tr, pr)] for tr, pr in zip(tokens, probs)]
     fig = go.Figure(go.Heatmap(
         z=probs, x=[f"top {j + 1}" for j in range(depth)], y=[f"latent {i}" for i in range(len(lens))],
-        text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1, xgap=2, ygap=2,
+        text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, xgap=2, ygap=2,
+        zmax=max(0.05, max((p for row in probs for p in row if not math.isnan(p)), default=1.0)),
         colorbar=dict(title=dict(text="prob", side="right"), tickformat=".0%"),
         customdata=tokens, hovertemplate="%{y}, %{x}: '%{customdata}' %{z:.1%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")

@@ -111,6 +111,13 @@ def switch_database(requested: str) -> str | None:
     return None
 
 
+def open_database() -> None:
+    """on_click of the sidebar's Open: switch files, or leave the refusal for the sidebar to show."""
+    refusal = switch_database(st.session_state.get("db_new_path", ""))
+    if refusal:
+        st.session_state["db_refusal"] = refusal
+
+
 # --- the selected run ------------------------------------------------------------------------------
 def run_selector(runs) -> int | None:
     """Sidebar selectbox over the runs (newest first, default the newest); the selected id or None."""
@@ -198,6 +205,8 @@ def resume_sweep(run_id: int) -> None:
         st.session_state["sweep_feedback"] = ("warning", f"Not resumed: {error}.")
     except EXPLAINED as error:
         st.session_state["sweep_feedback"] = ("error", f"Not resumed: {error}")
+    except Exception as error:  # the model may fail to load again: the text, not a traceback
+        st.session_state["sweep_feedback"] = ("error", f"Not resumed: {type(error).__name__}: {error}")
     else:
         select(run_id)
         st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} resumed.")
@@ -211,9 +220,7 @@ def stop_sweep() -> None:
 def show_feedback() -> None:
     """The outcome of the last Start / Resume / Stop, shown once."""
     kind, text = st.session_state.pop("sweep_feedback", (None, None))
-    if kind == "success":
-        st.success(text, icon=":material/play_arrow:")
-    elif kind is not None:
+    if kind is not None:
         getattr(st, kind)(text)
 
 

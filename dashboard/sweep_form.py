@@ -66,7 +66,7 @@ def load_model() -> None:
 
 
 def apply_seed_preset() -> None:
-    """The old script's setting: prefix zeroing of the residual stream, block 8 on Llama (16 blocks), else the middle."""
+    """The old script's setting: prefix zeroing of the residual stream at block 8 of Llama's 16, else mid-depth."""
     load_model()
     spec = model_spec()
     if spec not in st.session_state["loaded_models"]:
@@ -75,8 +75,9 @@ def apply_seed_preset() -> None:
     llama = reasoner.hf.config.model_type == "llama" and reasoner.n_layers > 8
     st.session_state.update(schemes=["prefix"], methods=["zero"], site_kind="residual stream", mode="recompute",
                             site_layer=8 if llama else reasoner.n_layers // 2)
-    st.session_state["sweep_feedback"] = ("info", f"{SEED_PRESET}: prefix · zero · resid:{st.session_state['site_layer']}"
-                                                  f" · recompute ({reasoner.n_layers} blocks).")
+    layer = st.session_state["site_layer"]
+    st.session_state["sweep_feedback"] = ("info", f"{SEED_PRESET}: prefix · zero · resid:{layer} · recompute "
+                                                  f"({reasoner.n_layers} blocks).")
 
 
 def _saved_upload(upload, folder: Path) -> str:
@@ -138,7 +139,8 @@ def sweep_form(db_folder: Path) -> Plan:
         a.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems")
         b.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP,
                        help="A stratified subset swept first, to check the pattern before the full run")
-        c.number_input("Seed", min_value=0, step=1, key="seed", **KEEP, help="Validation sampling, shuffle, noise, resample")
+        c.number_input("Seed", min_value=0, step=1, key="seed", **KEEP,
+                       help="Validation sampling, shuffle, noise, resample")
         st.checkbox("Shuffle before the limit", key="shuffle", **KEEP)
         st.text_input("Run name", key="run_name", **KEEP, placeholder="model on dataset")
     with right.container(border=True):
@@ -158,7 +160,8 @@ def sweep_form(db_folder: Path) -> Plan:
         b.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP)
         c.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP,
                        disabled=st.session_state["batch_auto"], help="Problems per batch")
-        st.toggle("Automatic batch size", key="batch_auto", **KEEP, help="Grows while throughput improves and memory allows")
+        st.toggle("Automatic batch size", key="batch_auto", **KEEP,
+                  help="Grows while throughput improves and memory allows")
 
     site = "latent" if st.session_state["site_kind"] == "latent" else f"resid:{st.session_state['site_layer']}"
     config = SweepConfig(

@@ -16,6 +16,9 @@ CORRECTNESS = {"all problems": None, "baseline right": True, "baseline wrong": F
 def filters(db: str, run: dict, version: tuple, key: str) -> Filters:
     """Difficulty, baseline correctness and phase, in one row; `key` keeps each page's choice apart."""
     steps = data.difficulties(db, int(run["id"]), version)
+    held = st.session_state.get(f"{key}_difficulty")
+    if held and not set(held) <= set(steps):  # kept from another run: keep what this run has
+        st.session_state[f"{key}_difficulty"] = [d for d in held if d in steps]
     left, middle, right = st.columns([3, 2, 2])
     chosen = left.multiselect("Difficulty (reasoning steps)", steps, key=f"{key}_difficulty", persist_state="session",
                               format_func=lambda d: f"{d} step{'s' if d != 1 else ''}",
@@ -23,8 +26,8 @@ def filters(db: str, run: dict, version: tuple, key: str) -> Filters:
     correctness = middle.selectbox("Baseline", list(CORRECTNESS), key=f"{key}_correct", persist_state="session",
                                    help="Keep the problems the unablated model answers right, or wrong")
     validation = data.has_validation(db, int(run["id"]), version)
-    phase = right.selectbox("Problems", ["all (full run)", "validation subset"], key=f"{key}_phase", persist_state="session",
-                            disabled=not validation,
+    phase = right.selectbox("Problems", ["all (full run)", "validation subset"], key=f"{key}_phase",
+                            persist_state="session", disabled=not validation,
                             help="The validation subset is part of the full run" if validation
                             else "This run has no validation subset")
     return Filters(phase="validation" if phase == "validation subset" else None, difficulties=tuple(chosen),

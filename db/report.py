@@ -137,8 +137,9 @@ def markdown_report(store, run_id: int) -> str:
     setup = [["model", run["model"]], ["dataset", run["dataset"]], ["latents (T)", T],
              ["variants per problem", run["n_variants"]], ["device", run["device"] or "–"],
              ["batch size", run["batch_size"] or "–"], ["time sweeping", _duration(run["elapsed_s"])]]
+    shown = {"model", "dataset", "device", "batch_size"}  # already in the rows above
     setup += [[key, value if isinstance(value, (str, int, float)) else json.dumps(value)]
-              for key, value in config.items()]
+              for key, value in config.items() if key not in shown and value not in (None, [], ())]
     out += _table(["setting", "value"], setup)
 
     stats = queries.stats_json(store, run_id)

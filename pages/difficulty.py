@@ -1,4 +1,4 @@
-"""Difficulty: per step count and per bucket, baseline accuracy and early vs late importance; a difficulty x position heatmap."""
+"""Difficulty: baseline accuracy and early vs late importance per step count or bucket; a difficulty x k heatmap."""
 import pandas as pd
 import streamlit as st
 

@@ -88,7 +88,8 @@ variants["label"] = ["baseline" if r.scheme == "baseline" else f"{r.scheme} {r.c
                      for r in variants.itertuples()]
 ablations = variants[variants["scheme"] != "baseline"].copy()
 ablations["cell"] = [answer(r) for _, r in ablations.iterrows()]
-ablations["style"] = [HARM if r.harm else HELP if r.help else CHANGED if r.changed else "" for r in ablations.itertuples()]
+ablations["style"] = [HARM if r.harm else HELP if r.help else CHANGED if r.changed else ""
+                      for r in ablations.itertuples()]
 st.markdown("##### Every variant's answer")
 st.caption("Columns: the latents each variant ablates. :red-background[right → wrong] · "
            ":green-background[wrong → right] · :orange-background[answer changed, correctness kept]")

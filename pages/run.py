@@ -5,8 +5,39 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import state
+from dashboard.charts import difficulty_histogram
 from dashboard.sweep_form import SEED_PRESET, apply_seed_preset, load_model, model_spec, sweep_form
 from db import queries, seed
+
+
+def save_edits(svc, rows: list) -> None:
+    """on_click (a callback, so the edits are read before anything reruns): notes, tags, names -> runs."""
+    for run_id, new in rows:
+        tags = ", ".join(t.strip() for t in str(new.tags or "").split(",") if t.strip())
+        svc.store.update_run(run_id, name=str(new.name or f"run {run_id}"), notes=str(new.notes or ""), tags=tags)
+    st.toast(f"Saved {len(rows)} run(s).", icon=":material/save:")
+
+
+def import_seed_files(svc) -> None:
+    """on_click of Import: the uploads (a scores file, maybe a validation file) become a run, all or nothing."""
+    folder = Path(state.db_path()).parent / "uploads"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for upload in st.session_state["seed_files"]:
+        paths.append(folder / Path(upload.name).name.replace(" ", "_"))
+        paths[-1].write_bytes(upload.getvalue())
+    scores = [p for p in paths if "validation" not in p.name]
+    validation = [p for p in paths if "validation" in p.name]
+    try:
+        if len(scores) != 1 or len(validation) > 1:
+            raise seed.SeedFormatError("give one scores file and at most one validation file")
+        run_id = seed.import_seed(svc.store, scores[0], validation[0] if validation else None)
+    except (seed.SeedFormatError, *state.EXPLAINED) as error:
+        st.session_state["sweep_feedback"] = ("error", f"Not imported: {error}")
+    else:
+        state.select(run_id)
+        st.session_state["sweep_feedback"] = ("success", f"Imported as run #{run_id}.")
+
 
 svc = state.open_page()
 runs = queries.runs(svc.store)
@@ -19,7 +50,7 @@ if runs.empty:
 plan = sweep_form(Path(state.db_path()).parent)
 with st.container(horizontal=True):
     st.button(SEED_PRESET + " preset", icon=":material/history:", on_click=apply_seed_preset,
-              help="The old script's setting: prefix · zero · resid:8 on Llama (the middle block otherwise) · recompute")
+              help="The old script's setting: prefix · zero · resid:8 on Llama (else the middle block) · recompute")
     if plan.model is None:
         st.button("Load model", icon=":material/memory:", on_click=load_model,
                   help="Load the checkpoint now to check it and its layer count (Start loads it anyway)")
@@ -30,7 +61,6 @@ if plan.model is not None:
 if plan.dataset is not None:
     with st.expander(f"Dataset check: {plan.dataset['n_problems']} usable problems, "
                      f"{len(plan.dataset['rejected'])} rejected", expanded=bool(plan.dataset["rejected"])):
-        from dashboard.charts import difficulty_histogram
         left, right = st.columns([3, 2])
         left.plotly_chart(difficulty_histogram(plan.dataset["difficulty"]), key="dataset_histogram")
         if plan.dataset["rejected"]:
@@ -67,30 +97,24 @@ st.subheader("Runs in this database")
 if runs.empty:
     st.caption("None yet.")
 else:
-    table = runs.assign(progress=runs["done"] / runs["total"].where(runs["total"] > 0))
-    columns = ["id", "name", "status", "progress", "done", "total", "created", "source", "notes", "tags"]
+    table = runs.assign(progress=runs["done"] / runs["total"].where(runs["total"] > 0),
+                        problems=[f"{d} / {t}" for d, t in zip(runs["done"], runs["total"])])
+    columns = ["id", "name", "status", "progress", "problems", "created", "source", "notes", "tags"]
     edited = st.data_editor(
         table[columns], key="runs_editor", hide_index=True, disabled=[c for c in columns if c not in
                                                                       ("name", "notes", "tags")],
         column_config={"id": st.column_config.NumberColumn("run", format="#%d", width="small"),
                        "progress": st.column_config.ProgressColumn("progress", format="percent"),
                        "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
-                       "notes": st.column_config.TextColumn("notes", width="large"),
+                       "notes": st.column_config.TextColumn("notes", width="medium"),
                        "tags": st.column_config.TextColumn("tags", help="comma separated"),
                        "name": st.column_config.TextColumn("name")})
     changes = [(int(new.id), new) for old, new in zip(table[columns].itertuples(), edited.itertuples())
                if (old.name, old.notes, old.tags) != (new.name, new.notes, new.tags)]
 
-    def save_edits(rows: list) -> None:
-        """on_click (a callback, so the edits are read before anything reruns): notes, tags, names -> runs."""
-        for run_id, new in rows:
-            tags = ", ".join(t.strip() for t in str(new.tags or "").split(",") if t.strip())
-            svc.store.update_run(run_id, name=str(new.name or f"run {run_id}"), notes=str(new.notes or ""), tags=tags)
-        st.toast(f"Saved {len(rows)} run(s).", icon=":material/save:")
-
-    left, right = st.columns([1, 3])
-    left.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
-                icon=":material/save:", key="save_runs", on_click=save_edits, args=(changes,))
+    actions = st.container(horizontal=True)
+    actions.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
+                   icon=":material/save:", key="save_runs", on_click=save_edits, args=(svc, changes))
 
     @st.dialog("Delete a run")
     def confirm_delete(run_id: int, name: str, done: int) -> None:
@@ -100,7 +124,7 @@ else:
             svc.store.delete_run(run_id)
             st.rerun()
 
-    with right.popover("Delete a run", icon=":material/delete:"):
+    with actions.popover("Delete a run", icon=":material/delete:"):
         doomed = st.selectbox("Run to delete", runs.to_dict("records"), index=None, placeholder="choose a run",
                               format_func=lambda r: f"#{r['id']} · {r['name']} · {r['status']}")
         busy = doomed is not None and running and svc.status() and svc.status().run_id == doomed["id"]
@@ -108,24 +132,8 @@ else:
                      help="Stop the sweep first" if busy else None):
             confirm_delete(int(doomed["id"]), doomed["name"], int(doomed["done"]))
 
+
 with st.expander("Import the old script's results", icon=":material/upload_file:"):
     files = st.file_uploader("step_importance_scores.json (and optionally step_importance_validation.json)",
-                             type="json", accept_multiple_files=True)
-    if st.button("Import", disabled=not files):
-        folder = Path(state.db_path()).parent / "uploads"
-        folder.mkdir(exist_ok=True)
-        paths = []
-        for upload in files:
-            paths.append(folder / Path(upload.name).name.replace(" ", "_"))
-            paths[-1].write_bytes(upload.getvalue())
-        scores = [p for p in paths if "validation" not in p.name]
-        validation = [p for p in paths if "validation" in p.name]
-        try:
-            if len(scores) != 1 or len(validation) > 1:
-                raise seed.SeedFormatError("give one scores file and at most one validation file")
-            run_id = seed.import_seed(svc.store, scores[0], validation[0] if validation else None)
-        except (seed.SeedFormatError, *state.EXPLAINED) as error:
-            st.error(f"Not imported: {error}")
-        else:
-            state.select(run_id)
-            st.rerun()
+                             type="json", accept_multiple_files=True, key="seed_files")
+    st.button("Import", disabled=not files, on_click=import_seed_files, args=(svc,))

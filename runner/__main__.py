@@ -136,6 +136,8 @@ def cmd_sweep(args) -> int:
             raise CliError(f"no run {args.resume} in {args.db} to resume")
         if row["status"] == "running":
             raise CliError(f"run {args.resume} is already running")
+        if row["source"] != "sweep":
+            raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
         config = SweepConfig.from_json({**json.loads(row["config"]), **({"phases": phases} if phases else {})})
         run_id = args.resume
     else:
@@ -147,6 +149,8 @@ def cmd_sweep(args) -> int:
                              checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
                              max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens)
         config.check()
+        from runner import data
+        data.load_problems(config.dataset, limit=config.limit)  # a bad dataset fails now, not after a model load
     if args.workers > 1 or args.ray_address:
         from runner import distributed
         return distributed.main(store, config, run_id=args.resume, workers=args.workers,
@@ -163,10 +167,13 @@ def cmd_sweep(args) -> int:
         stop.set()
         print(f"\nstopping run {run_id} after the batch in flight (again to abort)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
-    bar.close()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
+    finally:
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if status == "stopped":
         print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}",
               file=sys.stderr)
@@ -234,6 +241,8 @@ def cmd_export(args) -> int:
     from db import report, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out} is a file: give a folder (the export's file names are fixed)")
     os.makedirs(args.out, exist_ok=True)
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     from runner.data import DatasetError
     from runner.model import ModelLoadError
     from runner.sweep import SweepError
-    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError)
+    from db.seed import SeedFormatError
+    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError, SeedFormatError)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

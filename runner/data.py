@@ -219,6 +219,8 @@ def _jsonl_records(data: bytes, id_prefix: str) -> list[_Record]:
             truncated = index == len(lines) - 1 and _cut_off(bad)  # the last line, with no newline
             error = ("truncated: the file ends in the middle of this record" if truncated
                      else f"malformed JSON ({bad.msg}, column {bad.colno})")
+        except RecursionError:  # json's C decoder recurses per nesting level: '[[[[…' exhausts the stack
+            error = "malformed JSON (nested too deeply to be a problem record)"
         if fields is not None and not isinstance(fields, dict):
             fields, error = None, f"expected one JSON object per line, got {type(fields).__name__}"
         records.append(_Record(index + 1, default_id, fields, error))
@@ -232,6 +234,8 @@ def _json_records(path: Path, data: bytes) -> list[_Record]:
     except json.JSONDecodeError as bad:
         why = "truncated: the file ends mid-JSON" if _cut_off(bad) else f"malformed JSON ({bad.msg})"
         raise DatasetError(f"{path}: line {bad.lineno}: {why}") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: malformed JSON (nested too deeply to be a list of problems)") from None
     if not isinstance(items, list):
         raise DatasetError(f"{path}: expected a JSON list of problems (the old script's format), got a JSON "
                            f"{type(items).__name__}; GSM8K's one-object-per-line files must end in .jsonl")

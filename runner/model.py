@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ CODI_PREFIX = "codi.base_model.model."
 CODI_CONFIG = "codi_config.json"  # beside the weights: num_latent, lora_alpha, base_model
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A notice transformers prints while peft wraps the model, about transformers' own internals and not about
+# the checkpoint: it would add lines to the CLI's one-line errors (DESIGN.md section 6).
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class ModelLoadError(RuntimeError):
@@ -70,13 +74,21 @@ def _local_or_hub(name: str, what: str, files: list[str] | None = None) -> Path:
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").exists():
         from safetensors.torch import load_file
-        return load_file(folder / "model.safetensors")
+        try:
+            return load_file(folder / "model.safetensors")
+        except Exception as error:  # SafetensorError, OSError: a truncated or foreign file
+            raise ModelLoadError(f"{folder / 'model.safetensors'} is not a readable safetensors file "
+                                 f"({str(error).splitlines()[0]}); download or copy it again") from None
     if (folder / "pytorch_model.bin").exists():
         try:
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as error:
+            # torch's text suggests loading it unsafely, with terminal escapes: keep only what it refused.
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+            why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(error).__name__)
             raise ModelLoadError(f"{folder / 'pytorch_model.bin'} is not a plain weights file "
-                                 f"(refused by weights_only=True: {str(error).splitlines()[0]})") from None
+                                 f"(refused by weights_only=True: {why}); re-save it as a plain state dict "
+                                 f"or model.safetensors") from None
     raise ModelLoadError(f"{folder}: not a CODI checkpoint (no model.safetensors or pytorch_model.bin)")
 
 
@@ -126,7 +138,12 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     folder = DEFAULT_MODEL if spec.model == "default" else _local_or_hub(spec.model, "model")
     if folder.is_file():
         raise ModelLoadError(f"model {spec.model!r} is a file: pass the checkpoint's folder")
-    options = json.loads((folder / CODI_CONFIG).read_text()) if (folder / CODI_CONFIG).exists() else {}
+    try:
+        options = json.loads((folder / CODI_CONFIG).read_text()) if (folder / CODI_CONFIG).exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{folder / CODI_CONFIG} is not valid JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise ModelLoadError(f"{folder / CODI_CONFIG} should hold a JSON object, got {type(options).__name__}")
     base_name = spec.base_model or options.get("base_model") or (str(folder) if (folder / "config.json").exists() else None)
     if base_name is None:
         raise ModelLoadError(f"{folder} has no config.json: pass --base-model (e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct)")
@@ -160,7 +177,9 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
                                  fan_in_fan_out=config.model_type == "gpt2")
         peft_model = get_peft_model(hf, lora_config, low_cpu_mem_usage=True)
         _load_strict(peft_model.base_model.model, base_state, f"{folder} (codi.*)", tied)
-        hf = peft_model.merge_and_unload() if spec.merge_lora else peft_model
+        with warnings.catch_warnings():  # peft warns that merging unties lm_head: we re-tie it below
+            warnings.simplefilter("ignore")
+            hf = peft_model.merge_and_unload() if spec.merge_lora else peft_model
     else:
         _load_strict(hf, base_state, f"{folder} (codi.*)", tied)
     if tied:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import traceback
+from dataclasses import replace
 
 import numpy  # noqa: F401  imported here, on the caller's thread, before the sweep thread needs it
 import pandas  # noqa: F401
@@ -117,8 +118,12 @@ class SweepService:
         def work():
             try:
                 sweep.run()
-            except Exception:  # recorded as 'failed' by the sweep; keep the trace for the server log
+            except Exception as error:  # recorded as 'failed' by the sweep; keep the trace for the server log
                 traceback.print_exc()
+                with self._lock:  # never leave a dead thread's last snapshot saying 'running'
+                    if self._progress is not None and self._progress.status == "running":
+                        self._progress = replace(self._progress, status="failed",
+                                                 error=self._progress.error or f"{type(error).__name__}: {error}")
 
         self._thread = threading.Thread(target=work, name=f"sweep-run-{run_id}", daemon=True)
         self._thread.start()

@@ -173,6 +173,48 @@ def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> l
             for ri, rp in zip(ids.tolist(), probs.tolist())]
 
 
+def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch: list[dict], references: dict,
+                 seed: int, max_new_tokens: int) -> list[dict]:
+    """One batch of problems under every variant -> its result rows, problem-major, baseline first.
+
+    The one path from a rollout to stored rows: the local loop and every Ray worker
+    (runner/distributed.py) call it, so both store the same rows for the same batches.
+    """
+    plan = ablation.make_plan(list(variants), [p["problem_id"] for p in batch], reasoner.num_latent,
+                              reasoner.d_model, references, seed)
+    out = reasoner.rollout([p["question"] for p in batch], plan, golds=[p["gold"] for p in batch],
+                           max_new_tokens=max_new_tokens)
+    V, lens = len(variants), _lens(reasoner, out.lens_ids, out.lens_probs)
+    rows = []
+    for b, problem in enumerate(batch):
+        part = slice(b * V, (b + 1) * V)
+        logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
+        rows += measure(problem, variants, out.texts[part], logprobs, lens[part])
+    return rows
+
+
+def reference_values(reasoner: LatentReasoner, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
+    """Baseline values fed at each latent step (layer None) or block `layer`'s output there: (N, T, d)."""
+    values = []
+    for start in range(0, len(questions), max(1, batch_size)):
+        chunk = questions[start : start + max(1, batch_size)]
+        plan = ablation.make_plan([ablation.BASELINE], [str(i) for i in range(len(chunk))],
+                                  reasoner.num_latent, reasoner.d_model)
+        out = reasoner.rollout(chunk, plan, max_new_tokens=1, capture=() if layer is None else (layer,))
+        values.append(out.latents if layer is None else out.captured[layer])
+    return torch.cat(values).numpy()
+
+
+def measure_resources(process: psutil.Process, device: str) -> dict:
+    """This process's memory and CPU, and the device's memory: one `run_metrics` row's worth."""
+    gpu = peak = None
+    if device.startswith("cuda"):
+        gpu = torch.cuda.memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"rss_mb": process.memory_info().rss / 2**20, "cpu_pct": process.cpu_percent(None),
+            "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
+
+
 class Sweep:
     """One run: create or resume it, then `run()` until done, stopped or failed."""
 
@@ -189,6 +231,8 @@ class Sweep:
         self.latest: deque = deque(maxlen=8)
         row = store.run_row(run_id)
         self.elapsed_before = float(np.nan_to_num(row["elapsed_s"]))  # summed over resumes
+        # Known before run() reads the problems, so a failure that comes earlier can still be reported.
+        self.done, self.total = int(row["done"]), int(row["total"])
         self.peak_rss = float(np.nan_to_num(row["peak_rss_mb"]))
 
     # --- public -----------------------------------------------------------------------------------
@@ -221,8 +265,9 @@ class Sweep:
         """Sweep until every requested phase is stored (-> 'finished') or a stop (-> 'stopped')."""
         self.started = time.time()
         self.session_done = 0
-        self.store.claim_run(self.run_id, self.sizer.size, self.config.device)
         try:
+            # Inside the try: a file that cannot take this first write (disk full) is a failed run too.
+            self.store.claim_run(self.run_id, self.sizer.size, self.config.device)
             references = self._references()
             problems = self.store.run_problems(self.run_id)
             self.total = len(problems)
@@ -259,18 +304,14 @@ class Sweep:
             self.store.update_run(self.run_id, phase="reference")
             problems = self.store.run_problems(self.run_id)[: self.config.reference_size]
             layer = ablation.parse_site(site, self.reasoner.n_layers)
-            values = []
-            for start in range(0, len(problems), max(1, self.sizer.size)):
-                chunk = problems[start : start + max(1, self.sizer.size)]
-                plan = ablation.make_plan([ablation.BASELINE], [p["problem_id"] for p in chunk],
-                                          self.reasoner.num_latent, self.reasoner.d_model)
-                out = self.reasoner.rollout([p["question"] for p in chunk], plan,
-                                            max_new_tokens=1, capture=() if layer is None else (layer,))
-                values.append(out.latents if layer is None else out.captured[layer])
-            loaded = ([p["problem_id"] for p in problems], torch.cat(values).numpy())
+            values = self._reference_values([p["question"] for p in problems], layer)
+            loaded = ([p["problem_id"] for p in problems], values)
             self.store.save_reference(self.run_id, site, *loaded)
         problem_ids, values = loaded
         return {site: Reference(site, tuple(problem_ids), torch.from_numpy(values))}
+
+    def _reference_values(self, questions: list[str], layer: int | None) -> np.ndarray:
+        return reference_values(self.reasoner, questions, layer, self.sizer.size)
 
     def _run_phase(self, phase: str, pending: list[dict], references: dict) -> bool:
         self.phase = phase
@@ -297,40 +338,31 @@ class Sweep:
         return True
 
     def _rollout(self, batch: list[dict], references: dict) -> list[dict]:
-        plan = ablation.make_plan(list(self.variants), [p["problem_id"] for p in batch], self.reasoner.num_latent,
-                                  self.reasoner.d_model, references, self.config.seed)
-        out = self.reasoner.rollout([p["question"] for p in batch], plan, golds=[p["gold"] for p in batch],
-                                    max_new_tokens=self.config.max_new_tokens)
-        V, lens = len(self.variants), _lens(self.reasoner, out.lens_ids, out.lens_probs)
-        rows = []
-        for b, problem in enumerate(batch):
-            part = slice(b * V, (b + 1) * V)
-            logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
-            rows += measure(problem, self.variants, out.texts[part], logprobs, lens[part])
-            base = rows[-V]
-            self.latest.appendleft({"problem_id": problem["problem_id"], "question": problem["question"],
-                                    "gold": problem["gold"], "answer": base["answer_text"],
-                                    "correct": base["correct"], "flips": sum(r["flip"] for r in rows[-V:])})
+        rows = rollout_rows(self.reasoner, self.variants, batch, references, self.config.seed,
+                            self.config.max_new_tokens)
+        self._remember(batch, rows)
         return rows
 
-    # --- progress ---------------------------------------------------------------------------------
-    def _resources(self) -> dict:
-        rss = self.process.memory_info().rss / 2**20
-        self.peak_rss = max(self.peak_rss, rss)
-        gpu = peak = None
-        if self.config.device.startswith("cuda"):
-            gpu = torch.cuda.memory_allocated(self.config.device) / 2**20
-            peak = torch.cuda.max_memory_allocated(self.config.device) / 2**20
-        return {"rss_mb": rss, "cpu_pct": self.process.cpu_percent(None), "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
+    def _remember(self, batch: list[dict], rows: list[dict]) -> None:
+        """The newest baseline answers, for the live view (rows are problem-major, baseline first)."""
+        V = len(self.variants)
+        for b, problem in enumerate(batch):
+            mine = rows[b * V : (b + 1) * V]
+            self.latest.appendleft({"problem_id": problem["problem_id"], "question": problem["question"],
+                                    "gold": problem["gold"], "answer": mine[0]["answer_text"],
+                                    "correct": mine[0]["correct"], "flips": sum(r["flip"] for r in mine)})
 
+    # --- progress ---------------------------------------------------------------------------------
     def _rates(self) -> tuple[float, float | None, float | None]:
         session = time.time() - self.started
         rate = self.session_done / session * 3600 if self.session_done and session > 0 else None
         left = self.total - self.done
         return self.elapsed_before + session, rate, (left / rate * 3600 if rate else None)
 
-    def _write(self, batch: list[dict], rows: list[dict], seconds: float) -> None:
-        resources = self._resources()
+    def _write(self, batch: list[dict], rows: list[dict], seconds: float, measured: dict | None = None) -> None:
+        """Commit one batch with its metrics; `measured`: resources of the process that ran it (default: this one)."""
+        resources = measured or measure_resources(self.process, self.config.device)
+        self.peak_rss = max(self.peak_rss, resources["rss_mb"])
         elapsed, rate, _ = self._rates()
         metrics = {"elapsed_s": elapsed, "phase": self.phase, "done": self.done, "batch_problems": len(batch),
                    "batch_size": self.sizer.size, "problems_per_hour": len(batch) / max(seconds, 1e-9) * 3600,

@@ -162,7 +162,7 @@ def test_problems_filters_search_and_drill_down(database):
     grids = [d.value for d in at.dataframe[1:4]]
     assert [g.shape[1] for g in grids] == [6, 6, 6]  # prefix, single, suffix: one column per k
     kinds = [f["data"][0]["type"] for f in figures(at)]
-    assert kinds == ["bar", "heatmap"]  # gold log-prob per variant, logit lens
+    assert kinds == ["scatter", "heatmap"]  # gold log-prob per variant, logit lens
     assert len(array(figures(at)[0]["data"][0]["y"])) == 19  # baseline + 18 variants
 
 
@@ -198,6 +198,25 @@ def test_progress_of_a_finished_run(database):
     assert any("No GPU memory" in i.value for i in at.info)
 
 
+@pytest.mark.parametrize("status, shown", [("failed", "Failed after 0 of 5 problems: CUDA out of memory (test)"),
+                                           ("interrupted", "Interrupted after 0 of 5 problems"),
+                                           ("stopped", "Stopped after 0 of 5 problems")])
+def test_progress_explains_how_a_run_ended_and_empty_runs_say_so(database, tiny_reasoner, status, shown):
+    from dashboard import state
+    store = state.open_service(str(database.path.resolve())).store
+    config = SweepConfig(model=str(database.model_dir), limit=5, schemes=("prefix",))
+    run_id = Sweep.create(store, tiny_reasoner, config)
+    store.update_run(run_id, status=status, error="CUDA out of memory (test)" if status == "failed" else None)
+    try:
+        at = open_app(run_id, "pages/progress.py")
+        assert any(shown in e.value for e in [*at.error, *at.warning]), [e.value for e in [*at.error, *at.warning]]
+        assert not next(b for b in at.button if b.label == f"Resume run #{run_id}").disabled
+        at.switch_page("pages/importance.py").run()
+        assert any("no stored results yet" in i.value for i in at.info) and not at.get("plotly_chart")
+    finally:
+        store.delete_run(run_id)
+
+
 def test_run_list_edits_notes_and_tags(database):
     at = open_app(database.sweep_id)
     runs = at.data_editor[0].value
@@ -231,6 +250,18 @@ def test_invalid_options_are_explained_and_start_nothing(database):
     next(b for b in at.button if b.label == "Load model").click().run()
     assert any(e.value.startswith("Model not loaded:") for e in at.error) and not at.exception
     assert len(at.data_editor[0].value) == before
+
+
+def test_the_seed_preset_sets_prefix_zero_at_mid_depth(database):
+    at = open_app(database.sweep_id)
+    at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
+    at.text_input(key="model_path").input(str(database.model_dir)).run()
+    next(b for b in at.button if b.label == "Seed MECH-02 preset").click().run()
+    assert not at.exception
+    assert at.multiselect(key="schemes").value == ["prefix"] and at.multiselect(key="methods").value == ["zero"]
+    assert (at.radio(key="site_kind").value, at.number_input(key="site_layer").value) == ("residual stream", 1)
+    assert any("resid:1" in i.value for i in at.info)  # the tiny GPT-2 has 2 blocks: not Llama, so the middle
+    assert any(c.value.startswith("Model loaded: gpt2, 2 blocks") for c in at.caption)
 
 
 def test_a_second_start_while_a_sweep_runs_is_refused(database):
@@ -293,3 +324,49 @@ def test_an_empty_database_offers_the_demo(tmp_path, monkeypatch):
         at = open_app(page=page)
         assert any(b.label == "Run the demo sweep" for b in at.button), page
         assert "No runs yet" in [h.value for h in at.subheader]
+
+
+def test_a_dataset_upload_is_validated_before_start(database):
+    at = open_app(database.sweep_id)
+    at.radio(key="dataset_choice").set_value("Upload a file").run()
+    lines = [json.dumps({"question": "Ann has 2 apples and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}),
+             json.dumps({"question": "Bo has 4 pens and loses 1. How many?", "answer": "4-1=<<4-1=3>>3\n#### 3"}),
+             '{"question": "cut off']
+    at.file_uploader[0].set_value(("mine.jsonl", "\n".join(lines).encode(), "application/json")).run()
+    assert not at.exception
+    panel = next(e for e in at.expander if e.label.startswith("Dataset check"))
+    assert panel.label == "Dataset check: 2 usable problems, 1 rejected"
+    rejected = panel.dataframe[0].value
+    assert list(rejected["line"]) == [3] and rejected["reason"].iloc[0]
+    assert not next(b for b in at.button if b.label == "Start").disabled  # two usable problems can run
+    assert (database.path.parent / "uploads").is_dir()  # kept beside the database for a resume
+
+
+def test_importing_the_old_scripts_files_from_the_run_page(database):
+    from dashboard import state
+    at = open_app(database.sweep_id)
+    uploads = [(name, (SEED_FILES / name).read_bytes(), "application/json") for name in (SCORES, VALIDATION)]
+    at.file_uploader(key="seed_files").set_value(uploads).run()
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception
+    assert any("Imported as run" in s.value for s in at.success)
+    new_id = at.sidebar.selectbox(key="run_id").value
+    assert new_id not in (database.sweep_id, database.seed_id)
+    state.open_service(str(database.path.resolve())).store.delete_run(new_id)
+
+
+def test_switching_the_database_file(database, tmp_path):
+    from dashboard import state
+    at = open_app(database.sweep_id)
+    other = tmp_path / "other.duckdb"
+    at.sidebar.text_input(key="db_new_path").input(str(other)).run()
+    next(b for b in at.sidebar.button if b.label == "Open").click().run()
+    try:
+        assert state.db_path() == str(other.resolve())
+        assert "No runs yet" in [h.value for h in at.subheader]
+        at.sidebar.text_input(key="db_new_path").input(str(tmp_path / "notes.txt")).run()
+        next(b for b in at.sidebar.button if b.label == "Open").click().run()
+        assert any("not a DuckDB file name" in e.value for e in at.sidebar.error)
+    finally:
+        assert state.switch_database(str(database.path)) is None
+    assert state.db_path() == str(database.path.resolve())

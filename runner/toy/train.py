@@ -10,8 +10,11 @@ Objective (CODI, Shen et al. 2025), all weights 1:
 - distillation: L1 between student and (detached) teacher hidden states, every layer, at the
   token before the answer number, divided by the teacher's std (as CODI does);
 - auxiliary (ours, to converge on a CPU): the state that produces latent j predicts, through
-  the tied output embedding, the value after step j+1 (the answer once the steps run out).
-  It also makes the logit lens of each latent readable in the dashboard.
+  the tied output embedding, the value after step j+1 (the answer once the steps run out), and
+  latent j itself is turned towards that value's token embedding (cosine). It also makes
+  the logit lens of each latent readable in the dashboard.
+- curriculum (ours): for the first 40% of steps a falling share of latents is replaced by the
+  embedding of the value they should carry (scheduled sampling); from then on, pure CODI.
 Numbers 0..40 are single tokens whose embedding adds a shared tens-digit and units-digit vector;
 the sum is materialised into the plain embedding matrix when saving.
 
@@ -52,6 +55,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     clip: float = 1.0
+    force_until: float = 0.4  # latents are teacher-forced with a share falling from 1 to 0 by here
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -149,7 +153,9 @@ def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str 
     return question, cot, answer, aux
 
 
-def codi_losses(model: ToyCodi, batch, eos_id: int) -> dict[str, torch.Tensor]:
+def codi_losses(model: ToyCodi, batch, eos_id: int, force: float = 0.0,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """CODI's three losses plus the two auxiliary ones; `force` = share of latents teacher-forced."""
     question, cot, answer, aux = batch
     E = model.embeddings()
     B, V = question.shape[0], model.base_vocab
@@ -169,10 +175,19 @@ def codi_losses(model: ToyCodi, batch, eos_id: int) -> dict[str, torch.Tensor]:
     t_cache.crop(question.shape[1] - t_cache.get_seq_length())  # negative: tokens to drop
     _, last, cache = model.run(E[torch.full((B, 1), V + 1)], t_cache)
     h = last[:, -1:]  # (B, 1, d)
-    aux_loss = 0.0
+    aux_loss = align = 0.0
+    forced = torch.rand(B, NUM_LATENT, generator=generator) < force  # (B, T)
     for j in range(NUM_LATENT):
         aux_loss = aux_loss + ce((h[:, 0] @ E.T), aux[:, j]) / NUM_LATENT
-        _, last, cache = model.run(model.prj(h), cache)
+        latent = model.prj(h)  # (B, 1, d)
+        target = E[aux[:, j]][:, None]  # (B, 1, d): the embedding of the value after step j+1
+        # Direction only: prj ends in a LayerNorm, so latents and token embeddings differ in scale.
+        align = align + (1 - nn.functional.cosine_similarity(latent, target.detach(), dim=-1)).mean() / NUM_LATENT
+        # Curriculum: early on, some latents are replaced by the value they should carry (at the
+        # latent's own scale), so each latent step first learns one arithmetic step from a clean input.
+        scale = latent.detach().norm(dim=-1, keepdim=True) / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        fed = torch.where(forced[:, j, None, None], target * scale, latent)
+        _, last, cache = model.run(fed, cache)
         h = last[:, -1:]
     tail = torch.cat([torch.full((B, 1), V + 2), answer, eos], dim=1)  # EOT The answer is : N EOS
     s_hidden, s_last, _ = model.run(E[tail[:, :-1]], cache)
@@ -183,7 +198,7 @@ def codi_losses(model: ToyCodi, batch, eos_id: int) -> dict[str, torch.Tensor]:
         target = t_layer[:, colon].detach()
         distill = distill + (s_layer[:, s_colon] - target).abs().mean() / target.std()
     distill = distill / (len(s_hidden) - 1)
-    return {"teacher": teacher_loss, "student": student_loss, "distill": distill, "aux": aux_loss}
+    return {"teacher": teacher_loss, "student": student_loss, "distill": distill, "aux": aux_loss, "align": align}
 
 
 # --- Saving in the released CODI layout ----------------------------------------------------------
@@ -225,6 +240,11 @@ def evaluate(folder: Path, n: int, seed: int) -> dict[int, float]:
     return accuracy
 
 
+def force_at(step: int, cfg: TrainConfig) -> float:
+    """Share of teacher-forced latents: 1 at the start, 0 from `force_until` of the run on."""
+    return max(0.0, 1.0 - step / max(1, cfg.force_until * cfg.steps))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -259,7 +279,8 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
         batch = make_batch(rng, tokenizer, cfg.batch_size, steps=1 + step % toy.MAX_STEPS)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = codi_losses(model, batch, eos_id)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        losses = codi_losses(model, batch, eos_id, force=force_at(step, cfg), generator=generator)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,95 @@
+"""A fork server for the suite's child processes: `python tests/reliability/forkserver.py [--warm MODEL_DIR]`.
+
+It imports torch, transformers, peft and ThoughtSweep once (and with --warm loads a model once, so the
+lazy imports behind `load` are paid too), then reads one JSON request per line,
+{"run": "cli" | "service", "argv": [...], "out": PATH, "err": PATH, "fsize": BYTES | null}, forks, and in the
+child (with RLIMIT_FSIZE at `fsize` when given: no file it writes may grow past it, a full disk) runs
+`runner.__main__.main(argv)` (what `python -m runner ARGV` runs) or `service_child.main(argv)` with
+stdout and stderr on those files. It answers {"pid": N} at once, so the test can SIGKILL the child
+wherever it is, and {"rc": N} when the child has exited.
+
+Why: a fresh `python -m runner` spends ~5-15 s of CPU importing torch and transformers before it reads
+an argument; thirty bad inputs and five kill-and-resume rounds would spend minutes importing on a
+2-core CI machine. Each child is still its own process: its own exit status, DuckDB file lock, stderr,
+and death by SIGKILL. The server opens no database and starts no thread before it forks; the suite
+still runs `python -m runner` itself where the entry point matters (the kill test's last resume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import runner.__main__ as cli  # noqa: E402
+from db.store import Store  # noqa: E402
+from tests.reliability import service_child  # noqa: E402
+
+
+def _warm(model_dir: str) -> None:
+    """Pay every import `load` and a sweep make, once, in the server."""
+    import db.queries  # noqa: F401
+    import db.report  # noqa: F401
+    import db.seed  # noqa: F401
+    import runner.sweep  # noqa: F401
+    from runner.model import ModelSpec, load
+    load(ModelSpec(model=model_dir))
+
+
+def _cli(argv: list[str]) -> int:
+    opened: list[Store] = []
+    real_open = cli._open
+
+    def remember(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    cli._open = remember
+    try:
+        return cli.main(argv)
+    finally:
+        for store in opened:  # what interpreter exit does for `python -m runner`: close the database
+            store.close()
+
+
+def _child(request: dict) -> None:
+    if request.get("fsize") is not None:  # Python ignores SIGXFSZ, so writes past it fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    for fd, path in ((1, request["out"]), (2, request["err"])):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    argv = request["argv"]
+    sys.argv = ["python -m runner" if request["run"] == "cli" else "service_child.py", *argv]
+    try:
+        code = _cli(argv) if request["run"] == "cli" else service_child.main(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # whatever escapes `main` is a bug the test must see, as a traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--warm":
+        _warm(sys.argv[2])
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

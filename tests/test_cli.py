@@ -1,0 +1,129 @@
+"""The command line (DESIGN.md section 6): round trips on a real database, and one-line errors."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from db.store import Store
+from runner.__main__ import main
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_model_dir):
+    """A finished sweep of 12 built-in problems (validation 6) by the real CLI code."""
+    folder = tmp_path_factory.mktemp("cli")
+    db = folder / "runs.duckdb"
+    code = main(["sweep", "--model", str(tiny_model_dir), "--db", str(db), "--limit", "12", "--validation", "6",
+                 "--batch-size", "4", "--run-name", "cli round trip", "--quiet"])
+    assert code == 0
+    return db
+
+
+def test_sweep_then_status_json(swept, capsys):
+    code, out, _ = cli(capsys, "status", "--db", swept, "--json")
+    runs = json.loads(out)
+    assert code == 0 and len(runs) == 1
+    run = runs[0]
+    assert {k: run[k] for k in ("name", "status", "phase", "done", "total")} == \
+        {"name": "cli round trip", "status": "finished", "phase": "full", "done": 12, "total": 12}
+    assert run["problems_per_hour"] > 0
+
+
+def test_stats_json_has_the_seed_summary_keys_and_extras(swept, capsys):
+    code, out, _ = cli(capsys, "stats", "--db", swept, "--json")
+    stats = json.loads(out)
+    assert code == 0
+    assert {"n_problems", "baseline_accuracy", "position_importance", "by_difficulty", "extras"} <= set(stats)
+    assert stats["n_problems"] == 12
+    assert list(stats["position_importance"]) == [str(k) for k in range(7)]  # "0" = baseline, then prefix k
+    assert stats["position_importance"]["0"] == 0.0
+
+
+def test_export_import_round_trip_reproduces_the_statistics(swept, capsys, tmp_path):
+    code, out, _ = cli(capsys, "export", "--db", swept, "--format", "seed-json", "--out", tmp_path / "seed")
+    files = sorted(p.split("/")[-1] for p in out.split())
+    assert code == 0 and files == ["step_importance_scores.json", "step_importance_summary_stats.json",
+                                   "step_importance_validation.json"]
+    summary = json.loads((tmp_path / "seed" / "step_importance_summary_stats.json").read_text())
+    other = tmp_path / "imported.duckdb"
+    code, out, _ = cli(capsys, "import-seed", "--db", other, tmp_path / "seed" / "step_importance_scores.json",
+                       tmp_path / "seed" / "step_importance_validation.json")
+    assert code == 0
+    code, out, _ = cli(capsys, "stats", "--db", other, "--run", out.strip(), "--json")
+    restated = json.loads(out)
+    for key in ("n_problems", "baseline_accuracy", "position_importance"):
+        assert restated[key] == pytest.approx(summary[key])
+
+
+def test_csv_and_parquet_have_one_row_per_problem_and_variant(swept, capsys, tmp_path):
+    n_variants = Store(swept).run_row(1)["n_variants"]
+    assert cli(capsys, "export", "--db", swept, "--format", "csv", "--out", tmp_path)[0] == 0
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 * n_variants
+    assert {"run_id", "problem_id", "difficulty", "phase", "scheme", "k", "method", "site", "mode", "answer_text",
+            "answer_value", "correct", "changed", "flip", "harm", "help", "gold_logprob"} <= set(rows[0])
+    assert {r["scheme"] for r in rows} == {"baseline", "prefix", "single", "suffix"}
+    assert cli(capsys, "export", "--db", swept, "--format", "parquet", "--out", tmp_path)[0] == 0
+    assert len(pd.read_parquet(tmp_path / "results.parquet")) == len(rows)
+    assert cli(capsys, "export", "--db", swept, "--format", "markdown", "--out", tmp_path)[0] == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Baseline accuracy" in report and "(95% Wilson)" in report and report.count("| model |") == 1
+
+
+def test_status_markdown_names_the_resume_command(swept, capsys):
+    code, out, _ = cli(capsys, "status", "--db", swept, "--markdown")
+    assert code == 0 and "--resume" in out
+
+
+def test_validate_data_json_on_the_builtin_set(capsys):
+    code, out, _ = cli(capsys, "validate-data", "builtin", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report == {"n_problems": 1200, "difficulty": {str(s): 200 for s in range(1, 7)}, "rejected": []}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--limit", "-3"], "--limit"),
+    (["sweep", "--limit", "x"], "invalid int"),
+    (["sweep", "--schemes", "prefix,sideways"], "sideways"),
+    (["sweep", "--batch-size", "0"], "--batch-size"),
+    (["sweep", "--site", "resid:x"], "resid"),
+    (["sweep", "--model", "/no/such/folder"], "/no/such/folder"),
+    (["sweep", "--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    (["stats", "--run", "99"], "no run 99"),
+    (["export", "--format", "pdf", "--out", "x"], "pdf"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_arguments_give_one_line_and_a_nonzero_exit(argv, message, capsys, swept, tmp_path):
+    before = Store(swept).query("SELECT count(*) FROM results")[0][0]
+    db = ["--db", str(swept)] if argv[0] in ("sweep", "stats", "export") else []
+    code, out, err = cli(capsys, *argv, *db)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err
+    assert Store(swept).query("SELECT count(*) FROM results")[0][0] == before
+
+
+def test_a_second_process_on_a_held_database_gets_one_line_with_the_pid(swept):
+    holder = Store(swept)  # this process holds the file
+    done = subprocess.run([sys.executable, "-m", "runner", "status", "--db", str(swept)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    holder.close()
+    assert done.returncode != 0
+    line = done.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(swept) in line and "--db" in line
+    assert f"process {__import__('os').getpid()}" in line
