@@ -249,8 +249,9 @@ class DistributedSweep(Sweep):
                     ([queue.popleft() for _ in range(min(self.sizer.size, len(queue)))], 0)
                 worker = idle.pop(0)
                 self.in_flight[self._dispatch(worker, job, batch)] = (worker, batch, attempts)
-            if not self.in_flight and (not starting or failure or self.stop.is_set()):
-                if (retry or queue) and failure is None and not self.stop.is_set():
+            going = (retry or queue) and failure is None and not self.stop.is_set()
+            if not self.in_flight and not (going and starting):  # else wait for a replacement to load
+                if going:
                     failure = SweepError("every Ray worker died and no replacement could be started; "
                                          "resume the run once the cluster is healthy")
                 break

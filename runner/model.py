@@ -86,6 +86,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             # torch's text suggests loading it unsafely, with terminal escapes: keep only what it refused.
             lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
             why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(error).__name__)
+            why = why.split(" Please use")[0]  # torch's advice on allowing it is not ours to give
             raise ModelLoadError(f"{folder / 'pytorch_model.bin'} is not a plain weights file "
                                  f"(refused by weights_only=True: {why}); re-save it as a plain state dict "
                                  f"or model.safetensors") from None
