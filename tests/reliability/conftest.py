@@ -83,6 +83,17 @@ def forkserver(tmp_path_factory, tiny_model_dir):
     server.close()
 
 
+@pytest.fixture(scope="session")
+def finished_db(tmp_path_factory, tiny_model_dir, tiny_reasoner):
+    """A database with a finished sweep and an imported seed run. Never written to: copy it to change it."""
+    from types import SimpleNamespace
+
+    from tests.reliability.support import finished_database
+    path = tmp_path_factory.mktemp("finished") / "finished.duckdb"
+    sweep_id, seed_id = finished_database(path, tiny_model_dir, tiny_reasoner)
+    return SimpleNamespace(path=path, sweep_id=sweep_id, seed_id=seed_id)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread, as the CLI children run (OMP_NUM_THREADS=1): identical float sums, and the
@@ -105,6 +116,7 @@ def pytest_runtest_logreport(report):
         LEDGER.failed_tests.append(report.nodeid)
 
 
+@pytest.hookimpl(trylast=True)  # after the other summaries (durations, warnings): the last word
 def pytest_terminal_summary(terminalreporter):
     if LEDGER.ran:
         terminalreporter.write_line(LEDGER.summary())

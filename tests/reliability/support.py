@@ -48,6 +48,20 @@ def reference_rows(path: Path, reasoner: LatentReasoner, config: SweepConfig) ->
         store.close()
 
 
+def finished_database(path: Path, model_dir: Path, reasoner: LatentReasoner) -> tuple[int, int]:
+    """A file holding a finished 6-problem sweep and the seed fixture imported as a run: (sweep id, seed id)."""
+    from db.seed import SCORES, VALIDATION, import_seed
+    store = Store(path)
+    try:
+        config = sweep_config(model_dir, limit=6, batch_size=3)
+        sweep_id = Sweep.create(store, reasoner, config)
+        assert Sweep(store, reasoner, config, sweep_id).run() == "finished"
+        seed_files = REPO / "tests" / "fixtures" / "seed"
+        return sweep_id, import_seed(store, seed_files / SCORES, seed_files / VALIDATION, name="seed import")
+    finally:
+        store.close()
+
+
 def whole_batches(store: Store, run_id: int) -> dict:
     """The invariants a commit keeps, read in one snapshot; returns the run's numbers for further checks."""
     status, done, n_variants, results, distinct, baselines, batches, batch_problems = \

@@ -1,10 +1,10 @@
-"""Bad input, each case a clear message and nothing stored lost.
+"""Bad input through the real CLI: datasets, model paths, options, commands and database files.
 
-Most cases go through the real CLI in a child process (forkserver.py runs `runner.__main__.main`, what
-`python -m runner` runs): a non-zero exit, exactly one line on stderr starting "error: " that names the
-problem, no traceback, and the database file that already holds a finished sweep and an imported run
-unchanged byte for byte (file and WAL) and row for row. The rest reach the query layer, the export
-writers and the dashboard (AppTest) with text meant to break out of SQL or out of the export folder.
+Each case runs in a child process (forkserver.py runs `runner.__main__.main`, what `python -m runner`
+runs) and must give a non-zero exit, exactly one line on stderr starting "error: " that names the
+problem, no traceback, and leave the database that already holds a finished sweep and an imported run
+unchanged byte for byte (file and WAL) and row for row. test_bad_queries.py takes the query layer, the
+export writers and the dashboard.
 """
 from __future__ import annotations
 
@@ -17,15 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from db import queries, report
-from db.queries import Filters
-from db.seed import SCORES, VALIDATION, import_seed
 from db.store import Store
-from runner.sweep import Sweep
 from tests.checkpoints import build_codi, save_checkpoint
-from tests.reliability.support import REPO, file_digest, sweep_config, table_dump
+from tests.reliability.support import file_digest, table_dump
 
-SEED_FILES = REPO / "tests" / "fixtures" / "seed"
 GOOD = b'{"question": "Ann has 2 apples and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\\n#### 5"}\n'
 DATASETS = {  # file name -> bytes
     "empty.jsonl": b"",
@@ -72,15 +67,9 @@ class Kept:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir, tiny_reasoner) -> SimpleNamespace:
+def world(tmp_path_factory, tiny_model_dir, finished_db) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("bad-input")
-    db = root / "finished.duckdb"
-    store = Store(db)
-    config = sweep_config(tiny_model_dir, limit=6, batch_size=3)
-    sweep_id = Sweep.create(store, tiny_reasoner, config)
-    assert Sweep(store, tiny_reasoner, config, sweep_id).run() == "finished"
-    seed_id = import_seed(store, SEED_FILES / SCORES, SEED_FILES / VALIDATION, name="seed import")
-    store.close()
+    db = finished_db.path
     kept = Kept(db, file_digest(db), table_dump(db))
 
     data = root / "data"
@@ -99,15 +88,15 @@ def world(tmp_path_factory, tiny_model_dir, tiny_reasoner) -> SimpleNamespace:
     (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:100])
     bad_options = shutil.copytree(tiny_model_dir, models / "bad_codi_config")
     (bad_options / "codi_config.json").write_text("{num_latent: 6,")
-    foreign = save_checkpoint(codi, models / "foreign_keys", state={"encoder.weight": torch.zeros(4, 4)})
+    save_checkpoint(codi, models / "foreign_keys", state={"encoder.weight": torch.zeros(4, 4)})
 
     files = root / "files"
     files.mkdir()
     (files / "text.duckdb").write_text("a text file with a database's name\n")
     (files / "truncated.duckdb").write_bytes(db.read_bytes()[:65536])
     (files / "afile").write_text("not a folder\n")
-    return SimpleNamespace(root=root, db=db, kept=kept, sweep_id=sweep_id, seed_id=seed_id, tiny=tiny_model_dir,
-                           data=data, models=models, files=files, foreign=foreign)
+    return SimpleNamespace(root=root, db=db, kept=kept, sweep_id=finished_db.sweep_id, seed_id=finished_db.seed_id,
+                           tiny=tiny_model_dir, data=data, models=models, files=files)
 
 
 def _sweep(*argv) -> list:
@@ -219,128 +208,3 @@ def test_the_cli_refuses_a_database_another_process_holds(world, forkserver, led
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "in use by process" in lines[0], err
         world.kept.assert_unchanged()
-
-
-# --- the query layer: filters arrive as parameters, names through whitelists ---------------------------
-SEARCHES = ["'", "''", '"', "'; DROP TABLE results; --", "' OR '1'='1", "x') OR TRUE OR ('", "%", "_", "\\",
-            "?", "$1", "apples' UNION SELECT * FROM runs --", "😀'\u202e"]
-
-
-@pytest.fixture(scope="module")
-def query_store(world, tmp_path_factory):
-    path = tmp_path_factory.mktemp("queries") / "copy.duckdb"
-    shutil.copy(world.db, path)
-    store = Store(path)
-    yield store
-    store.close()
-
-
-def _rows(store) -> dict:
-    tables = [t for (t,) in store.query("SELECT table_name FROM information_schema.tables "
-                                        "WHERE table_schema = 'main' ORDER BY 1")]
-    return {t: store.query(f"SELECT * FROM {t} ORDER BY ALL") for t in tables}  # names from the catalog
-
-
-@pytest.mark.parametrize("search", SEARCHES)
-def test_problem_search_text_is_a_parameter_never_sql(search, world, query_store, ledger):
-    with ledger.bad_input(f"query: problem search {search!r}"):
-        before = _rows(query_store)
-        table = queries.problems_table(query_store, world.sweep_id, Filters(), search=search)
-        problems = query_store.run_problems(world.sweep_id)
-        literal = [p["problem_id"] for p in problems
-                   if search.lower() in p["question"].lower() or search.lower() in p["problem_id"].lower()]
-        assert sorted(table["problem_id"]) == sorted(literal)  # matched as text: no wildcard, no escape
-        assert _rows(query_store) == before
-
-
-@pytest.mark.parametrize("name, call, message", [
-    ("problem order", lambda s, r: queries.problems_table(s, r, order_by="ord; DROP TABLE runs"), "order_by"),
-    ("measure", lambda s, r: queries.position_curve(s, r, measure="flip FROM results; --"), "measure"),
-    ("phase filter", lambda s, r: Filters(phase="full' OR '1'='1"), "phase filter"),
-    ("difficulty filter", lambda s, r: Filters(difficulties=("1) OR (1=1",)), "invalid literal"),
-])
-def test_names_that_reach_sql_text_come_from_whitelists(name, call, message, world, query_store, ledger):
-    with ledger.bad_input(f"query: {name} with SQL in it"):
-        before = _rows(query_store)
-        with pytest.raises(ValueError, match=message):
-            call(query_store, world.sweep_id)
-        assert _rows(query_store) == before
-
-
-def test_notes_tags_and_names_are_stored_as_text(world, query_store, ledger):
-    text = "'); DELETE FROM results; --"
-    with ledger.bad_input("store: run name, notes and tags with SQL in them"):
-        before = _rows(query_store)
-        query_store.update_run(world.seed_id, name=text, notes=text, tags=text)
-        row = query_store.run_row(world.seed_id)
-        assert (row["name"], row["notes"], row["tags"]) == (text, text, text)
-        after = _rows(query_store)
-        assert {t: r for t, r in after.items() if t != "runs"} == {t: r for t, r in before.items() if t != "runs"}
-        assert [r for r in after["runs"] if r[0] != world.seed_id] == [r for r in before["runs"]
-                                                                     if r[0] != world.seed_id]
-
-
-# --- exports: fixed file names inside the folder asked for ---------------------------------------------
-@pytest.mark.parametrize("name", ["../results.csv", "/tmp/results.csv", "sub/results.csv", "..", "results.csv/..",
-                                  "..\\results.csv", "report.md\x00.csv"])
-def test_export_names_cannot_leave_the_export_folder(name, world, query_store, tmp_path, ledger):
-    with ledger.bad_input(f"export: file name {name!r}"):
-        with pytest.raises(ValueError, match="export name"):
-            report.export_csv(query_store, world.sweep_id, tmp_path / "out", name=name)
-        assert not list(tmp_path.rglob("*.csv")) and not Path("/tmp/results.csv").exists()
-
-
-@pytest.mark.parametrize("fmt", ["seed-json", "csv", "parquet", "markdown"])
-def test_cli_export_of_a_run_named_like_a_path_writes_only_inside_out(fmt, world, forkserver, tmp_path, ledger):
-    db = tmp_path / "renamed.duckdb"
-    shutil.copy(world.db, db)
-    store = Store(db)
-    store.update_run(world.sweep_id, name="../../../escape/run")
-    store.close()
-    with ledger.bad_input(f"export: --format {fmt} of a run named '../../../escape/run'"):
-        code, out, err = forkserver.cli("export", "--db", db, "--run", world.sweep_id, "--format", fmt,
-                                        "--out", tmp_path / "out")
-        assert code == 0, err
-        written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-        assert written == sorted(["renamed.duckdb", *[f"out/{Path(p).name}" for p in out.split()]])
-        assert all(Path(p).parent == tmp_path / "out" for p in out.split())
-
-
-# --- the dashboard ------------------------------------------------------------------------------------
-UPLOAD_NAMES = ["../../escape.jsonl", "/etc/cron.d/escape.jsonl", "..\\..\\escape.jsonl", "a/../../../escape.jsonl",
-                "....//....//escape.jsonl", "", "名前 with spaces.jsonl"]
-
-
-@pytest.mark.parametrize("name", UPLOAD_NAMES)
-def test_an_uploaded_dataset_is_saved_inside_the_uploads_folder(name, tmp_path, ledger):
-    from dashboard.sweep_form import _saved_upload
-    upload = SimpleNamespace(name=name, getvalue=lambda: GOOD)
-    with ledger.bad_input(f"upload: dataset file name {name!r}"):
-        saved = Path(_saved_upload(upload, tmp_path))
-        assert saved.parent == tmp_path / "uploads" and saved.resolve().parent == (tmp_path / "uploads").resolve()
-        assert saved.read_bytes() == GOOD
-        assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved]
-
-
-def test_the_problems_page_search_box_takes_sql_as_text(world, tmp_path, monkeypatch, ledger):
-    from streamlit.testing.v1 import AppTest
-
-    from dashboard import state
-    db = (tmp_path / "ui.duckdb").resolve()
-    shutil.copy(world.db, db)
-    monkeypatch.setenv("THOUGHTSWEEP_DB", str(db))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
-    at.sidebar.selectbox(key="run_id").set_value(world.sweep_id).run()
-    at.switch_page("pages/problems.py").run()
-    assert not at.exception, [e.message for e in at.exception]
-    store = state.open_service(str(db)).store
-    try:
-        before = _rows(store)
-        for search in ("'; DROP TABLE results; --", "' OR '1'='1", "%"):
-            with ledger.bad_input(f"dashboard: Problems search box {search!r}"):
-                at.text_input(key="problems_search").input(search).run()
-                assert not at.exception, [e.message for e in at.exception]
-                assert any("No stored problem passes these filters" in i.value for i in at.info)
-                assert _rows(store) == before
-    finally:
-        state.open_service.clear(str(db))

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ WAL_LIMIT = 48 * 1024  # bytes the CLI may write to any one file: a few batches 
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting for the fork server to reap it."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
