@@ -80,10 +80,10 @@ def apply_seed_preset() -> None:
                                                   f"({reasoner.n_layers} blocks).")
 
 
-def _saved_upload(upload, folder: Path) -> str:
+def saved_upload(upload, folder: Path) -> str:
     """The uploaded bytes as a file beside the database (a resume needs the dataset again); its path."""
     content = upload.getvalue()
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(upload.name))[-80:]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(upload.name))[-80:].lstrip(".") or "upload"
     target = folder / "uploads" / f"{hashlib.sha256(content).hexdigest()[:12]}-{name}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
         if upload is None:
             plan_issues.append("Dataset: upload a file.")
             return None
-        return _saved_upload(upload, db_folder)
+        return saved_upload(upload, db_folder)
     st.text_input("Dataset path", key="dataset_path", **KEEP, placeholder=PATH_HINTS[choice])
     path = st.session_state["dataset_path"].strip()
     if not path:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-Z = 1.959963984540054  # two-sided 95% normal quantile
+from db.stats import bootstrap_means, percentile_interval, wilson_sql
+
 RATE_MEASURES = ("flip", "harm", "help", "changed")
 MEASURES = RATE_MEASURES + ("logprob_drop",)
 EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ratio", "ratio_lo", "ratio_hi")
@@ -84,57 +85,6 @@ def scope_params(run_id: int, filters: Filters) -> list:
 
 def _group_params(scheme, method, site, mode) -> list:
     return [scheme, scheme, method, method, site, site, mode, mode]
-
-
-def _wilson(x: str, n: str, name: str = "value") -> str:
-    """SQL columns `name, name_lo, name_hi`: x/n and its 95% Wilson score interval (x, n: column names)."""
-    p, z2, m = f"({x}::DOUBLE / NULLIF({n}, 0))", Z * Z, f"NULLIF({n}, 0)"
-    centre, denom = f"({p} + {z2} / (2.0 * {m}))", f"(1 + {z2} / {m})"
-    half = f"({Z} * sqrt({p} * (1 - {p}) / {m} + {z2} / (4.0 * {m} * {m})))"
-    # greatest/least: at x = 0 or x = n the bounds are 0 and 1 up to round-off (and they skip NULLs: n = 0)
-    lo = f"CASE WHEN {n} > 0 THEN greatest(0.0, ({centre} - {half}) / {denom}) END"
-    hi = f"CASE WHEN {n} > 0 THEN least(1.0, ({centre} + {half}) / {denom}) END"
-    return f"{p} AS {name}, {lo} AS {name}_lo, {hi} AS {name}_hi"
-
-
-def _bootstrap_means(values: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
-    """(n_boot, G) column means over resampled rows (problems) of `values` (n, G); NaN = missing.
-
-    Each replicate is a row of resample counts, so all replicates are one matrix product.
-    """
-    n, groups = values.shape
-    out = np.full((n_boot, groups), np.nan)
-    if n == 0:
-        return out
-    present = ~np.isnan(values)
-    filled = np.where(present, values, 0.0)
-    complete = bool(present.all())  # then every replicate averages exactly n values
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, 4_000_000 // n))  # bounds the (chunk, n) count matrix at ~32 MB
-    for start in range(0, n_boot, chunk):
-        rows = min(chunk, n_boot - start)
-        picks = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
-        counts = np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n).astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + rows] = (counts @ filled) / (n if complete else counts @ present.astype(float))
-    return out
-
-
-def _interval(replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, the 2.5th and 97.5th percentiles ignoring NaN (np.percentile's linear rule, vectorised)."""
-    ordered = np.sort(replicates, axis=0)  # NaN sorts last
-    valid = (~np.isnan(replicates)).sum(axis=0)
-    columns = np.arange(replicates.shape[1])
-    bounds = []
-    for q in (0.025, 0.975):
-        position = q * np.maximum(valid - 1, 0)
-        below = np.floor(position).astype(int)
-        above = np.ceil(position).astype(int)
-        low, high = ordered[below, columns], ordered[above, columns]
-        with np.errstate(invalid="ignore"):
-            bound = low + (high - low) * (position - below)
-        bounds.append(np.where(valid > 0, bound, np.nan))
-    return bounds[0], bounds[1]
 
 
 def _check_measure(measure: str) -> None:
@@ -200,7 +150,7 @@ def baseline_accuracy(store, run_id: int, filters: Filters = Filters()) -> dict:
     """Baseline accuracy over the problems in scope: n, correct, accuracy and its 95% Wilson lo/hi."""
     frame = store.query_df(
         f"WITH {SCOPE}, c AS (SELECT count(*) AS n, count(*) FILTER (WHERE baseline_correct) AS x FROM scope) "
-        f"SELECT n, x AS correct, {_wilson('x', 'n', 'accuracy')} FROM c", scope_params(run_id, filters))
+        f"SELECT n, x AS correct, {wilson_sql('x', 'n', 'accuracy')} FROM c", scope_params(run_id, filters))
     row = _plain(frame.to_dict("records")[0])
     return {"n": row["n"], "correct": row["correct"], "accuracy": row["accuracy"], "lo": row["accuracy_lo"],
             "hi": row["accuracy_hi"]}
@@ -209,7 +159,7 @@ def baseline_accuracy(store, run_id: int, filters: Filters = Filters()) -> dict:
 def _rates(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None) -> pd.DataFrame:
     """Per (group, k): position, n and, per rate measure m, columns m, m_lo, m_hi (95% Wilson), in one scan."""
     counts = ", ".join(f"count(*) FILTER (WHERE r.{m}) AS x_{m}" for m in RATE_MEASURES)
-    wilsons = ", ".join(_wilson(f"x_{m}", "n", m) for m in RATE_MEASURES)
+    wilsons = ", ".join(wilson_sql(f"x_{m}", "n", m) for m in RATE_MEASURES)
     return store.query_df(
         f"WITH {SCOPE}, c AS (SELECT r.scheme, r.method, r.site, r.mode, r.k, {POSITION} AS position, "
         f"count(*) AS n, {counts} FROM results r JOIN scope s USING (problem_id) "
@@ -240,7 +190,7 @@ def _drops(store, run_id: int, filters: Filters, scheme=None, method=None, site=
     _, problem = np.unique(long["ord"].to_numpy(), return_inverse=True)
     matrix = np.full((problem.max() + 1, len(cells)), np.nan)  # (problems, cells)
     matrix[problem, column] = long["logprob_drop"].to_numpy(dtype=float)
-    cells["logprob_drop_lo"], cells["logprob_drop_hi"] = _interval(_bootstrap_means(matrix, seed, n_boot))
+    cells["logprob_drop_lo"], cells["logprob_drop_hi"] = percentile_interval(bootstrap_means(matrix, seed, n_boot))
     cells = cells.drop(columns="cell")
     return cells
 
@@ -295,7 +245,7 @@ def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: i
         values = np.full((problem.max() + 1, 2 * G), np.nan)  # (problems, early per group | late per group)
         values[problem, group[rows]] = early[rows]
         values[problem, G + group[rows]] = late[rows]
-        replicates = _bootstrap_means(values, seed, n_boot)
+        replicates = bootstrap_means(values, seed, n_boot)
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # a group absent from the stratum: all-NaN column
             means = np.nanmean(values, axis=0)
@@ -303,8 +253,8 @@ def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: i
             ratio = means[:G] / means[G:]
         ratio_reps[~np.isfinite(ratio_reps)] = np.nan  # a replicate without late flips has no ratio
         ratio[~np.isfinite(ratio)] = np.nan
-        lo, hi = _interval(replicates)
-        ratio_lo, ratio_hi = _interval(ratio_reps)
+        lo, hi = percentile_interval(replicates)
+        ratio_lo, ratio_hi = percentile_interval(ratio_reps)
         counts = (~np.isnan(values[:, :G])).sum(axis=0)
         kept = counts > 0
         stats = {"n": counts, "early": means[:G], "early_lo": lo[:G], "early_hi": hi[:G], "late": means[G:],
@@ -342,7 +292,7 @@ def _accuracy_by(store, run_id: int, filters: Filters, by: str) -> pd.DataFrame:
     return store.query_df(
         f"WITH {SCOPE}, c AS (SELECT {key_sql} AS {key}, min(s.difficulty) AS d, count(*) AS n, "
         f"count(*) FILTER (WHERE s.baseline_correct) AS x FROM scope s GROUP BY 1) "
-        f"SELECT {key}, n, {_wilson('x', 'n', 'accuracy')} FROM c ORDER BY d", scope_params(run_id, filters))
+        f"SELECT {key}, n, {wilson_sql('x', 'n', 'accuracy')} FROM c ORDER BY d", scope_params(run_id, filters))
 
 
 def difficulty_table(store, run_id: int, filters: Filters = Filters(), scheme: str = "prefix", method=None,

@@ -212,6 +212,8 @@ def _load(path: Path, validation: bool) -> list[dict]:
         raise SeedFormatError(f"{path}: cannot read: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SeedFormatError(f"{path}: not JSON: {error}") from None
+    except RecursionError:
+        raise SeedFormatError(f"{path}: JSON nested too deeply to be a scores file") from None
     if validation:
         if not isinstance(document, dict) or not isinstance(document.get("results"), list):
             raise SeedFormatError(f"{path}: expected a validation object with a 'results' list")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.charts import difficulty_histogram
-from dashboard.sweep_form import SEED_PRESET, apply_seed_preset, load_model, model_spec, sweep_form
+from dashboard.sweep_form import SEED_PRESET, apply_seed_preset, load_model, model_spec, saved_upload, sweep_form
 from db import queries, seed
 
 
@@ -20,12 +20,8 @@ def save_edits(svc, rows: list) -> None:
 
 def import_seed_files(svc) -> None:
     """on_click of Import: the uploads (a scores file, maybe a validation file) become a run, all or nothing."""
-    folder = Path(state.db_path()).parent / "uploads"
-    folder.mkdir(exist_ok=True)
-    paths = []
-    for upload in st.session_state["seed_files"]:
-        paths.append(folder / Path(upload.name).name.replace(" ", "_"))
-        paths[-1].write_bytes(upload.getvalue())
+    folder = Path(state.db_path()).parent
+    paths = [Path(saved_upload(upload, folder)) for upload in st.session_state["seed_files"]]
     scores = [p for p in paths if "validation" not in p.name]
     validation = [p for p in paths if "validation" in p.name]
     try:

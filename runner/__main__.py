@@ -6,6 +6,7 @@ Set THOUGHTSWEEP_DEBUG=1 for a traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -158,22 +159,8 @@ def cmd_sweep(args) -> int:
     reasoner = load(config.model_spec())
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
-    stop = threading.Event()
-    bar = _progress_bar(args.quiet, run_id)
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print(f"\nstopping run {run_id} after the batch in flight (again to abort)", file=sys.stderr)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:
         status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
-    finally:
-        bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if status == "stopped":
         print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}",
               file=sys.stderr)
@@ -182,8 +169,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def stop_on_signals(run_id: int, in_flight: str):
+    """An Event set by the first Ctrl-C / SIGTERM (the sweep stops after `in_flight`); the second aborts."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nstopping run {run_id} after {in_flight} (again to abort)", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class _progress_bar:
-    """tqdm on stderr, fed by the sweep's progress callback."""
+    """tqdm on stderr, fed by the sweep's progress callback; a context manager that closes it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __init__(self, quiet: bool, run_id: int):
         self.bar, self.quiet, self.run_id = None, quiet, run_id

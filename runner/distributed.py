@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -334,22 +333,9 @@ def main(store: Store, config: SweepConfig, run_id: int | None = None, workers: 
         shape = pool.start()
         if run_id is None:
             run_id = Sweep.create(store, shape, config)
-        from runner.__main__ import _progress_bar  # the local sweep's tqdm bar
-        bar, stop = _progress_bar(quiet, run_id), threading.Event()
-
-        def on_signal(signum, frame):
-            if stop.is_set():
-                raise KeyboardInterrupt
-            stop.set()
-            print(f"\nstopping run {run_id} after the batches in flight (again to abort)", file=sys.stderr)
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        from runner.__main__ import _progress_bar, stop_on_signals  # the local sweep's bar and Ctrl-C
+        with stop_on_signals(run_id, "the batches in flight") as stop, _progress_bar(quiet, run_id) as bar:
             status = DistributedSweep(store, shape, config, run_id, pool, stop=stop, on_progress=bar).run()
-        finally:
-            bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     finally:
         pool.shutdown()
     if status == "stopped":

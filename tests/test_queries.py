@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from db import queries
+from db.stats import percentile_interval
 from db.queries import Curve, Filters
 from db.store import Store
 
@@ -287,7 +288,7 @@ def test_interval_matches_numpy_percentiles():
     replicates = rng.normal(size=(1000, 5))
     replicates[rng.random((1000, 5)) < 0.1] = np.nan
     replicates[:, 4] = np.nan
-    lo, hi = queries._interval(replicates)
+    lo, hi = percentile_interval(replicates)
     expected = np.array([np.nanpercentile(replicates[:, j], [2.5, 97.5]) for j in range(4)])
     assert np.allclose(lo[:4], expected[:, 0]) and np.allclose(hi[:4], expected[:, 1])
     assert np.isnan(lo[4]) and np.isnan(hi[4])

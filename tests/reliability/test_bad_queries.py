@@ -112,10 +112,10 @@ UPLOAD_NAMES = ["../../escape.jsonl", "/etc/cron.d/escape.jsonl", "..\\..\\escap
 
 @pytest.mark.parametrize("name", UPLOAD_NAMES)
 def test_an_uploaded_dataset_is_saved_inside_the_uploads_folder(name, tmp_path, ledger):
-    from dashboard.sweep_form import _saved_upload
+    from dashboard.sweep_form import saved_upload
     upload = SimpleNamespace(name=name, getvalue=lambda: GOOD)
     with ledger.bad_input(f"upload: dataset file name {name!r}"):
-        saved = Path(_saved_upload(upload, tmp_path))
+        saved = Path(saved_upload(upload, tmp_path))
         assert saved.parent == tmp_path / "uploads" and saved.resolve().parent == (tmp_path / "uploads").resolve()
         assert saved.read_bytes() == GOOD
         assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved]
