@@ -23,6 +23,7 @@ import torch
 from db.store import Store
 from runner.model import ModelSpec
 from runner.sweep import Sweep, SweepConfig
+from tests.reliability.support import assert_same_results
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("problem_id, variant, answer_text, answer_value, extraction, correct, changed, flip, harm, help, "
@@ -104,7 +105,7 @@ def test_two_actors_store_exactly_the_rows_of_a_local_sweep(tmp_path, ray_pool, 
     seen = []
     run_id, sweep, status = ray_sweep(store, pool, shape, config(tiny_model_dir), on_progress=seen.append)
     assert status == "finished"
-    assert rows(store, run_id) == rows(local_store, local_id)
+    assert_same_results(rows(store, run_id), rows(local_store, local_id))
     assert len(sweep.handled) == 2, f"both actors should have run batches, got {dict(sweep.handled)}"
     row, local_row = store.run_row(run_id), local_store.run_row(local_id)
     for column in ("status", "phase", "done", "total", "n_variants", "batch_size"):
@@ -142,7 +143,7 @@ def test_a_killed_actor_loses_only_its_batch_in_flight(tmp_path, ray_pool, local
     n, distinct = store.query("SELECT count(*), count(DISTINCT (problem_id, variant)) FROM results WHERE run_id = ?",
                               [run_id])[0]
     assert n == distinct == 16 * store.run_row(run_id)["n_variants"]
-    assert rows(store, run_id) == rows(local_store, local_id)
+    assert_same_results(rows(store, run_id), rows(local_store, local_id))
     assert n_metrics(store, run_id) == 5  # the lost batch was committed once, by its second actor
     assert len(pool.workers) == 2  # a replacement took the dead actor's place
 
@@ -163,7 +164,7 @@ def test_stop_finishes_the_batches_in_flight_and_resume_completes_the_run(tmp_pa
     assert len(rows(store, run_id)) == row["done"] * row["n_variants"]  # whole batches only
     _, _, status = ray_sweep(store, pool, shape, cfg, run_id=run_id)
     assert status == "finished" and store.run_row(run_id)["done"] == 16
-    assert rows(store, run_id) == rows(local_store, local_id)
+    assert_same_results(rows(store, run_id), rows(local_store, local_id))
 
 
 def cli(*args: str) -> list[str]:
@@ -201,7 +202,7 @@ def test_the_cli_sweeps_on_a_joined_cluster_and_stops_on_ctrl_c(tmp_path, ray_po
     cfg = SweepConfig.from_json(json.loads(row["config"]))
     assert ray_sweep(store, pool, shape, cfg, run_id=1)[2] == "finished"
     local_store = Store(tmp_path / "local.duckdb")
-    assert rows(store, 1) == rows(local_store, local_sweep(local_store, tiny_reasoner, cfg))
+    assert_same_results(rows(store, 1), rows(local_store, local_sweep(local_store, tiny_reasoner, cfg)))
 
 
 def test_workers_without_ray_exit_with_one_line_naming_the_requirements_file(tmp_path):

@@ -28,8 +28,8 @@ import torch
 from db.store import Store
 from runner.service import SweepService
 from runner.sweep import Sweep
-from tests.reliability.support import (PYTHON, REPO, FlakyReasoner, child_env, reference_rows, result_rows,
-                                       sweep_config, whole_batches)
+from tests.reliability.support import (PYTHON, REPO, FlakyReasoner, assert_same_results, child_env, reference_rows,
+                                       result_rows, sweep_config, whole_batches)
 
 KILL_SEED = 8  # issue 8
 KILLS = 5
@@ -114,7 +114,7 @@ def test_sigkill_at_five_seeded_points_then_resume_equals_an_uninterrupted_run(t
     try:
         numbers = whole_batches(store, 1)
         assert (numbers["status"], numbers["done"], numbers["batches"]) == ("finished", PROBLEMS, PROBLEMS // 2)
-        assert result_rows(store, 1) == expected
+        assert_same_results(result_rows(store, 1), expected)
     finally:
         store.close()
     for case in kills:
@@ -140,7 +140,7 @@ def test_disk_full_mid_run_fails_the_run_with_its_reason_and_keeps_what_was_comm
         assert row["status"] == "failed" and "storing a batch" in row["error"] and "File too large" in row["error"]
         assert 0 < numbers["done"] < PROBLEMS, f"the disk should fill mid-run: {numbers['done']} stored"
         assert Sweep(store, tiny_reasoner, config, run_id).run() == "finished"  # room again: resume
-        assert result_rows(store, run_id) == expected
+        assert_same_results(result_rows(store, run_id), expected)
         store.close()
 
 
@@ -164,7 +164,7 @@ def test_disk_full_under_the_dashboard_service_shows_failed_when_the_file_cannot
         assert 6 <= numbers["done"] < PROBLEMS
         assert store.run_row(run_id)["status"] == "interrupted"  # the file could not take 'failed'
         assert Sweep(store, tiny_reasoner, config, run_id).run() == "finished"
-        assert result_rows(store, run_id) == expected
+        assert_same_results(result_rows(store, run_id), expected)
         store.close()
 
 
@@ -222,7 +222,7 @@ def test_cuda_out_of_memory_halves_the_batch_and_records_it_through_the_service(
         sizes = store.query("SELECT DISTINCT batch_size, batch_problems FROM run_metrics WHERE run_id = ?", [run_id])
         assert sizes == [(2, 2)]
         assert whole_batches(store, run_id)["batches"] == 6
-        assert result_rows(store, run_id) == expected  # nothing lost, nothing computed twice
+        assert_same_results(result_rows(store, run_id), expected)  # nothing lost, nothing computed twice
 
     with ledger.fault("CUDA out of memory at a batch of 1: nothing left to halve"):
         service = SweepService(store, loader=lambda spec: FlakyReasoner(tiny_reasoner, {1}, oom))
@@ -265,6 +265,6 @@ def test_a_server_restart_mid_sweep_leaves_the_run_interrupted_and_resumable_fro
             service.join(timeout=180)
             assert service.status().status == "finished"
             assert whole_batches(service.store, run_id)["done"] == PROBLEMS
-            assert result_rows(service.store, run_id) == expected
+            assert_same_results(result_rows(service.store, run_id), expected)
         finally:
             state.open_service.clear(str(db))

@@ -1,0 +1,41 @@
+"""The benchmarks still run and print what they promise (tiny sizes: this checks that they work, not speed)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, f"bench/{script}", *args, "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+def test_throughput_engine_and_old_loop_agree_on_every_answer():
+    report = bench("throughput.py", "--problems", "12", "--reference-problems", "3", "--no-scaling")
+    assert report["answers_identical"] is True
+    assert report["seed"]["answers_compared"] == 3 * 7 and report["default"]["answers_compared"] == 3 * 19
+    assert report["speedup"] > 1 and report["peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_shape():
+    report = bench("gpu.py", "--tiny", "--problems", "16", "--reference-problems", "2")
+    assert report["device"] == "cpu (tiny shape)" and report["variants"] == 7
+    assert report["engine_problems_per_hour"] > report["reference_problems_per_hour"] > 0
+
+
+@pytest.mark.slow
+def test_query_benchmark_times_every_page_query():
+    report = bench("queries.py", "--runs", "2", "--problems", "300", "--repeats", "1")
+    assert report["rows"] == 2 * 300 * 8
+    assert {"importance.flip_curve", "problems.table", "compare.two_runs"} <= set(report["queries"])
+    assert report["max_median_ms"] == max(report["queries"].values())
