@@ -42,10 +42,7 @@ def live_status() -> None:
         eta = f" · ETA {progress.eta_s / 60:.0f} min" if progress.eta_s else ""
         row = svc.store.run_row(progress.run_id) or {}  # its phase changes before the next snapshot
         st.caption(f"{row.get('phase') or progress.phase} phase · {progress.problems_per_hour:,.0f} problems/h{eta}")
-    if st.session_state.get("live_was_running") and not running:
-        st.session_state["live_was_running"] = False
-        st.rerun(scope="app")
-    st.session_state["live_was_running"] = running
+    state.rerun_if_stale(svc)
 
 
 with st.sidebar:

@@ -18,8 +18,7 @@ def reference_answer(reasoner: LatentReasoner, question: str | list[int], ablate
                      latents_fed: int | None = None, max_new_tokens: int = 200) -> list[int]:
     """One rollout from scratch: returns the generated token ids (EOS excluded)."""
     hf, device = reasoner.hf, reasoner.device
-    ids = reasoner.tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str) else question
-    input_ids = torch.tensor([ids + [reasoner.bot_id]], device=device)  # (1, L)
+    input_ids = torch.tensor([reasoner.prompt_ids(question)], device=device)  # (1, L): the model's own template
     out = hf(input_ids=input_ids, use_cache=True, output_hidden_states=True)
     cache, hidden = out.cache, out.hidden_states[-1][:, -1:]  # (1, 1, d)
     for step in range(reasoner.num_latent if latents_fed is None else latents_fed):

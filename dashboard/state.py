@@ -121,6 +121,7 @@ def open_database() -> None:
 # --- the selected run ------------------------------------------------------------------------------
 def run_selector(runs) -> int | None:
     """Sidebar selectbox over the runs (newest first, default the newest); the selected id or None."""
+    st.session_state["shown_statuses"] = {int(r.id): str(r.status) for r in runs.itertuples()}
     if runs.empty:
         return None
     ids = [int(i) for i in runs["id"]]
@@ -129,9 +130,26 @@ def run_selector(runs) -> int | None:
         st.session_state["run_id"] = pending
     if st.session_state.get("run_id") not in ids:
         st.session_state["run_id"] = ids[0]
-    labels = {int(r.id): f"#{r.id} · {r.name} · {r.status}" for r in runs.itertuples()}
-    return st.selectbox("Run", ids, key="run_id", format_func=labels.get,
-                        help="Every page shows this run. Newest first; imported seed runs are listed too.")
+    # No status in the option labels: Chromium kept showing a closed selectbox's old label ("running")
+    # after a rerun changed only the label text. The status goes in a caption that every full run redraws.
+    labels = {int(r.id): f"#{r.id} · {r.name}" for r in runs.itertuples()}
+    chosen = st.selectbox("Run", ids, key="run_id", format_func=labels.get,
+                          help="Every page shows this run. Newest first; imported seed runs are listed too.")
+    from dashboard.widgets import status_badge  # widgets -> data -> state: imported when drawn
+    row = runs[runs["id"] == chosen].iloc[0]
+    st.caption(f"{status_badge(str(row.status))} {row.model} on {row.dataset}")
+    return chosen
+
+
+def rerun_if_stale(svc: SweepService) -> None:
+    """From a polling fragment: a full rerun when the runs' statuses differ from what the last full run drew.
+
+    The run labels and every page's numbers are drawn by full runs only. Comparing with the file on every
+    poll, rather than catching the moment a sweep ends once, also heals an app rerun that got lost while
+    another fragment's rerun was in flight (seen in Chromium: the sidebar kept "running" for good).
+    """
+    if queries.run_statuses(svc.store) != st.session_state.get("shown_statuses"):
+        st.rerun(scope="app")
 
 
 def select(run_id: int) -> None:

@@ -122,6 +122,11 @@ def runs(store) -> pd.DataFrame:
         "ORDER BY created DESC, id DESC")
 
 
+def run_statuses(store) -> dict[int, str]:
+    """{run id: status}: what the sidebar's run labels show, polled to notice when they went stale."""
+    return dict(store.query("SELECT id, status FROM runs"))
+
+
 def latest_run_id(store) -> int | None:
     """The newest run's id, or None in an empty database."""
     rows = store.query("SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT 1")

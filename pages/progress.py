@@ -13,6 +13,19 @@ if run is None:
     st.stop()
 db, run_id = state.db_path(), int(run["id"])
 ENDINGS = {"finished": st.success, "stopped": st.warning, "interrupted": st.warning, "failed": st.error}
+SERIES = {"throughput": ("problems_per_hour", "Throughput per batch", "problems/hour", charts.COLORS[0]),
+          "rss": ("rss_mb", "Process memory (RSS)", "MB", charts.COLORS[2]),
+          "cpu": ("cpu_pct", "CPU", "% of one core", charts.COLORS[3]),
+          "gpu": ("gpu_mem_mb", "GPU memory allocated", "MB", charts.COLORS[4])}
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def metric_charts(db: str, run_id: int, version: tuple) -> dict:
+    """Built once per stored batch, not once per poll: plotly figures cost ~0.1 s of GIL each, and the
+    sweep thread in this process needs the GIL between its small torch ops."""
+    series = data.metrics(db, run_id, version)
+    return {name: charts.time_series(series, *spec) for name, spec in SERIES.items()
+            if series[spec[0]].notna().any()}
 
 
 @st.fragment(run_every=1.0 if run["status"] == "running" else None)
@@ -55,20 +68,14 @@ def live_view() -> None:
     elif series.empty:
         st.caption("No batch stored yet: the charts start with the first batch.")
     else:
-        top = st.columns(2)
-        top[0].plotly_chart(charts.time_series(series, "problems_per_hour", "Throughput per batch", "problems/hour"),
-                            key="chart_throughput")
-        top[1].plotly_chart(charts.time_series(series, "rss_mb", "Process memory (RSS)", "MB", charts.COLORS[2]),
-                            key="chart_rss")
-        bottom = st.columns(2)
-        bottom[0].plotly_chart(charts.time_series(series, "cpu_pct", "CPU", "% of one core", charts.COLORS[3]),
-                               key="chart_cpu")
-        if series["gpu_mem_mb"].notna().any():
-            bottom[1].plotly_chart(charts.time_series(series, "gpu_mem_mb", "GPU memory allocated", "MB",
-                                                      charts.COLORS[4]), key="chart_gpu")
-        else:
-            bottom[1].info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
-                           icon=":material/memory:")
+        figures = metric_charts(db, run_id, version)
+        cells = [*st.columns(2), *st.columns(2)]
+        for cell, name in zip(cells, SERIES):
+            if name in figures:
+                cell.plotly_chart(figures[name], key=f"chart_{name}")
+        if "gpu" not in figures:
+            cells[3].info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
+                          icon=":material/memory:")
 
     st.markdown("##### Latest problems")
     if live and live.latest:
@@ -82,10 +89,7 @@ def live_view() -> None:
         "correct": st.column_config.CheckboxColumn("baseline right"),
         "flips": st.column_config.NumberColumn("variants flipped", help="variants whose correctness differs")})
 
-    if st.session_state.get("progress_was_running") and status != "running":
-        st.session_state["progress_was_running"] = False
-        st.rerun(scope="app")  # stop polling; the other pages' numbers are final now
-    st.session_state["progress_was_running"] = status == "running"
+    state.rerun_if_stale(svc)  # when the run ends: stop polling, and the other pages' numbers are final
 
 
 live_view()

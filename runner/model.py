@@ -257,15 +257,19 @@ class LatentReasoner:
                       output_hidden_states=True, logits_to_keep=keep)
         return out.logits, out.hidden_states[-1], out.cache
 
+    def prompt_ids(self, question: str | list[int]) -> list[int]:
+        """The model's prompt template for one question: its tokens, attended pad tokens up to
+        `pad_question_to` (the embedded model's fixed-length layout; none for released CODI), BOT."""
+        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str) \
+            else list(question)
+        return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
+
     def _encode(self, questions: list[str] | list[list[int]]):
         """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
 
         A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
         """
-        ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] if isinstance(q, str) else list(q)
-               for q in questions]
-        fill = self.pad_question_to or 0
-        ids = [x + [self.pad_id] * (fill - len(x)) + [self.bot_id] for x in ids]
+        ids = [self.prompt_ids(q) for q in questions]
         width = max(map(len, ids))
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
