@@ -7,6 +7,7 @@ after a reload) and the database file switcher.
 import streamlit as st
 
 from dashboard import state
+from dashboard.widgets import status_badge
 from db import queries
 from db.store import StoreError
 
@@ -53,7 +54,10 @@ with st.sidebar:
         svc, runs = None, None
         st.error(str(error))
     if runs is not None:
-        state.run_selector(runs)
+        chosen = state.run_selector(runs)
+        if chosen is not None:
+            row = runs[runs["id"] == chosen].iloc[0]
+            st.caption(f"{status_badge(str(row.status))} {row.model} on {row.dataset}")
     live_status()
     with st.expander("Database file", icon=":material/database:"):
         st.caption(f"`{state.db_path()}`")

@@ -131,14 +131,10 @@ def run_selector(runs) -> int | None:
     if st.session_state.get("run_id") not in ids:
         st.session_state["run_id"] = ids[0]
     # No status in the option labels: Chromium kept showing a closed selectbox's old label ("running")
-    # after a rerun changed only the label text. The status goes in a caption that every full run redraws.
+    # after a rerun changed only the label text. app.py puts the status in a caption every full run redraws.
     labels = {int(r.id): f"#{r.id} · {r.name}" for r in runs.itertuples()}
-    chosen = st.selectbox("Run", ids, key="run_id", format_func=labels.get,
-                          help="Every page shows this run. Newest first; imported seed runs are listed too.")
-    from dashboard.widgets import status_badge  # widgets -> data -> state: imported when drawn
-    row = runs[runs["id"] == chosen].iloc[0]
-    st.caption(f"{status_badge(str(row.status))} {row.model} on {row.dataset}")
-    return chosen
+    return st.selectbox("Run", ids, key="run_id", format_func=labels.get,
+                        help="Every page shows this run. Newest first; imported seed runs are listed too.")
 
 
 def rerun_if_stale(svc: SweepService) -> None:

@@ -54,6 +54,15 @@ def _wait_for(ready, pid: int, log, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.005)
 
 
+def _created_run(db: Path, reasoner, config) -> int:
+    """A run registered in a fresh file and left for a child process to sweep: its id."""
+    store = Store(db)
+    try:
+        return Sweep.create(store, reasoner, config)
+    finally:
+        store.close()
+
+
 def _checkpointed_ids(folder) -> set[str]:
     """Problem ids in every checkpoint file that was written whole (a kill may cut the last one short)."""
     ids: set[str] = set()
@@ -125,9 +134,7 @@ def test_disk_full_mid_run_fails_the_run_with_its_reason_and_keeps_what_was_comm
                                                                                       config, expected, forkserver,
                                                                                       ledger):
     db = tmp_path / "full.duckdb"
-    store = Store(db)
-    run_id = Sweep.create(store, tiny_reasoner, config)
-    store.close()
+    run_id = _created_run(db, tiny_reasoner, config)
 
     with ledger.fault(f"disk full mid-run under the CLI (no file may grow past {WAL_LIMIT // 1024} KiB)"):
         code, _, stderr = forkserver.cli("sweep", "--db", db, "--resume", run_id, "--quiet", fsize=WAL_LIMIT)
@@ -148,9 +155,7 @@ def test_disk_full_under_the_dashboard_service_shows_failed_when_the_file_cannot
                                                                                         config, expected, forkserver,
                                                                                         ledger):
     db = tmp_path / "full.duckdb"
-    store = Store(db)
-    run_id = Sweep.create(store, tiny_reasoner, config)
-    store.close()
+    run_id = _created_run(db, tiny_reasoner, config)
 
     with ledger.fault("disk full after 6 problems under SweepService: the failure itself cannot be written"):
         _, out, err = forkserver.spawn("service", ["--db", db, "--resume", run_id, "--fill-after", 6])
