@@ -8,6 +8,7 @@ dataclasses of plain values). The Store itself comes from the path via `state.op
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -99,18 +100,17 @@ def latest_results(db: str, run_id: int, version: tuple) -> pd.DataFrame:
 
 # --- exports (the old script's JSON schema, tables, report) -----------------------------------------
 @st.cache_data(**CACHE)
-def seed_scores(db: str, run_id: int, version: tuple, filters: Filters, method: str, site: str,
-                mode: str) -> list[dict]:
-    """The old script's scores records for one prefix group, restricted to the problems the filters keep."""
-    phase = "validation" if filters.phase == "validation" else None
-    records = seed.seed_scores(_store(db), run_id, method, site, mode, phase=phase)
-    return [r for r in records
-            if (not filters.difficulties or r["difficulty"] in filters.difficulties)
-            and (filters.baseline_correct is None or r["baseline_correct"] == filters.baseline_correct)]
+def seed_overview(db: str, run_id: int, version: tuple, filters: Filters, method: str, site: str,
+                  mode: str) -> dict:
+    """What the export page shows of the old script's files: their summary and the validation problem count."""
+    store = _store(db)
+    return {"summary": queries.seed_keys(store, run_id, (method, site, mode), filters),
+            "n_validation": queries.baseline_accuracy(store, run_id, replace(filters, phase="validation"))["n"]}
 
 
-def seed_summary(scores: list[dict]) -> dict:
-    return seed.seed_summary(scores)
+def seed_file(db: str, run_id: int, filters: Filters, method: str, site: str, mode: str, name: str) -> str:
+    """Deferred download of one of the old script's three files, for the problems the filters keep."""
+    return to_json(seed.seed_documents(_store(db), run_id, method, site, mode, filters)[name])
 
 
 def to_json(document) -> str:
@@ -119,12 +119,12 @@ def to_json(document) -> str:
 
 
 def results_csv(db: str, run_id: int, filters: Filters) -> bytes:
-    """Deferred download (runs on the download's own thread, so it opens its own cursor)."""
-    return report.results_frame(_store(db), run_id, filters).to_csv(index=False).encode()
+    """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV."""
+    return report.results_csv(_store(db), run_id, filters)
 
 
 def results_parquet(db: str, run_id: int, filters: Filters) -> bytes:
-    return report.results_frame(_store(db), run_id, filters).to_parquet(index=False)
+    return report.results_parquet(_store(db), run_id, filters)
 
 
 def markdown_report(db: str, run_id: int) -> str:

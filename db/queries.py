@@ -34,7 +34,8 @@ MEASURES = RATE_MEASURES + ("logprob_drop",)
 EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ratio", "ratio_lo", "ratio_hi")
 SCHEME_ORDER = "list_position(['baseline', 'prefix', 'single', 'suffix', 'exit'], scheme)"
 POSITION = "CASE WHEN r.scheme = 'prefix' THEN r.k - 1 ELSE r.k END"
-BUCKET = "CASE WHEN s.difficulty <= 2 THEN '1-2' WHEN s.difficulty <= 4 THEN '3-4' ELSE '5+' END"
+BUCKET_EDGES, BUCKET_REST = ((2, "1-2"), (4, "3-4")), "5+"  # buckets: step counts up to each edge, then the rest
+BUCKET = f"CASE {' '.join(f'WHEN s.difficulty <= {e} THEN {n!r}' for e, n in BUCKET_EDGES)} ELSE {BUCKET_REST!r} END"
 GROUP_KEYS = ["scheme", "method", "site", "mode"]
 PROBLEM_ORDER = {"ord": "ord", "problem_id": "problem_id", "difficulty": "difficulty", "n_flips": "n_flips",
                  "baseline_correct": "baseline_correct"}
@@ -177,27 +178,24 @@ def _rates(store, run_id: int, filters: Filters, scheme=None, method=None, site=
 def _drops(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None, seed: int = 0,
            n_boot: int = 1000) -> pd.DataFrame:
     """Per (group, k): n_logprob, the mean gold log-prob drop and its bootstrap interval (problems resampled)."""
-    params = [*scope_params(run_id, filters), run_id, *_group_params(scheme, method, site, mode)]
-    rows = (f"WITH {SCOPE}, d AS (SELECT r.scheme, r.method, r.site, r.mode, r.k, {POSITION} AS position, s.ord, "
-            f"r.logprob_drop FROM results r JOIN scope s USING (problem_id) "
-            f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP}) ")
-    order = f"{SCHEME_ORDER}, method, site, mode, k"
-    key = "hash(scheme, method, site, mode, k) AS cell"
-    cells = store.query_df(rows + f"SELECT scheme, method, site, mode, k, position, count(logprob_drop) AS n_logprob, "
-                           f"avg(logprob_drop) AS logprob_drop, {key} FROM d "
-                           f"GROUP BY scheme, method, site, mode, k, position ORDER BY {order}", params)
+    stored = "FILTER (WHERE r.logprob_drop IS NOT NULL)"  # an imported seed run stores no log-probs
+    # One row per cell with its problems' values as lists: one scan, and no text repeated per problem.
+    cells = store.query_df(
+        f"WITH {SCOPE} SELECT r.scheme, r.method, r.site, r.mode, r.k, {POSITION} AS position, "
+        f"count(r.logprob_drop) AS n_logprob, avg(r.logprob_drop) AS logprob_drop, "
+        f"coalesce(list(s.ord) {stored}, []) AS ords, coalesce(list(r.logprob_drop) {stored}, []) AS drops "
+        f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} "
+        f"GROUP BY r.scheme, r.method, r.site, r.mode, r.k ORDER BY {SCHEME_ORDER}, method, site, mode, k",
+        [*scope_params(run_id, filters), run_id, *_group_params(scheme, method, site, mode)])
     cells["logprob_drop_lo"] = cells["logprob_drop_hi"] = np.nan
-    if cells["n_logprob"].sum() == 0:
-        return cells.drop(columns="cell")  # e.g. an imported seed run: no log-probs stored
-    # Numbers only (a hash names the cell): 40k+ rows of text cost more to fetch than the bootstrap.
-    long = store.query_df(rows + f"SELECT {key}, ord, logprob_drop FROM d", params)
-    column = pd.Index(cells["cell"]).get_indexer(long["cell"])
-    _, problem = np.unique(long["ord"].to_numpy(), return_inverse=True)
-    matrix = np.full((problem.max() + 1, len(cells)), np.nan)  # (problems, cells)
-    matrix[problem, column] = long["logprob_drop"].to_numpy(dtype=float)
-    cells["logprob_drop_lo"], cells["logprob_drop_hi"] = percentile_interval(bootstrap_means(matrix, seed, n_boot))
-    cells = cells.drop(columns="cell")
-    return cells
+    if cells["n_logprob"].sum() > 0:
+        ords = np.concatenate(cells["ords"].to_list())
+        column = np.repeat(np.arange(len(cells)), cells["n_logprob"].to_numpy())
+        _, problem = np.unique(ords, return_inverse=True)
+        matrix = np.full((problem.max() + 1, len(cells)), np.nan)  # (problems, cells)
+        matrix[problem, column] = np.concatenate(cells["drops"].to_list()).astype(float)
+        cells["logprob_drop_lo"], cells["logprob_drop_hi"] = percentile_interval(bootstrap_means(matrix, seed, n_boot))
+    return cells.drop(columns=["ords", "drops"])
 
 
 def position_curve(store, run_id: int, filters: Filters = Filters(), measure: str = "flip", scheme=None,
@@ -218,31 +216,47 @@ def position_curve(store, run_id: int, filters: Filters = Filters(), measure: st
 
 
 def _scores(store, run_id: int, filters: Filters, scheme=None, method=None, site=None, mode=None) -> pd.DataFrame:
-    """Per (problem in scope, group): group code g, ord, difficulty, bucket, mean flip over early / late positions."""
-    return store.query_df(
+    """Per group (scheme order): its problems in scope as lists: ords, difficulties, mean flip over early / late positions.
+
+    Lists per group, not a row per (problem, group): one scan, and no group names repeated per problem.
+    A problem without an early (or late) position in the group has NaN there.
+    """
+    per_problem = (
         f"WITH {SCOPE}, t AS (SELECT num_latent AS T FROM runs WHERE id = ?), per_problem AS ("
-        f"SELECT r.scheme, r.method, r.site, r.mode, s.ord, s.difficulty, {BUCKET} AS bucket, "
-        f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} < t.T // 2) AS early, "
-        f"avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} >= t.T // 2 AND {POSITION} < t.T) AS late "
+        f"SELECT r.scheme, r.method, r.site, r.mode, s.ord, s.difficulty, "
+        f"coalesce(avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} < t.T // 2), 'NaN') AS early, "
+        f"coalesce(avg(r.flip::DOUBLE) FILTER (WHERE {POSITION} >= t.T // 2 AND {POSITION} < t.T), 'NaN') AS late "
         f"FROM scope s JOIN results r USING (problem_id) CROSS JOIN t "
-        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL) "
-        f"SELECT *, dense_rank() OVER (ORDER BY {SCHEME_ORDER}, method, site, mode) - 1 AS g FROM per_problem",
+        f"WHERE r.run_id = ? AND r.scheme <> 'baseline' AND {GROUP} GROUP BY ALL) ")
+    return store.query_df(
+        per_problem + "SELECT scheme, method, site, mode, list(ord) AS ords, list(difficulty) AS difficulties, "
+        f"list(early) AS early, list(late) AS late FROM per_problem GROUP BY scheme, method, site, mode "
+        f"ORDER BY {SCHEME_ORDER}, method, site, mode",
         [*scope_params(run_id, filters), run_id, run_id, *_group_params(scheme, method, site, mode)])
+
+
+def _bucket(difficulty: np.ndarray) -> np.ndarray:
+    """BUCKET, for step counts in numpy."""
+    return np.select([difficulty <= edge for edge, _ in BUCKET_EDGES], [name for _, name in BUCKET_EDGES],
+                     BUCKET_REST).astype(object)
 
 
 def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:
     """Per (stratum `by`, group): n, early, late, ratio, each with a 95% bootstrap interval over the stratum's problems.
 
-    One bootstrap per stratum serves every group (the same resampled problems), so ratios are paired.
+    `scores` comes from _scores; `by` is None, 'difficulty' or 'bucket'. One bootstrap per stratum
+    serves every group (the same resampled problems), so ratios are paired.
     """
     columns = ([by] if by else []) + [*GROUP_KEYS, "n", *EARLY_LATE]
     if scores.empty:
         return pd.DataFrame(columns=columns)
-    group = scores["g"].to_numpy()  # dense 0..G-1, from SQL
-    names = scores.drop_duplicates("g").sort_values("g")[GROUP_KEYS].to_numpy()
-    early, late = scores["early"].to_numpy(dtype=float), scores["late"].to_numpy(dtype=float)
-    ords = scores["ord"].to_numpy()
-    strata = scores[by].to_numpy() if by else np.zeros(len(scores), dtype=int)
+    names = scores[GROUP_KEYS].to_numpy()
+    group = np.repeat(np.arange(len(scores)), scores["ords"].map(len).to_numpy())  # (rows,) group code 0..G-1
+    ords = np.concatenate(scores["ords"].to_list())
+    difficulty = np.concatenate(scores["difficulties"].to_list())
+    early = np.concatenate(scores["early"].to_list()).astype(float)
+    late = np.concatenate(scores["late"].to_list()).astype(float)
+    strata = {None: np.zeros(len(ords), dtype=int), "difficulty": difficulty, "bucket": _bucket(difficulty)}[by]
     G, found = len(names), {c: [] for c in columns}
     for stratum in sorted(set(strata.tolist())):
         rows = strata == stratum
@@ -403,8 +417,11 @@ def metrics(store, run_id: int) -> pd.DataFrame:
 
 
 # --- the CLI's `stats --json` -------------------------------------------------------------------------
-def _seed_keys(store, run_id: int, group: tuple[str, str, str] | None) -> dict:
+def seed_keys(store, run_id: int, group: tuple[str, str, str] | None, filters: Filters = Filters()) -> dict:
     """The seed summary's keys (DESIGN.md section 7) from the database, with the seed's arithmetic.
+
+    Equal to `db.seed.seed_summary` of the same problems' records, computed in SQL (the export page
+    shows it without building 10,000 records).
 
     Seed numbering: position 0 = the baseline row, position p >= 1 = prefix k = p. Early/late are
     np.mean over positions 0,1,2 / 3,4,5 of the per-position means, exactly as the seed's loop.
@@ -415,9 +432,9 @@ def _seed_keys(store, run_id: int, group: tuple[str, str, str] | None) -> dict:
         f"count(*) AS n, count(*) FILTER (WHERE r.flip) AS flips, min(s.ord) AS first "
         f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? AND (r.scheme = 'baseline' OR "
         f"(r.scheme = 'prefix' AND r.method = ? AND r.site = ? AND r.mode = ?)) GROUP BY ALL ORDER BY first, position",
-        [*scope_params(run_id, Filters()), run_id, method, site, mode])
+        [*scope_params(run_id, filters), run_id, method, site, mode])
     base = store.query_df(f"WITH {SCOPE} SELECT difficulty, count(*) AS n, count(*) FILTER (WHERE baseline_correct) "
-                          f"AS correct FROM scope GROUP BY 1 ORDER BY min(ord)", scope_params(run_id, Filters()))
+                          f"AS correct FROM scope GROUP BY 1 ORDER BY min(ord)", scope_params(run_id, filters))
     n_total, correct = int(base["n"].sum()), int(base["correct"].sum())
     totals = cells.groupby("position")[["n", "flips"]].sum().sort_index()
     summary = {"n_problems": n_total, "baseline_accuracy": correct / n_total if n_total else None,
@@ -443,7 +460,7 @@ def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int 
     if run is None:
         raise ValueError(f"no run {run_id} in {store.path}")
     group = first_group(store, run_id, "prefix", method, site, mode)
-    result = _seed_keys(store, run_id, group)
+    result = seed_keys(store, run_id, group)
     # Every group at once: one scan per figure instead of one per group.
     curves = _rates(store, run_id, Filters()).merge(
         _drops(store, run_id, Filters(), seed=seed, n_boot=n_boot), on=[*GROUP_KEYS, "k", "position"], how="left")

@@ -16,6 +16,10 @@ Round trip caveats: problem ids are stored as text, and an expected_answer given
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import gc
 import json
 import math
 import re
@@ -93,44 +97,68 @@ def _expected_answer(gold: str):
     return value if math.isfinite(value) else gold
 
 
-def _transition(baseline_correct: bool, correct: bool) -> str:
-    return f"{int(baseline_correct)} {ARROW} {int(correct)}"
+TRANSITIONS = {(b, c): f"{int(b)} {ARROW} {int(c)}" for b in (False, True) for c in (False, True)}
 
 
-def seed_scores(store, run_id: int, method=None, site=None, mode=None, phase: str | None = None) -> list[dict]:
-    """The run's problems as seed records (problem order), for its first prefix group unless one is given."""
+def seed_scores(store, run_id: int, method=None, site=None, mode=None,
+                filters: queries.Filters = queries.Filters()) -> list[dict]:
+    """The problems `filters` keep as seed records (problem order), for the run's first prefix group unless given."""
     group = queries.first_group(store, run_id, "prefix", method, site, mode) or (None, None, None)
-    rows = store.query(
-        "SELECT p.ord, p.problem_id, p.question, p.gold, p.difficulty, r.scheme, r.k, r.answer_text, r.correct, "
-        "r.flip FROM problems p JOIN results r ON r.problem_id = p.problem_id "
-        "WHERE p.run_id = ? AND r.run_id = ? AND (? IS NULL OR p.phase = ?) "
-        "AND (r.scheme = 'baseline' OR (r.scheme = 'prefix' AND r.method = ? AND r.site = ? AND r.mode = ?)) "
-        "ORDER BY p.ord, r.scheme <> 'baseline', r.k", [run_id, run_id, phase, phase, *group])
-    records, current = [], None
-    for ord_, problem_id, question, gold, difficulty, scheme, k, answer, correct, flip in rows:
-        if scheme == "baseline":  # rows come baseline first: a new problem starts
-            current = {"problem_id": problem_id, "question": question, "expected_answer": _expected_answer(gold),
-                       "baseline_answer": answer, "baseline_correct": correct, "difficulty": difficulty,
-                       "position_results": []}
-            records.append(current)
-        elif current is None or current["problem_id"] != problem_id:
-            continue  # variants without a baseline row: the problem's batch never committed
-        current["position_results"].append({
-            "position": 0 if scheme == "baseline" else k, "ablated_answer": answer, "ablated_correct": correct,
-            "importance_score": 1.0 if flip else 0.0,
-            "baseline_to_ablated": _transition(current["baseline_correct"], correct)})
+    scope = queries.scope_params(run_id, filters)
+    # Problems (with their baseline row) and prefix rows come apart, column-wise: the question text is
+    # fetched once per problem, not once per variant.
+    problems = store.query_columns(
+        f"WITH {queries.SCOPE} SELECT ord, problem_id, question, gold, baseline_answer, baseline_correct, "
+        f"difficulty FROM scope ORDER BY ord", scope)
+    variants = store.query_columns(
+        f"WITH {queries.SCOPE} SELECT s.ord, r.k, r.answer_text, r.correct, r.flip FROM results r "
+        f"JOIN scope s USING (problem_id) WHERE r.run_id = ? AND r.scheme = 'prefix' AND r.method = ? "
+        f"AND r.site = ? AND r.mode = ? ORDER BY s.ord, r.k", [*scope, run_id, *group])
+    records, by_ord, expected = [], {}, functools.lru_cache(maxsize=None)(_expected_answer)
+    with _collection_paused():
+        for ord_, problem_id, question, gold, answer, correct, difficulty in zip(*problems.values()):
+            baseline = {"position": 0, "ablated_answer": answer, "ablated_correct": correct, "importance_score": 0.0,
+                        "baseline_to_ablated": TRANSITIONS[correct, correct]}
+            by_ord[ord_] = {"problem_id": problem_id, "question": question, "expected_answer": expected(gold),
+                            "baseline_answer": answer, "baseline_correct": correct, "difficulty": difficulty,
+                            "position_results": [baseline]}
+            records.append(by_ord[ord_])
+        for ord_, k, answer, correct, flip in zip(*variants.values()):
+            record = by_ord[ord_]
+            record["position_results"].append({
+                "position": k, "ablated_answer": answer, "ablated_correct": correct,
+                "importance_score": 1.0 if flip else 0.0,
+                "baseline_to_ablated": TRANSITIONS[record["baseline_correct"], correct]})
     return records
+
+
+@contextlib.contextmanager
+def _collection_paused():
+    """No cyclic GC while ~100k dicts are built: each collection would walk every object the process holds."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def seed_documents(store, run_id: int, method=None, site=None, mode=None,
+                   filters: queries.Filters = queries.Filters()) -> dict[str, object]:
+    """The seed's three files as JSON documents, keyed by file name, for the problems `filters` keep."""
+    scores = seed_scores(store, run_id, method, site, mode, filters)
+    validation = seed_scores(store, run_id, method, site, mode, dataclasses.replace(filters, phase="validation"))
+    return {SCORES: scores, SUMMARY: seed_summary(scores),
+            VALIDATION: {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
+                         "statistics": seed_summary(validation)}}
 
 
 def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) -> list[Path]:
     """Write the seed's three files for a run into out_dir (created if missing); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scores = seed_scores(store, run_id, method, site, mode)
-    validation = seed_scores(store, run_id, method, site, mode, phase="validation")  # a subset: cheap to re-read
-    documents = {SCORES: scores, SUMMARY: seed_summary(scores),
-                 VALIDATION: {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
-                              "statistics": seed_summary(validation)}}
+    documents = seed_documents(store, run_id, method, site, mode)
     paths = []
     for name, document in documents.items():
         path = out / name

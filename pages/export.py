@@ -1,11 +1,11 @@
 """Export: the selected run (and filters) as the old script's JSON files, CSV, Parquet and a Markdown report."""
-from dataclasses import replace
 from functools import partial
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import data, state, widgets
+from db.seed import SCORES, SUMMARY, VALIDATION
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -24,13 +24,12 @@ if group is None:
             "The tables and the report below cover every scheme.")
 else:
     keys = (group["method"], group["site"], group["mode"])
-    scores = data.seed_scores(db, run_id, version, filters, *keys)
-    summary = data.seed_summary(scores)
-    validation = data.seed_scores(db, run_id, version, replace(filters, phase="validation"), *keys)
+    overview = data.seed_overview(db, run_id, version, filters, *keys)
+    summary = overview["summary"]
     cells = st.columns(3)
     cells[0].metric("n_problems", summary["n_problems"])
     cells[1].metric("baseline_accuracy", widgets.ci(summary["baseline_accuracy"]))
-    cells[2].metric("validation problems", len(validation))
+    cells[2].metric("validation problems", overview["n_validation"])
     importance = pd.DataFrame({"position": list(summary["position_importance"]),
                                "importance (mean importance_score)": list(summary["position_importance"].values())})
     st.dataframe(importance.set_index("position").T, column_config={
@@ -38,15 +37,14 @@ else:
         for p in summary["position_importance"]})
     st.caption("The old script's numbering: position 0 is the baseline, position p is prefix k = p (latents 0…p−1 "
                "ablated). Files are named as the old script named them, so its tooling reads them unchanged.")
+    seed_file = partial(data.seed_file, db, run_id, filters, *keys)
     with st.container(horizontal=True):
-        st.download_button("Summary stats (JSON)", data.to_json(summary), "step_importance_summary_stats.json",
-                           "application/json", icon=":material/download:", on_click="ignore", type="primary")
-        st.download_button("Scores (JSON)", data.to_json(scores), "step_importance_scores.json",
-                           "application/json", icon=":material/download:", on_click="ignore")
-        st.download_button("Validation (JSON)", data.to_json(
-            {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
-             "statistics": data.seed_summary(validation)}), "step_importance_validation.json", "application/json",
-            icon=":material/download:", on_click="ignore", disabled=not validation)
+        st.download_button("Summary stats (JSON)", partial(seed_file, SUMMARY), SUMMARY, "application/json",
+                           icon=":material/download:", on_click="ignore", type="primary")
+        st.download_button("Scores (JSON)", partial(seed_file, SCORES), SCORES, "application/json",
+                           icon=":material/download:", on_click="ignore")
+        st.download_button("Validation (JSON)", partial(seed_file, VALIDATION), VALIDATION, "application/json",
+                           icon=":material/download:", on_click="ignore", disabled=not overview["n_validation"])
 
 st.subheader("Every variant")
 st.caption("One row per (problem, variant), baseline first, for the problems the filters keep: the columns of "

@@ -39,3 +39,4 @@ def test_query_benchmark_times_every_page_query():
     assert report["rows"] == 2 * 300 * 8
     assert {"importance.flip_curve", "problems.table", "compare.two_runs"} <= set(report["queries"])
     assert report["max_median_ms"] == max(report["queries"].values())
+    assert {"download.results_csv", "download.stats_json"} <= set(report["downloads"])

@@ -173,6 +173,20 @@ def test_native_run_exports_positions_up_to_T(store, tmp_path):
     assert top_level(queries.stats_json(store, again)) == seed_summary(scores)
 
 
+def test_filtered_seed_files_and_their_summary_in_sql(store, scores_file):
+    """The export page's summary (SQL) equals the seed's arithmetic over the filtered records it would download."""
+    run_id = import_seed(store, scores_file)
+    group = queries.first_group(store, run_id, "prefix")
+    everything = seed.seed_scores(store, run_id)
+    for filters in (queries.Filters(), queries.Filters(difficulties=(2, 5, 7)), queries.Filters(baseline_correct=True),
+                    queries.Filters(difficulties=(3,), baseline_correct=False)):
+        documents = seed.seed_documents(store, run_id, filters=filters)
+        kept = [r for r in everything if (not filters.difficulties or r["difficulty"] in filters.difficulties)
+                and filters.baseline_correct in (None, r["baseline_correct"])]
+        assert documents[seed.SCORES] == kept and kept
+        assert queries.seed_keys(store, run_id, group, filters) == seed_summary(kept) == documents[seed.SUMMARY]
+
+
 def broken(tmp_path, edit) -> Path:
     records = json.loads((FIXTURES / seed.SCORES).read_text())
     document = edit(records)
