@@ -274,8 +274,16 @@ class LatentReasoner:
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(None, mask, position_ids, input_ids=input_ids)
+        logits, hidden, cache = self._forward(self._new_cache(), mask, position_ids, input_ids=input_ids)
         return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
+
+    def _new_cache(self):
+        """A growing cache where every layer attends over the full sequence; else the model's own (None)."""
+        layer_types = getattr(self.hf.config, "layer_types", None) or ["full_attention"]
+        if getattr(self.hf.config, "sliding_window", None) or set(layer_types) != {"full_attention"}:
+            return None
+        from runner.cache import GrowingCache  # transformers is imported on first use, as in load()
+        return GrowingCache()
 
     @torch.inference_mode()
     def rollout(self, questions: list[str], plan: Plan, golds: list[str] | None = None,

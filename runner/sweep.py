@@ -115,11 +115,16 @@ class Progress:
 
 
 class BatchSizer:
-    """Fixed, or 'auto': double while throughput improves and memory allows; halve on out-of-memory."""
+    """Fixed, or 'auto': double while throughput improves and memory allows; halve on out-of-memory.
+
+    'auto' starts at about START_ROWS rollouts (problems x variants): smaller batches waste most of
+    a short sweep warming up, and 256 rows of a 1B model fit any GPU this tool targets.
+    """
+    START_ROWS = 256
 
     def __init__(self, requested: int | str, n_variants: int, device: str, max_gpu_memory_gb: float | None):
         self.auto = requested == "auto"
-        self.size = 8 if self.auto else int(requested)
+        self.size = max(1, self.START_ROWS // n_variants) if self.auto else int(requested)
         self.max_rows = 8192 if device.startswith("cuda") else 2048
         self.growing, self.best = self.auto, 0.0
         self.n_variants, self.device, self.cap_gb = n_variants, device, max_gpu_memory_gb

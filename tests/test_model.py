@@ -275,6 +275,42 @@ def test_batched_equals_one_at_a_time(reasoner):
     assert len({len(t) for t in together.tokens}) > 1, "all rows decode the same length: finished rows untested"
 
 
+def test_growing_cache_is_bit_identical_to_the_models_own_cache(reasoner, monkeypatch):
+    """runner/cache.py only changes where keys and values live: every output equal, not merely close."""
+    variants = [BASELINE, *ablation.expand(["prefix", "exit"], ["zero"], "latent", "frozen", 6)[1:],
+                Variant("single", 2, site="resid:1")]
+    plan = plan_for(reasoner, variants, len(QUESTIONS))
+    ours = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
+    assert type(reasoner._new_cache()).__name__ == "GrowingCache"
+    monkeypatch.setattr(reasoner, "_new_cache", lambda: None)  # the model creates its own DynamicCache
+    theirs = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
+    assert ours.tokens == theirs.tokens and len({len(t) for t in ours.tokens}) > 1  # rows left the batch
+    for name in ("gold_logprob", "latents", "lens_probs"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert torch.equal(ours.captured[1], theirs.captured[1])
+
+
+def test_growing_layer_grows_crops_and_selects_like_a_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from runner.cache import GrowingLayer
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    steps = [torch.randn(3, 2, n, 4) for n in (50, 1, 1, 20, 1)]  # past the 64-token first buffer
+    for step in steps:
+        for layer in (ours, theirs):
+            keys, values = layer.update(step, -step)
+        assert torch.equal(keys, ours.keys) and torch.equal(ours.keys, theirs.keys)
+        assert torch.equal(ours.values, theirs.values) and ours.get_seq_length() == theirs.get_seq_length()
+    for operation in (lambda layer: layer.crop(-5), lambda layer: layer.batch_repeat_interleave(2),
+                      lambda layer: layer.batch_select_indices(torch.tensor([0, 3, 5])),
+                      lambda layer: layer.update(steps[1][:3], steps[1][:3])):
+        operation(ours), operation(theirs)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+    with pytest.raises(ValueError, match="minus"):
+        ours.crop(3)
+
+
 def test_hooks_are_removed_when_the_forward_raises(reasoner):
     plan = plan_for(reasoner, [BASELINE, Variant("single", 1, site="resid:0")], len(QUESTIONS))
     before = reasoner.rollout(QUESTIONS, plan, GOLDS, STEPS, capture=(0, 1))

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from db import queries
-from db.stats import percentile_interval
+from db.stats import _distinct_rows, bootstrap_means, percentile_interval
 from db.queries import Curve, Filters
 from db.store import Store
 
@@ -292,3 +292,19 @@ def test_interval_matches_numpy_percentiles():
     expected = np.array([np.nanpercentile(replicates[:, j], [2.5, 97.5]) for j in range(4)])
     assert np.allclose(lo[:4], expected[:, 0]) and np.allclose(hi[:4], expected[:, 1])
     assert np.isnan(lo[4]) and np.isnan(hi[4])
+
+
+def test_bootstrap_over_repeated_rows_draws_like_resampling_each_problem():
+    """Flip scores repeat: bootstrap_means then draws counts per distinct row (a multinomial), which must
+    give the resampling distribution of drawing problems one by one (the path continuous values take)."""
+    rng = np.random.default_rng(5)
+    discrete = rng.choice([0, 1 / 3, 2 / 3, 1], size=(4000, 2))
+    discrete[rng.random(discrete.shape) < 0.1] = np.nan
+    distinct = discrete + rng.normal(0, 1e-9, discrete.shape)  # no row repeats
+    assert _distinct_rows(discrete, 1000) is not None and _distinct_rows(distinct, 1000) is None
+    by_row, by_problem = bootstrap_means(discrete, 0, 2000), bootstrap_means(distinct, 0, 2000)
+    means = np.nanmean(discrete, axis=0)
+    assert np.allclose(by_row.mean(axis=0), means, atol=1e-3) and np.allclose(by_problem.mean(axis=0), means, atol=1e-3)
+    assert np.allclose(by_row.std(axis=0), by_problem.std(axis=0), rtol=0.1)  # Monte Carlo error ~2%
+    assert np.allclose(by_row.std(axis=0), np.nanstd(discrete, axis=0) / np.sqrt(3600), rtol=0.1)
+    assert np.array_equal(bootstrap_means(discrete, 0, 2000), by_row)  # seeded

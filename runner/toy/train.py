@@ -109,7 +109,8 @@ class ToyCodi(nn.Module):
         self.base_vocab = len(tokenizer)
         self.config = GPT2Config(vocab_size=self.base_vocab + 3, n_positions=128, n_embd=cfg.n_embd,
                                  n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                 attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=self.base_vocab)
+                                 attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=self.base_vocab,
+                                 activation_function="gelu_pytorch_tanh")  # gelu_new's formula, one fused op
         self.gpt = GPT2LMHeadModel(self.config)
         self.gpt.set_attn_implementation("eager")  # faster than SDPA at this size on a CPU
         d = cfg.n_embd
