@@ -89,8 +89,8 @@ def download_builders(store: Store, run_id: int) -> dict:
     """What the export page builds when a download button is clicked (never on page load)."""
     group = ("zero", "latent", "recompute")
     return {
-        "download.seed_scores_json": lambda: json.dumps(seed.seed_documents(store, run_id, *group)[seed.SCORES],
-                                                        indent=2),
+        "download.seed_scores_json": lambda: json.dumps(seed.seed_documents(
+            store, run_id, *group, names=(seed.SCORES,))[seed.SCORES], indent=2),
         "download.results_csv": lambda: report.results_csv(store, run_id),
         "download.results_parquet": lambda: report.results_parquet(store, run_id),
         "download.report_md": lambda: report.markdown_report(store, run_id),

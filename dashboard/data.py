@@ -110,7 +110,7 @@ def seed_overview(db: str, run_id: int, version: tuple, filters: Filters, method
 
 def seed_file(db: str, run_id: int, filters: Filters, method: str, site: str, mode: str, name: str) -> str:
     """Deferred download of one of the old script's three files, for the problems the filters keep."""
-    return to_json(seed.seed_documents(_store(db), run_id, method, site, mode, filters)[name])
+    return to_json(seed.seed_documents(_store(db), run_id, method, site, mode, filters, names=(name,))[name])
 
 
 def to_json(document) -> str:

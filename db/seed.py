@@ -145,13 +145,20 @@ def _collection_paused():
 
 
 def seed_documents(store, run_id: int, method=None, site=None, mode=None,
-                   filters: queries.Filters = queries.Filters()) -> dict[str, object]:
-    """The seed's three files as JSON documents, keyed by file name, for the problems `filters` keep."""
-    scores = seed_scores(store, run_id, method, site, mode, filters)
-    validation = seed_scores(store, run_id, method, site, mode, dataclasses.replace(filters, phase="validation"))
-    return {SCORES: scores, SUMMARY: seed_summary(scores),
-            VALIDATION: {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
-                         "statistics": seed_summary(validation)}}
+                   filters: queries.Filters = queries.Filters(), names=(SCORES, SUMMARY, VALIDATION)) -> dict:
+    """The seed's files named in `names` as JSON documents, keyed by file name, for the problems `filters` keep.
+
+    Only what the named files need is read: the dashboard builds one file per download click.
+    """
+    documents = {}
+    if SCORES in names or SUMMARY in names:
+        scores = seed_scores(store, run_id, method, site, mode, filters)
+        documents |= {SCORES: scores, SUMMARY: seed_summary(scores)}
+    if VALIDATION in names:
+        validation = seed_scores(store, run_id, method, site, mode, dataclasses.replace(filters, phase="validation"))
+        documents[VALIDATION] = {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
+                                 "statistics": seed_summary(validation)}
+    return {name: documents[name] for name in names}
 
 
 def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) -> list[Path]:

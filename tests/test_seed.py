@@ -185,6 +185,8 @@ def test_filtered_seed_files_and_their_summary_in_sql(store, scores_file):
                 and filters.baseline_correct in (None, r["baseline_correct"])]
         assert documents[seed.SCORES] == kept and kept
         assert queries.seed_keys(store, run_id, group, filters) == seed_summary(kept) == documents[seed.SUMMARY]
+        for name in (seed.SUMMARY, seed.VALIDATION):  # one file per download click: the same document
+            assert seed.seed_documents(store, run_id, filters=filters, names=(name,)) == {name: documents[name]}
 
 
 def broken(tmp_path, edit) -> Path:
