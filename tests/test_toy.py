@@ -11,7 +11,7 @@ import pytest
 
 from runner import ablation, answers, data
 from runner.toy import problems as toy
-from runner.toy.train import QUESTION_TOKENS, build_tokenizer
+from runner.toy.train import NUM_LATENT, QUESTION_TOKENS, build_tokenizer, latent_plan, make_batch
 
 ANNOTATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
 
@@ -85,6 +85,34 @@ def test_the_committed_checkpoint_answers_builtin_problems(default_reasoner):
     assert sum(a == b for a, b in zip(lens, first)) >= len(problems) // 2
 
 
+def test_a_zeroed_latent_restarts_the_chain_and_the_answer_is_read_from_the_last_kept_latent():
+    clean = [False] * NUM_LATENT
+    assert latent_plan(clean, 6) == ([1, 2, 3, 4, 5, 6], True)
+    single = [j == 2 for j in range(NUM_LATENT)]  # position 2 is fed zeros: it computes step 1 again
+    assert [latent_plan(single, d)[1] for d in range(1, 7)] == [True, True, True, False, False, False]
+    assert latent_plan(single, 3)[0] == [1, 2, 3, 1, 2, 3]
+    last = [j == 5 for j in range(NUM_LATENT)]  # the answer is read from latent 4: 5 steps done
+    assert [latent_plan(last, d)[1] for d in range(1, 7)] == [True] * 5 + [False]
+    for k in range(1, NUM_LATENT + 1):  # prefix k: a d-step chain survives while d <= 6 - k
+        prefix = [j < k for j in range(NUM_LATENT)]
+        assert [latent_plan(prefix, d)[1] for d in range(1, 7)] == [d <= 6 - k for d in range(1, 7)]
+
+
+def test_a_training_batch_feeds_zeros_where_planned_and_targets_the_values_the_plan_says():
+    tokenizer = build_tokenizer()
+    question, cot, answer, aux, zero, reachable = make_batch(random.Random(3), tokenizer, 32, steps=4, corrupt=1.0)
+    assert zero.shape == aux.shape == (32, NUM_LATENT) and bool(zero.any(dim=1).all())
+    _, _, _, _, zero_clean, reachable_clean = make_batch(random.Random(3), tokenizer, 32, steps=4, corrupt=0.0)
+    assert not zero_clean.any() and bool(reachable_clean.all())
+    for b in range(32):
+        notes = ANNOTATION.findall(tokenizer.decode(cot[b].tolist()))
+        values = [int(notes[0][0])] + [int(c) for *_, c in notes]  # start, then the value after each step
+        done, ok = latent_plan(zero[b].tolist(), 4)
+        assert bool(reachable[b]) == ok
+        targets = [int(tokenizer.decode([int(t)])) for t in aux[b]]
+        assert targets == [values[min(d, 4)] for d in done]
+
+
 @pytest.mark.slow
 def test_a_short_training_run_makes_the_loss_fall(tmp_path):
     log = tmp_path / "losses.jsonl"
@@ -96,3 +124,28 @@ def test_a_short_training_run_makes_the_loss_fall(tmp_path):
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
     assert (tmp_path / "model" / "model.safetensors").exists()  # saved in the released layout
+
+
+def test_the_model_cards_figures_come_from_the_sweeps_own_rows(tmp_path, tiny_reasoner, tiny_model_dir):
+    import threading
+
+    from db.store import Store
+    from runner.sweep import Sweep, SweepConfig
+    from runner.toy import figures
+
+    store = Store(tmp_path / "fig.duckdb")
+    cfg = SweepConfig(model=str(tiny_model_dir), dataset="builtin", limit=12, batch_size=6, validation=6,
+                      schemes=("prefix", "single"), methods=("zero",))
+    run_id = Sweep.create(store, tiny_reasoner, cfg)
+    assert Sweep(store, tiny_reasoner, cfg, run_id, stop=threading.Event()).run() == "finished"
+    found = figures.figures(store, run_id)
+    ((correct,),) = store.query("SELECT count(*) FILTER (WHERE correct) FROM results WHERE run_id = ? AND "
+                                "variant = 'prefix:6/zero/latent/recompute'", [run_id])
+    assert found["n_problems"] == 12 and found["all_zero_accuracy"]["correct"] == correct
+    flips = dict(store.query("SELECT k, avg(flip::DOUBLE) FROM results WHERE run_id = ? AND scheme = 'single' "
+                             "GROUP BY k", [run_id]))
+    assert [c["flip"] for c in found["single"]] == pytest.approx([flips[k] for k in range(6)])
+    assert found["single_spread"] == pytest.approx(max(flips.values()) - min(flips.values()))
+    assert set(found["single_by_bucket"]) == {"1-2", "3-4", "5+"} and found["lens"]["n"] == 12
+    assert all(c["lo"] - 1e-9 <= c["flip"] <= c["hi"] + 1e-9 for c in found["prefix"] + found["single"])
+    assert "| baseline accuracy" in figures.markdown(found)

@@ -15,6 +15,13 @@ Objective (CODI, Shen et al. 2025), all weights 1:
   the logit lens of each latent readable in the dashboard.
 - curriculum (ours): for the first 40% of steps a falling share of latents is replaced by the
   embedding of the value they should carry (scheduled sampling); from then on, pure CODI.
+- latent dropout (ours, second generation): in a share `corrupt` of the examples some latents are
+  fed as zero vectors, exactly the product's zero ablation at the latent site in recompute mode.
+  A position fed a zero restarts the chain from the question (it computes step 1, as BOT does),
+  and every later latent continues from there (`latent_plan`); the answer is read from the last
+  latent that was not zeroed. The auxiliary targets follow that rule, and the answer and
+  distillation losses are kept only where the rule still reaches the answer, so the model learns
+  to recompute when it can and is never trained on an answer its latents could not hold.
 Numbers 0..40 are single tokens whose embedding adds a shared tens-digit and units-digit vector;
 the sum is materialised into the plain embedding matrix when saving.
 
@@ -49,20 +56,21 @@ QUESTION_TOKENS = 5 * (1 + toy.MAX_STEPS) + 8
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3500
+    steps: int = 2600
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     clip: float = 1.0
     force_until: float = 0.4  # latents are teacher-forced with a share falling from 1 to 0 by here
+    corrupt: float = 0.4  # share of examples with zeroed latents (latent dropout, see latent_plan)
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     seed: int = 0
-    threads: int = 2
-    eval_every: int = 250
-    eval_problems: int = 300
+    threads: int = 1  # the committed checkpoint's; thread count can change float reductions
+    eval_every: int = 325
+    eval_problems: int = 240
     save_every: int = 50
 
 
@@ -137,9 +145,42 @@ class ToyCodi(nn.Module):
         return out.hidden_states, out.last_hidden_state, out.cache
 
 
-def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str = "train"):
+def latent_plan(zeroed: list[bool], steps: int) -> tuple[list[int], bool]:
+    """-> (steps done by the value each latent carries, whether the answer is still reachable).
+
+    Latent 0 carries step 1 (BOT computes it from the question). A position fed its latent
+    computes one step more; a position fed a zero vector restarts: it computes step 1 from the
+    question, like BOT. The answer is read from the last latent not zeroed (values stay at the
+    answer once the steps run out), so a d-step chain survives while that latent has done >= d.
+    """
+    done = [1]
+    for j in range(NUM_LATENT - 1):
+        done.append(1 if zeroed[j] else done[j] + 1)
+    last = [j for j in range(NUM_LATENT) if not zeroed[j]]
+    return done, bool(last) and done[last[-1]] >= steps
+
+
+def sample_zeroed(rng: random.Random, corrupt: float) -> list[bool]:
+    """Which latents an example is fed as zeros: none, one, a prefix, or a random subset."""
+    T = NUM_LATENT
+    if rng.random() >= corrupt:
+        return [False] * T
+    kind = rng.random()
+    if kind < 0.4:  # one position: the `single` scheme
+        j = rng.randrange(T)
+        return [i == j for i in range(T)]
+    if kind < 0.7:  # the `prefix` scheme
+        k = rng.randint(1, T)
+        return [i < k for i in range(T)]
+    zeroed = [rng.random() < 1 / 3 for _ in range(T)]
+    return zeroed if any(zeroed) else [i == rng.randrange(T) for i in range(T)]
+
+
+def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str = "train", corrupt: float = 0.0):
     """One batch of a single step count: every sequence has the same length, so no padding."""
     rows = [toy.sample_problem(rng, steps, split) for _ in range(size)]
+    zeroed = [sample_zeroed(rng, corrupt) for _ in range(size)]
+    plans = [latent_plan(z, steps) for z in zeroed]
     enc = lambda texts: torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
     question = enc([p.question for p in rows])  # (B, Lq)
     assert question.shape[1] <= QUESTION_TOKENS, f"question of {question.shape[1]} tokens > {QUESTION_TOKENS}"
@@ -147,17 +188,20 @@ def make_batch(rng: random.Random, tokenizer, size: int, steps: int, split: str 
     question = torch.cat([question, pad], dim=1)  # (B, QUESTION_TOKENS)
     cot = enc([" " + p.cot for p in rows])  # (B, Lc)
     answer = enc([f"The answer is: {p.chain.answer}" for p in rows])  # (B, La)
-    # Targets of the auxiliary loss: the value after step j+1, the answer once the steps run out.
-    values = [p.chain.values()[1:] for p in rows]
-    targets = [[v[min(j, steps - 1)] for j in range(NUM_LATENT)] for v in values]
+    # Targets of the auxiliary loss: the value each latent carries under `latent_plan`, the
+    # answer once the steps run out (without zeros: latent j carries the value after step j+1).
+    values = [p.chain.values() for p in rows]
+    targets = [[v[min(d, steps)] for d in done] for v, (done, _) in zip(values, plans)]
     aux = enc([" " + " ".join(map(str, t)) for t in targets])  # (B, T): ' 12' tokens
-    return question, cot, answer, aux
+    zero = torch.tensor(zeroed)  # (B, T) bool
+    reachable = torch.tensor([ok for _, ok in plans])  # (B,) bool
+    return question, cot, answer, aux, zero, reachable
 
 
 def codi_losses(model: ToyCodi, batch, eos_id: int, force: float = 0.0,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """CODI's three losses plus the two auxiliary ones; `force` = share of latents teacher-forced."""
-    question, cot, answer, aux = batch
+    question, cot, answer, aux, zero, reachable = batch
     E = model.embeddings()
     B, V = question.shape[0], model.base_vocab
     ce = nn.functional.cross_entropy
@@ -188,16 +232,20 @@ def codi_losses(model: ToyCodi, batch, eos_id: int, force: float = 0.0,
         # latent's own scale), so each latent step first learns one arithmetic step from a clean input.
         scale = latent.detach().norm(dim=-1, keepdim=True) / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         fed = torch.where(forced[:, j, None, None], target * scale, latent)
+        fed = torch.where(zero[:, j, None, None], torch.zeros_like(fed), fed)  # the product's zero ablation
         _, last, cache = model.run(fed, cache)
         h = last[:, -1:]
     tail = torch.cat([torch.full((B, 1), V + 2), answer, eos], dim=1)  # EOT The answer is : N EOS
     s_hidden, s_last, _ = model.run(E[tail[:, :-1]], cache)
-    student_loss = ce((s_last @ E.T).flatten(0, 1), tail[:, 1:].flatten())
+    # Answer and distillation only where the zeroed latents still let the chain reach the answer.
+    keep = reachable.float() / reachable.sum().clamp_min(1)  # (B,): weights summing to 1
+    token_ce = ce((s_last @ E.T).transpose(1, 2), tail[:, 1:], reduction="none")  # (B, La+1)
+    student_loss = (token_ce.mean(1) * keep).sum()
     s_colon = tail.shape[1] - 3
     distill = 0.0
     for s_layer, t_layer in zip(s_hidden[1:], t_hidden[1:]):
         target = t_layer[:, colon].detach()
-        distill = distill + (s_layer[:, s_colon] - target).abs().mean() / target.std()
+        distill = distill + ((s_layer[:, s_colon] - target).abs().mean(-1) * keep).sum() / target.std()
     distill = distill / (len(s_hidden) - 1)
     return {"teacher": teacher_loss, "student": student_loss, "distill": distill, "aux": aux_loss, "align": align}
 
@@ -224,21 +272,29 @@ def save_codi(model: ToyCodi, tokenizer, folder: Path, meta: dict) -> None:
     (folder / "codi_config.json").write_text(json.dumps(options, indent=2) + "\n")
 
 
-def evaluate(folder: Path, n: int, seed: int) -> dict[int, float]:
-    """Held-out accuracy per step count, through the product's own loader and rollout."""
+def evaluate(folder: Path, n: int, seed: int) -> dict:
+    """Held-out accuracy per step count and the zero-ablation flip rates (recompute) of the
+    `prefix` and `single` schemes, through the product's own loader, plan and rollout."""
     from runner import model as engine
-    from runner.ablation import BASELINE, make_plan
+    from runner.ablation import BASELINE, Variant, make_plan
 
     reasoner = engine.load(engine.ModelSpec(model=str(folder)))
+    T = reasoner.num_latent
+    variants = [BASELINE] + [Variant("prefix", k, "zero") for k in range(1, T + 1)] \
+        + [Variant("single", j, "zero") for j in range(T)]
     rng = random.Random(10_000 + seed)
-    accuracy = {}
+    accuracy, flips = {}, [0] * (len(variants) - 1)
     for steps in range(1, toy.MAX_STEPS + 1):
         rows = [toy.sample_problem(rng, steps, "test") for _ in range(n // toy.MAX_STEPS)]
-        plan = make_plan([BASELINE], [str(i) for i in range(len(rows))], reasoner.num_latent, reasoner.d_model)
-        out = reasoner.rollout([p.question for p in rows], plan)
-        hits = [text == f"The answer is: {p.chain.answer}" for text, p in zip(out.texts, rows)]
-        accuracy[steps] = sum(hits) / len(hits)
-    return accuracy
+        plan = make_plan(variants, [str(i) for i in range(len(rows))], T, reasoner.d_model)
+        texts = reasoner.rollout([p.question for p in rows], plan).texts  # (problem, variant) order
+        by_row = [texts[i * len(variants):(i + 1) * len(variants)] for i in range(len(rows))]
+        accuracy[steps] = sum(t[0] == f"The answer is: {p.chain.answer}" for t, p in zip(by_row, rows)) / len(rows)
+        for v in range(1, len(variants)):
+            flips[v - 1] += sum(t[v] != t[0] for t in by_row)
+    total = n // toy.MAX_STEPS * toy.MAX_STEPS
+    rates = [round(f / total, 3) for f in flips]
+    return {"by_steps": accuracy, "prefix_flip": rates[:T], "single_flip": rates[T:]}
 
 
 def force_at(step: int, cfg: TrainConfig) -> float:
@@ -277,7 +333,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
     while step < cfg.steps:
         started = time.time()
         rng = random.Random(cfg.seed * 1_000_003 + step)  # batch depends on the step only: resume is exact
-        batch = make_batch(rng, tokenizer, cfg.batch_size, steps=1 + step % toy.MAX_STEPS)
+        batch = make_batch(rng, tokenizer, cfg.batch_size, steps=1 + step % toy.MAX_STEPS, corrupt=cfg.corrupt)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -296,12 +352,14 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
                 f.write(json.dumps({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}) + "\n")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             save_codi(model, tokenizer, work / "eval", {})
-            accuracy = evaluate(work / "eval", cfg.eval_problems, cfg.seed)
+            figures = evaluate(work / "eval", cfg.eval_problems, cfg.seed)
+            accuracy = figures["by_steps"]
             overall = sum(accuracy.values()) / len(accuracy)
             history.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(loss.item(), 4),
-                            "accuracy": round(overall, 4), "by_steps": accuracy})
+                            "accuracy": round(overall, 4), **figures})
             bar.write(f"step {step} ({elapsed / 60:.1f} min): held-out accuracy {overall:.1%} "
-                      + " ".join(f"{s}:{a:.0%}" for s, a in accuracy.items()))
+                      + " ".join(f"{s}:{a:.0%}" for s, a in accuracy.items())
+                      + f" | zero flips prefix {figures['prefix_flip']} single {figures['single_flip']}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "elapsed": elapsed, "history": json.dumps(history)}, state_file)
