@@ -147,23 +147,32 @@ class BatchSizer:
         self.size, self.growing = max(1, self.size // 2), False
 
 
-def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list) -> list[dict]:
-    """The measures of DESIGN.md section 4 for one problem's rows (baseline first)."""
-    extracted = [answers.extract_answer(t) for t in texts]
+def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list,
+            tokens: list[list[int]] | None = None) -> list[dict]:
+    """The measures of DESIGN.md section 4 for one problem's rows (baseline first).
+
+    The answer value is CODI's official one (last number, commas removed) and `correct` is its
+    test.py comparison (equal to the gold value); `prefix_value` is the number after "The answer is:".
+    """
+    values = [answers.official_answer(t) for t in texts]
     gold = problem["gold_value"]
-    correct = [answers.same_number(a.value, gold) for a in extracted]
-    base, base_correct = extracted[0], correct[0]
+    correct = [v is not None and gold is not None and v == gold for v in values]
+    base, base_correct = values[0], correct[0]
     base_lp = None if logprobs is None else float(logprobs[0])
     rows = []
-    for v, (variant, answer, is_correct, text) in enumerate(zip(variants, extracted, correct, texts)):
-        if answer.value is not None or base.value is not None:
-            changed = not answers.same_number(answer.value, base.value)
+    for v, (variant, value, is_correct, text) in enumerate(zip(variants, values, correct, texts)):
+        if value is not None or base is not None:
+            changed = not answers.same_number(value, base)
         else:
             changed = text != texts[0]
+        stated = answers.extract_answer(text)
         lp = None if logprobs is None else float(logprobs[v])
         rows.append({"problem_id": problem["problem_id"], "variant": variant.key, "scheme": variant.scheme,
                      "k": variant.k, "method": variant.method, "site": variant.site, "mode": variant.mode,
-                     "answer_text": text, "answer_value": answer.value, "extraction": answer.extraction,
+                     "answer_text": text, "answer_value": value,
+                     "extraction": "last-number" if value is not None else "none",
+                     "prefix_value": stated.value if stated.extraction == "codi" else None,
+                     "tokens": None if tokens is None else tokens[v],
                      "correct": is_correct, "changed": changed, "flip": is_correct != base_correct,
                      "harm": base_correct and not is_correct, "help": (not base_correct) and is_correct,
                      "gold_logprob": lp, "logprob_drop": None if lp is None else base_lp - lp,
@@ -194,7 +203,7 @@ def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch:
     for b, problem in enumerate(batch):
         part = slice(b * V, (b + 1) * V)
         logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
-        rows += measure(problem, variants, out.texts[part], logprobs, lens[part])
+        rows += measure(problem, variants, out.texts[part], logprobs, lens[part], out.tokens[part])
     return rows
 
 
