@@ -17,19 +17,20 @@ import contextlib
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from runner import ablation
+from runner import ablation, checkpoint
 from runner.ablation import Plan
+from runner.checkpoint import CheckpointOptions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
 CODI_PREFIX = "codi.base_model.model."
-CODI_CONFIG = "codi_config.json"  # beside the weights: num_latent, lora_alpha, base_model
+CODI_CONFIG = "codi_config.json"  # beside the weights: base_model, pad_question_to, runner/checkpoint.py's options
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A notice transformers prints while peft wraps the model, about transformers' own internals and not about
@@ -57,8 +58,13 @@ class ModelSpec:
     base_model: str | None = None  # config + tokenizer source; default: codi_config.json or the folder
     device: str = "cpu"
     dtype: str = "float32"
-    num_latent: int | None = None  # override codi_config.json (released models: 6)
-    lora_alpha: float | None = None  # override codi_config.json (released models: 32)
+    # None: from the checkpoint (codi_config.json, training_args.bin), else the released models' value
+    # (runner/checkpoint.py); a value here overrides both.
+    num_latent: int | None = None  # released models: 6
+    lora_alpha: float | None = None  # released models: 32
+    use_prj: bool | None = None  # False: latent = last hidden state (no prj)
+    prj_no_ln: bool | None = None  # True: prj has no LayerNorm
+    remove_eos: bool | None = None  # False: EOS between question and BOT, and after EOT
     # Fold LoRA into the base weights (fewer matmuls). None: only in float32, where it is exact to
     # rounding; in bf16/fp16 the cast would round most of the LoRA update away (test.py runs unmerged).
     merge_lora: bool | None = None
@@ -114,16 +120,33 @@ def _lora_layout(base_keys: list[str], state: dict) -> tuple[int, list[str]] | N
     return state[CODI_PREFIX + lora_a[0]].shape[0], targets
 
 
-def _build_prj(state: dict, d_model: int) -> nn.Sequential:
-    """CODI's projection: Dropout, Linear(d, prj_dim), GELU, Linear(prj_dim, d) [, LayerNorm(d)]."""
+def _build_prj(state: dict, d_model: int, options: CheckpointOptions, folder: Path) -> nn.Module:
+    """CODI's projection: Dropout, Linear(d, prj_dim), GELU, Linear(prj_dim, d) [, LayerNorm(d)];
+    the identity when the model was trained with use_prj false. What is declared must match the keys."""
     keys = {k for k in state if k.startswith("prj.")}
-    if "prj.1.weight" not in keys or "prj.3.weight" not in keys:
-        raise ModelLoadError(f"not a CODI checkpoint: prj.1.weight / prj.3.weight missing (prj keys: {sorted(keys)})")
+    if not options.use_prj:
+        if keys:
+            raise ModelLoadError(f"{folder}: use_prj is false but the checkpoint holds {sorted(keys)[:3]}...: "
+                                 f"drop --no-use-prj / use_prj from codi_config.json, or check the checkpoint")
+        return nn.Identity()
+    missing = [k for k in ("prj.1.weight", "prj.3.weight") if k not in keys]
+    if missing:
+        hint = ("; a model trained with use_prj false (latent = last hidden state) must say so: --no-use-prj "
+                "or \"use_prj\": false in codi_config.json") if not keys else ""
+        raise ModelLoadError(f"{folder}: prj: missing {missing}{hint}")
+    ln = [k for k in ("prj.ln.weight", "prj.ln.bias") if k in keys]
+    if options.prj_no_ln and ln:
+        raise ModelLoadError(f"{folder}: prj_no_ln is set but the checkpoint holds {ln}: its prj has a LayerNorm")
+    if not options.prj_no_ln and len(ln) < 2:
+        absent = [k for k in ("prj.ln.weight", "prj.ln.bias") if k not in keys]
+        hint = ("; a prj trained without LayerNorm must say so: --prj-no-ln or \"prj_no_ln\": true in "
+                "codi_config.json") if not ln else f" (its LayerNorm has {ln[0]} only)"
+        raise ModelLoadError(f"{folder}: prj: missing {absent}{hint}")
     prj_dim = state["prj.1.weight"].shape[0]
     prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, prj_dim), nn.GELU(), nn.Linear(prj_dim, d_model))
-    if "prj.ln.weight" in keys:
+    if not options.prj_no_ln:
         prj.add_module("ln", nn.LayerNorm(d_model))
-    _load_strict(prj, {k[len("prj."):]: v for k, v in state.items() if k in keys}, "prj")
+    _load_strict(prj, {k[len("prj."):]: v for k, v in state.items() if k in keys}, f"{folder} (prj.*)")
     return prj
 
 
@@ -157,6 +180,12 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
         raise ModelLoadError(f"{folder / CODI_CONFIG} is not valid JSON ({error})") from None
     if not isinstance(options, dict):
         raise ModelLoadError(f"{folder / CODI_CONFIG} should hold a JSON object, got {type(options).__name__}")
+    try:
+        declared = checkpoint.resolve(folder, {"num_latent": spec.num_latent, "lora_alpha": spec.lora_alpha,
+                                               "use_prj": spec.use_prj, "prj_no_ln": spec.prj_no_ln,
+                                               "remove_eos": spec.remove_eos}, options)
+    except checkpoint.OptionsError as error:
+        raise ModelLoadError(str(error)) from None
     base_name = spec.base_model or options.get("base_model") or (str(folder) if (folder / "config.json").exists() else None)
     if base_name is None:
         raise ModelLoadError(f"{folder} has no config.json: pass --base-model (e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct)")
@@ -169,7 +198,8 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     base_keys = [k[len(CODI_PREFIX):] for k in state if k.startswith(CODI_PREFIX)]
     embed_key = next((k for k in base_keys if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
     if embed_key is None:
-        raise ModelLoadError(f"{folder}: no input embedding (…embed_tokens.weight or …wte.weight) among the codi.* keys")
+        raise ModelLoadError(f"{folder}: missing the input embedding ({CODI_PREFIX}transformer.wte.weight or "
+                             f"{CODI_PREFIX}model.embed_tokens.weight)")
     vocab_rows = state[CODI_PREFIX + embed_key].shape[0]
 
     try:
@@ -185,25 +215,28 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     if lora is not None:
         from peft import LoraConfig, get_peft_model
         rank, targets = lora
-        alpha = spec.lora_alpha or options.get("lora_alpha", 32)
-        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+        lora_config = LoraConfig(r=rank, lora_alpha=declared.lora_alpha, target_modules=targets, lora_dropout=0.0,
                                  fan_in_fan_out=config.model_type == "gpt2")
         peft_model = get_peft_model(hf, lora_config, low_cpu_mem_usage=True)
         _load_strict(peft_model.base_model.model, base_state, f"{folder} (codi.*)", tied)
         with warnings.catch_warnings():  # peft warns that merging unties lm_head: we re-tie it below
             warnings.simplefilter("ignore")
-            merge = spec.dtype == "float32" if spec.merge_lora is None else spec.merge_lora
-            hf = peft_model.merge_and_unload() if merge else peft_model
+            merged = spec.dtype == "float32" if spec.merge_lora is None else spec.merge_lora
+            hf = peft_model.merge_and_unload() if merged else peft_model
+        merge_source = "given" if spec.merge_lora is not None else f"default in {spec.dtype}"
     else:
         _load_strict(hf, base_state, f"{folder} (codi.*)", tied)
+        merged, merge_source = None, "no LoRA in the checkpoint"
+        declared = replace(declared, sources=tuple((n, "no LoRA in the checkpoint" if n == "lora_alpha" else s)
+                                                   for n, s in declared.sources))
     if tied:
         hf.get_output_embeddings().weight = hf.get_input_embeddings().weight
-    prj = _build_prj(state, config.hidden_size)
+    prj = _build_prj(state, config.hidden_size, declared, folder)
 
     tokenizer_source = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     base_vocab = vocab_rows - 3
-    if len(tokenizer) not in (base_vocab, vocab_rows):
+    if len(tokenizer) not in (base_vocab, base_vocab + 1, vocab_rows):  # + 1: CODI's saved '[PAD]' 
         raise ModelLoadError(f"tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, but the checkpoint's "
                              f"embedding has {vocab_rows} rows (base {base_vocab} + pad, BOT, EOT)")
     if spec.dtype not in DTYPES:
@@ -211,9 +244,11 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     dtype = DTYPES[spec.dtype]
     hf = hf.to(spec.device, dtype).eval()
     prj = prj.to(spec.device, dtype).eval()
-    num_latent = spec.num_latent if spec.num_latent is not None else options.get("num_latent", 6)  # 0 is valid
-    return LatentReasoner(hf, prj, tokenizer, num_latent, base_vocab, name=str(spec.model),
-                          pad_question_to=options.get("pad_question_to"), remove_eos=options.get("remove_eos", True))
+    reasoner = LatentReasoner(hf, prj, tokenizer, declared.num_latent, base_vocab, name=str(spec.model),
+                              pad_question_to=options.get("pad_question_to"), remove_eos=declared.remove_eos)
+    reasoner.options = {**declared.to_json(), "merge_lora": {"value": merged, "source": merge_source}}
+    reasoner.options_line = f"{declared.describe()}, merge_lora={merged} ({merge_source})"
+    return reasoner
 
 
 # --- The forward loop ---------------------------------------------------------------------------------
@@ -244,6 +279,7 @@ class LatentReasoner:
         self.remove_eos = remove_eos
         self.answer_start = [self.eot_id] + ([] if remove_eos else [tokenizer.eos_token_id])
         self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.options, self.options_line = {}, ""  # what load() resolved, and from where (runner/checkpoint.py)
         # A prompt template of the embedded model (codi_config.json): attended pad tokens between the
         # question and BOT up to this length, so that BOT and every latent sit at fixed positions.
         self.pad_question_to = pad_question_to

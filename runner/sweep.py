@@ -54,9 +54,18 @@ class SweepConfig:
     checkpoint_every: int | None = None  # write the old script's checkpoint_N.json every N problems
     checkpoint_dir: str | None = None
     max_gpu_memory_gb: float | None = None  # auto batch size stops growing before this
+    # Checkpoint options (runner/checkpoint.py); None: what the checkpoint declares, else the released value.
+    num_latent: int | None = None
+    lora_alpha: float | None = None
+    merge_lora: bool | None = None  # None: merge in float32 only
+    remove_eos: bool | None = None
+    use_prj: bool | None = None
+    prj_no_ln: bool | None = None
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, base_model=self.base_model, device=self.device, dtype=self.dtype)
+        return ModelSpec(model=self.model, base_model=self.base_model, device=self.device, dtype=self.dtype,
+                         num_latent=self.num_latent, lora_alpha=self.lora_alpha, merge_lora=self.merge_lora,
+                         remove_eos=self.remove_eos, use_prj=self.use_prj, prj_no_ln=self.prj_no_ln)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,7 +95,11 @@ class SweepConfig:
             raise SweepError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise SweepError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
-        ablation.expand(self.schemes, self.methods, self.site, self.mode, 6)  # raises AblationError
+        if self.num_latent is not None and self.num_latent < 0:
+            raise SweepError(f"--num-latent must be 0 or more, got {self.num_latent}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise SweepError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        ablation.expand(self.schemes, self.methods, self.site, self.mode, 0)  # the names only: raises AblationError
 
 
 class SweepError(ValueError):
@@ -265,7 +278,9 @@ class Sweep:
             validation_ids = {p.problem_id for p in chosen}
         variants = ablation.expand(config.schemes, config.methods, config.site, config.mode, reasoner.num_latent)
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
-        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=config.to_json(),
+        # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
+        stored = config.to_json() | {"checkpoint_options": getattr(reasoner, "options", None) or {}}
+        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=stored,
                                   num_latent=reasoner.num_latent, n_variants=len(variants), total=len(problems),
                                   status="stopped", device=config.device)
         store.insert_problems(run_id, [
