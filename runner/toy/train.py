@@ -56,7 +56,9 @@ QUESTION_TOKENS = 5 * (1 + toy.MAX_STEPS) + 8
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2600
+    steps: int = 2600  # the main cosine cycle
+    extra_steps: int = 900  # then a second, shorter cosine cycle (warm restart) at `extra_lr`
+    extra_lr: float = 6e-4
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
@@ -303,6 +305,11 @@ def force_at(step: int, cfg: TrainConfig) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step >= cfg.steps:  # the second cycle: 25 warm-up steps, cosine to 0 (the first cycle is unchanged by it)
+        step -= cfg.steps
+        if step < 25:
+            return cfg.extra_lr * (step + 1) / 25
+        return cfg.extra_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 25) / max(1, cfg.extra_steps - 25))))
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -329,8 +336,9 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     work.mkdir(parents=True, exist_ok=True)
     eos_id = tokenizer.eos_token_id
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    while step < cfg.steps:
+    total = cfg.steps + cfg.extra_steps
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    while step < total:
         started = time.time()
         rng = random.Random(cfg.seed * 1_000_003 + step)  # batch depends on the step only: resume is exact
         batch = make_batch(rng, tokenizer, cfg.batch_size, steps=1 + step % toy.MAX_STEPS, corrupt=cfg.corrupt)
@@ -350,7 +358,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
         if log is not None:
             with open(log, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}) + "\n")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == total:
             save_codi(model, tokenizer, work / "eval", {})
             figures = evaluate(work / "eval", cfg.eval_problems, cfg.seed)
             accuracy = figures["by_steps"]
@@ -360,7 +368,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, resume: bool, log: Path | Non
             bar.write(f"step {step} ({elapsed / 60:.1f} min): held-out accuracy {overall:.1%} "
                       + " ".join(f"{s}:{a:.0%}" for s, a in accuracy.items())
                       + f" | zero flips prefix {figures['prefix_flip']} single {figures['single_flip']}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == total:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "elapsed": elapsed, "history": json.dumps(history)}, state_file)
     bar.close()
