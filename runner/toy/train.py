@@ -165,7 +165,7 @@ def latent_plan(zeroed: list[bool], steps: int) -> tuple[list[int], bool]:
 def sample_zeroed(rng: random.Random, corrupt: float) -> list[bool]:
     """Which latents an example is fed as zeros: none, one, a prefix, or a random subset."""
     T = NUM_LATENT
-    if rng.random() >= corrupt:
+    if corrupt <= 0 or rng.random() >= corrupt:  # no draw at all without dropout: batches as before it
         return [False] * T
     kind = rng.random()
     if kind < 0.4:  # one position: the `single` scheme
