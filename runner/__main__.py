@@ -217,19 +217,52 @@ class _progress_bar:
 
 def cmd_status(args) -> int:
     from db import queries, report
-    store = _open(args.db)
+    from db.store import DatabaseLocked
+    try:
+        store = _open(args.db)
+    except DatabaseLocked as error:
+        return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
         print(report.status_markdown(store, _run_id(store, args.run)))
         return 0
-    runs = queries.runs(store)
+    runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
+    _print_runs(args, runs)
+    return 0
+
+
+def _print_runs(args, runs: list[dict]) -> None:
     if args.json:
-        print(json.dumps(json.loads(runs.to_json(orient="records", date_format="iso")), indent=2))
-        return 0
-    if runs.empty:
+        print(json.dumps(runs, indent=2))
+        return
+    if not runs:
         print(f"{args.db}: no runs yet")
-    for run in runs.itertuples():
-        rate = f"{run.problems_per_hour:,.0f}/h" if run.problems_per_hour == run.problems_per_hour and run.problems_per_hour else "-"
-        print(f"{run.id:>4}  {run.status:<11} {run.phase or '-':<10} {run.done:>6}/{run.total:<6} {rate:>10}  {run.name}")
+    for run in runs:
+        rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
+        print(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/{run['total']:<6} "
+              f"{rate:>10}  {run['name']}")
+
+
+def _status_from_snapshot(args, locked) -> int:
+    """What the holder of the file last wrote beside it (db/status_file.py), saying how old it is."""
+    from db import status_file
+    snapshot = status_file.read(args.db)
+    if snapshot is None:
+        raise CliError(f"{locked} (and no {status_file.path_for(args.db).name} beside it to read instead)")
+    print(f"{args.db} is held by process {snapshot['writer_pid']}: showing its status file, written "
+          f"{snapshot['written']}", file=sys.stderr)
+    runs = snapshot["runs"]
+    if args.markdown:
+        run_id = args.run if args.run is not None else (runs[0]["id"] if runs else None)
+        if run_id is None:
+            raise CliError(f"{args.db} holds no runs yet")
+        page = snapshot["markdown"].get(str(run_id))
+        if page is None:
+            known = any(r["id"] == run_id for r in runs)
+            raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
+                           f"{status_file.path_for(args.db).name}; try again after its next batch")
+        print(page)
+        return 0
+    _print_runs(args, runs)
     return 0
 
 
