@@ -51,6 +51,10 @@ def _locked_message(path: Path, error: Exception) -> str:
             f"Stop that process, or pass --db with another file (the dashboard and a CLI sweep cannot share one)")
 
 
+def _params(params):
+    return params if isinstance(params, dict) else list(params)
+
+
 class Store:
     """One DuckDB file for this process; threads get their own cursors."""
 
@@ -105,13 +109,14 @@ class Store:
                     cursor.execute("ROLLBACK")
                 raise
 
-    def query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+    def query(self, sql: str, params: list | tuple | dict = ()) -> list[tuple]:
         with self._errors("a query"):
-            return self.cursor().execute(sql, list(params)).fetchall()
+            return self.cursor().execute(sql, _params(params)).fetchall()
 
-    def query_df(self, sql: str, params: list | tuple = ()) -> pd.DataFrame:
+    def query_df(self, sql: str, params: list | tuple | dict = ()) -> pd.DataFrame:
+        """`params`: a list for `?`, or a dict for named `$name` parameters."""
         with self._errors("a query"):
-            return self.cursor().execute(sql, list(params)).df()
+            return self.cursor().execute(sql, _params(params)).df()
 
     def query_arrow(self, sql: str, params: list | tuple = ()) -> pyarrow.Table:
         with self._errors("a query"):
