@@ -146,3 +146,14 @@ def validate_dataset(source: str, modified: float | None) -> dict:
         return {"report": datasets.validate_dataset(source).to_json()}
     except datasets.DatasetError as error:
         return {"error": str(error)}
+
+
+# --- the runs table ------------------------------------------------------------------------------
+def runs_version(runs: pd.DataFrame) -> tuple:
+    """Changes whenever a run's row does (a batch, a status, an edit): the runs table's cache key."""
+    return tuple(runs[["id", "done", "status", "name", "notes", "tags"]].itertuples(index=False, name=None))
+
+
+@st.cache_data(**CACHE)
+def runs_overview(db: str, version: tuple) -> pd.DataFrame:
+    return queries.runs_overview(_store(db))

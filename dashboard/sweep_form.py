@@ -5,15 +5,12 @@ the model folder, and (once the model is loaded) the residual-stream layer again
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
-from dashboard import data, state
+from dashboard import data, state, uploads
 from runner.ablation import METHODS, MODES, SCHEMES, AblationError, expand, parse_site
 from runner.model import ModelSpec
 from runner.sweep import SweepConfig, SweepError
@@ -21,7 +18,12 @@ from runner.sweep import SweepConfig, SweepError
 MODEL_CHOICES = ("Embedded default", "Local CODI checkpoint")
 DATASET_CHOICES = ("Built-in problems", "GSM8K .jsonl file", "Old script's .json file", "Upload a file")
 PATH_HINTS = {"GSM8K .jsonl file": "../shared/data/gsm8k/test.jsonl", "Old script's .json file": "problems.json"}
-SEED_PRESET = "Seed MECH-02"
+SEED_PRESET = "Old script's setup"
+SEED_PRESET_HELP = ("Reproduces the configuration of the old step-importance script (the seed, MECH-02): the prefix "
+                    "scheme (k = 1..T ablates latents 0..k-1), zeroing, at the residual stream after block 8 of "
+                    "Llama-3.2-1B's 16 (the middle block of other models), recompute mode (later latents follow "
+                    "the ablated state). Loads the model to know its depth.")
+WIDGET = 160  # px: the narrow inputs sit in rows that wrap rather than squeeze
 KEEP = dict(persist_state="session")  # the form survives a visit to another page
 
 
@@ -77,18 +79,7 @@ def apply_seed_preset() -> None:
                             site_layer=8 if llama else reasoner.n_layers // 2)
     layer = st.session_state["site_layer"]
     st.session_state["sweep_feedback"] = ("info", f"{SEED_PRESET}: prefix · zero · resid:{layer} · recompute "
-                                                  f"({reasoner.n_layers} blocks).")
-
-
-def saved_upload(upload, folder: Path) -> str:
-    """The uploaded bytes as a file beside the database (a resume needs the dataset again); its path."""
-    content = upload.getvalue()
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(upload.name))[-80:].lstrip(".") or "upload"
-    target = folder / "uploads" / f"{hashlib.sha256(content).hexdigest()[:12]}-{name}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    return str(target)
+                                                  f"({reasoner.n_layers} blocks), as the old script swept.")
 
 
 def _model_widgets(plan_issues: list[str]) -> None:
@@ -106,7 +97,7 @@ def _model_widgets(plan_issues: list[str]) -> None:
             plan_issues.append(f"Model: {path} is not a folder.")
 
 
-def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
+def _dataset_widgets(plan_issues: list[str]) -> str | None:
     choice = st.radio("Dataset", DATASET_CHOICES, key="dataset_choice", **KEEP, horizontal=True)
     if choice == DATASET_CHOICES[0]:
         return "builtin"
@@ -117,7 +108,23 @@ def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
         if upload is None:
             plan_issues.append("Dataset: upload a file.")
             return None
-        return saved_upload(upload, db_folder)
+        staged = uploads.stage(upload.name, upload.getvalue())
+        st.session_state["upload_names"] = {**st.session_state.get("upload_names", {}), str(staged): upload.name}
+        fields = uploads.columns(staged)
+        if not fields:
+            return str(staged)  # unreadable: validation says why
+        with st.container(horizontal=True):
+            for key, standard, label in (("question_field", "question", "Question field"),
+                                         ("answer_field", "answer", "Answer field")):
+                if st.session_state.get(key) not in fields:
+                    st.session_state[key] = standard if standard in fields else fields[min(len(fields) - 1,
+                                                                                         key == "answer_field")]
+                st.selectbox(label, fields, key=key, width=220,
+                             help="The file's field holding the " + standard + ("" if standard == "question" else
+                                  " (a GSM8K solution ending in '#### N', or the number)"))
+        target = uploads.mapped(staged, st.session_state["question_field"], st.session_state["answer_field"])
+        st.session_state["upload_names"][str(target)] = upload.name
+        return str(target)
     st.text_input("Dataset path", key="dataset_path", **KEEP, placeholder=PATH_HINTS[choice])
     path = st.session_state["dataset_path"].strip()
     if not path:
@@ -126,7 +133,7 @@ def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
     return path
 
 
-def sweep_form(db_folder: Path) -> Plan:
+def sweep_form() -> Plan:
     """Every option of a sweep; returns the plan with its config and what blocks Start."""
     _init()
     issues: list[str] = []
@@ -134,13 +141,14 @@ def sweep_form(db_folder: Path) -> Plan:
     with left.container(border=True):
         st.markdown("**Model and data**")
         _model_widgets(issues)
-        dataset = _dataset_widgets(issues, db_folder)
-        a, b, c = st.columns(3)
-        a.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems")
-        b.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP,
-                       help="A stratified subset swept first, to check the pattern before the full run")
-        c.number_input("Seed", min_value=0, step=1, key="seed", **KEEP,
-                       help="Validation sampling, shuffle, noise, resample")
+        dataset = _dataset_widgets(issues)
+        with st.container(horizontal=True):  # wraps: at 800 px a label never breaks mid-word
+            st.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems",
+                            width=WIDGET)
+            st.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP, width=WIDGET,
+                            help="A stratified subset swept first, to check the pattern before the full run")
+            st.number_input("Seed", min_value=0, step=1, key="seed", **KEEP, width=WIDGET,
+                            help="Validation sampling, shuffle, noise, resample")
         st.checkbox("Shuffle before the limit", key="shuffle", **KEEP)
         st.text_input("Run name", key="run_name", **KEEP, placeholder="model on dataset")
     with right.container(border=True):
@@ -148,18 +156,18 @@ def sweep_form(db_folder: Path) -> Plan:
         st.multiselect("Schemes", SCHEMES, key="schemes", **KEEP, help="prefix: latents 0..k-1; single: latent k; "
                        "suffix: latents k..T-1; exit: answer after k latents")
         st.multiselect("Methods", METHODS, key="methods", **KEEP, help="What replaces an ablated latent")
-        a, b = st.columns(2)
-        a.radio("Site", ["latent", "residual stream"], key="site_kind", **KEEP, horizontal=True,
-                help="latent: the vector fed back as input; residual stream: block L's output at that position")
-        b.number_input("Block L", min_value=0, step=1, key="site_layer", **KEEP,
-                       disabled=st.session_state["site_kind"] == "latent")
+        with st.container(horizontal=True):
+            st.radio("Site", ["latent", "residual stream"], key="site_kind", **KEEP, horizontal=True, width="content",
+                     help="latent: the vector fed back as input; residual stream: block L's output at that position")
+            st.number_input("Block L", min_value=0, step=1, key="site_layer", **KEEP, width=WIDGET,
+                            disabled=st.session_state["site_kind"] == "latent")
         st.radio("Mode", MODES, key="mode", **KEEP, horizontal=True,
                  help="recompute: later latents follow the ablated state; frozen: they keep their baseline values")
-        a, b, c = st.columns(3)
-        a.selectbox("Device", ["cpu", "cuda"], key="device", **KEEP)
-        b.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP)
-        c.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP,
-                       disabled=st.session_state["batch_auto"], help="Problems per batch")
+        with st.container(horizontal=True):
+            st.selectbox("Device", ["cpu", "cuda"], key="device", **KEEP, width=WIDGET)
+            st.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP, width=WIDGET)
+            st.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP, width=WIDGET,
+                            disabled=st.session_state["batch_auto"], help="Problems per batch")
         st.toggle("Automatic batch size", key="batch_auto", **KEEP,
                   help="Grows while throughput improves and memory allows")
 
@@ -173,6 +181,17 @@ def sweep_form(db_folder: Path) -> Plan:
         int(st.session_state["batch_size"]), device=st.session_state["device"], dtype=st.session_state["dtype"],
         seed=int(st.session_state["seed"]))
     return _check(Plan(config, issues))
+
+
+def _as_uploaded(message: str, dataset: str) -> str:
+    """An upload's error names the file the user chose, not where it was staged; fields are picked above."""
+    name = st.session_state.get("upload_names", {}).get(dataset)
+    if name is None:
+        return message
+    message = message.replace(dataset, name).replace(str(Path(dataset).parent) + "/", "")
+    if "; name yours with question_field/answer_field" in message:
+        message = message.split("; name yours")[0] + ": choose them under Question field / Answer field"
+    return message
 
 
 def _check(plan: Plan) -> Plan:
@@ -201,7 +220,7 @@ def _check(plan: Plan) -> Plan:
         path = Path(config.dataset)
         checked = data.validate_dataset(config.dataset, path.stat().st_mtime if path.is_file() else None)
         if "error" in checked:
-            plan.issues.append(f"Dataset: {checked['error']}")
+            plan.issues.append(f"Dataset: {_as_uploaded(checked['error'], config.dataset)}")
         else:
             plan.dataset = checked["report"]
             n = plan.dataset["n_problems"]
