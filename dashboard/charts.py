@@ -39,6 +39,12 @@ def ablated(scheme: str, k: int, num_latent: int) -> str:
     return str(k)  # single: the latent; exit: how many are fed
 
 
+def ablated_positions(scheme: str, k: int, num_latent: int) -> set[int]:
+    """The latent positions a variant replaces (exit: the ones it never feeds); DESIGN.md section 3."""
+    return {"prefix": set(range(k)), "single": {k}, "suffix": set(range(k, num_latent)),
+            "exit": set(range(k, num_latent))}.get(scheme, set())
+
+
 def is_rate(measure: str) -> bool:
     return measure != "logprob_drop"
 
@@ -209,18 +215,26 @@ def logprob_figure(variants: pd.DataFrame, labels: list[str]) -> go.Figure:
     return fig
 
 
-def lens_figure(lens: list[list[list]]) -> go.Figure:
-    """Logit lens: one row per latent, its top-k tokens left to right, colour = probability."""
+def lens_figure(lens: list[list[list]], ablated: set[int] = frozenset(), how: str = "ablated") -> go.Figure:
+    """Logit lens: one row per latent, its top-k tokens left to right, colour = probability.
+
+    The latents the variant replaced (`ablated`) are labelled `how` ("ablated", "not fed") and framed in red.
+    """
     depth = max((len(row) for row in lens), default=0)
     probs = [[row[j][1] if j < len(row) else math.nan for j in range(depth)] for row in lens]
     tokens = [[repr(row[j][0])[1:-1] if j < len(row) else "" for j in range(depth)] for row in lens]
     text = [[f"{t}<br>{p:.0%}" if t else "" for t, p in zip(tr, pr)] for tr, pr in zip(tokens, probs)]
     fig = go.Figure(go.Heatmap(
-        z=probs, x=[f"top {j + 1}" for j in range(depth)], y=[f"latent {i}" for i in range(len(lens))],
+        z=probs, x=[f"top {j + 1}" for j in range(depth)],
+        y=[f"latent {i} · {how}" if i in ablated else f"latent {i}" for i in range(len(lens))],
         text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, xgap=2, ygap=2,
         zmax=max(0.05, max((p for row in probs for p in row if not math.isnan(p)), default=1.0)),
         colorbar=dict(title=dict(text="prob", side="right"), tickformat=".0%"),
         customdata=tokens, hovertemplate="%{y}, %{x}: '%{customdata}' %{z:.1%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
+    for i in sorted(ablated):
+        if i < len(lens):
+            fig.add_shape(type="rect", x0=-0.5, x1=depth - 0.5, y0=i - 0.5, y1=i + 0.5, xref="x", yref="y",
+                          line=dict(color="#dc2626", width=2.5))
     _layout(fig, 60 + 44 * max(len(lens), 1))
     return fig

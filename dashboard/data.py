@@ -171,3 +171,9 @@ def runs_version(runs: pd.DataFrame) -> tuple:
 @st.cache_data(**CACHE)
 def runs_overview(db: str, version: tuple) -> pd.DataFrame:
     return queries.runs_overview(_store(db))
+
+
+@st.cache_data(**CACHE)
+def early_late_of(db: str, run_id: int, version: tuple, filters: Filters, measure: str, scheme: str, method: str,
+                  site: str, mode: str) -> dict:
+    return queries.early_late_of(_store(db), run_id, filters, measure, scheme, method, site, mode)
