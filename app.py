@@ -71,4 +71,5 @@ if svc is None:
     st.title("ThoughtSweep")
     st.error("The dashboard could not open its database; open another file in the sidebar (*Database file*).")
     st.stop()
+state.follow_demo()
 page.run()

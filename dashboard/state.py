@@ -154,6 +154,12 @@ def select(run_id: int) -> None:
     st.session_state["pending_run_id"] = int(run_id)
 
 
+def select_runs(run_ids: list[int]) -> None:
+    """Rows chosen in the Run page's table: the first is shown on every page, all of them go to Compare."""
+    select(run_ids[0])
+    st.session_state["compare_runs"] = [int(i) for i in run_ids]
+
+
 def selected_run(svc: SweepService) -> dict | None:
     """The selected run's row (queries.runs columns), or None when the database has no runs."""
     runs = queries.runs(svc.store)
@@ -234,7 +240,7 @@ def start_sweep(config: SweepConfig) -> int | None:
     except SweepBusy as error:
         st.session_state["sweep_feedback"] = ("warning", f"Not started: {error}.")
     except EXPLAINED as error:
-        st.session_state["sweep_feedback"] = ("error", f"Not started: {error}")
+        st.session_state["sweep_feedback"] = ("error", f"Not started: {uploads.shown(str(error))}")
     except Exception as error:  # e.g. a transformers OSError on a broken checkpoint: the text, not a traceback
         st.session_state["sweep_feedback"] = ("error", f"Not started: {type(error).__name__}: {error}")
     else:
@@ -244,6 +250,17 @@ def start_sweep(config: SweepConfig) -> int | None:
         st.session_state["run_name"] = ""  # the next run gets its own name, not this one's
         return run_id
     return None
+
+
+def start_demo(config: SweepConfig) -> None:
+    """on_click of the demo button: start it, and have app.py move on to Progress, where the user watches it."""
+    st.session_state["demo_started"] = start_sweep(config) is not None
+
+
+def follow_demo() -> None:
+    """From app.py, before any page: a demo just started goes to Progress (its feedback shows there)."""
+    if st.session_state.pop("demo_started", False):
+        st.switch_page("pages/progress.py")
 
 
 def resume_sweep(run_id: int) -> None:
@@ -282,9 +299,8 @@ def empty_database(svc: SweepService) -> None:
                     f"{config.limit} built-in problems ({config.validation} of them as a validation subset) "
                     f"with the prefix, single and suffix zero-ablations: a few minutes on a laptop CPU, "
                     f"followed live on the Progress page.")
-        if st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", disabled=svc.running):
-            if start_sweep(config) is not None:
-                st.switch_page("pages/progress.py")  # where the user watches it
+        st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", disabled=svc.running,
+                  on_click=start_demo, args=(config,))
         show_feedback()
         st.caption("Or choose a model, dataset and variants on the **Run** page, where you can also import the old "
                    "script's JSON results (*Import the old script's results*).")

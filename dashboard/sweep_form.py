@@ -116,12 +116,16 @@ def _dataset_widgets(plan_issues: list[str]) -> str | None:
         with st.container(horizontal=True):
             for key, standard, label in (("question_field", "question", "Question field"),
                                          ("answer_field", "answer", "Answer field")):
-                if st.session_state.get(key) not in fields:
-                    st.session_state[key] = standard if standard in fields else fields[min(len(fields) - 1,
-                                                                                         key == "answer_field")]
-                st.selectbox(label, fields, key=key, width=220,
+                if st.session_state.get(key) not in fields:  # another file's choice; no guess beyond the name
+                    st.session_state[key] = standard if standard in fields else None
+                st.selectbox(label, fields, key=key, width=220, placeholder="choose a field",
                              help="The file's field holding the " + standard + ("" if standard == "question" else
                                   " (a GSM8K solution ending in '#### N', or the number)"))
+        unnamed = [f"'{k}'" for k in ("question", "answer") if st.session_state[f"{k}_field"] is None]
+        if unnamed:
+            plan_issues.append(f"Dataset: {upload.name} has no field named {' or '.join(unnamed)} (its fields: "
+                               f"{', '.join(fields)}): choose under Question field / Answer field.")
+            return None
         target = uploads.mapped(staged, st.session_state["question_field"], st.session_state["answer_field"])
         st.session_state["upload_names"][str(target)] = upload.name
         return str(target)
@@ -188,7 +192,7 @@ def _as_uploaded(message: str, dataset: str) -> str:
     name = st.session_state.get("upload_names", {}).get(dataset)
     if name is None:
         return message
-    message = message.replace(dataset, name).replace(str(Path(dataset).parent) + "/", "")
+    message = uploads.shown(message.replace(dataset, name))
     if "; name yours with question_field/answer_field" in message:
         message = message.split("; name yours")[0] + ": choose them under Question field / Answer field"
     return message
@@ -226,6 +230,9 @@ def _check(plan: Plan) -> Plan:
             n = plan.dataset["n_problems"]
             if n == 0:
                 plan.issues.append("Dataset: no usable problem in it (see the rejected lines below).")
+            elif plan.dataset["rejected"]:  # a sweep reads every record: it would stop at the first bad one
+                plan.issues.append(f"Dataset: {len(plan.dataset['rejected'])} record(s) rejected (listed below): "
+                                   "fix or remove them, then upload the file again.")
             if config.limit and config.limit > n:
                 plan.warnings.append(f"Limit {config.limit} is more than the {n} usable problems: all will run.")
             if config.validation > min(n, config.limit or n):

@@ -96,6 +96,13 @@ def mapped(path: Path, question: str, answer: str) -> Path:
     return stage(f"{path.stem}.{safe_name(question)}.{safe_name(answer)}.jsonl", content)
 
 
+def shown(message: str) -> str:
+    """A message as the user should read it: staged and kept uploads named by their file, not their folder."""
+    for folder in (staging_dir(), uploads_dir()):
+        message = re.sub(re.escape(str(folder)) + r"/([0-9a-f]{12}-)?", "", message)
+    return message
+
+
 def keep(path: str) -> str:
     """A staged dataset a run is about to use, moved to the uploads folder; other paths unchanged."""
     source = Path(path)

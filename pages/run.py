@@ -1,6 +1,5 @@
 """Run: choose a model, dataset and variants; Start, Stop, Resume; the runs of this database, live."""
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -46,16 +45,6 @@ def import_seed_files(svc) -> None:
     state.select(run_id)
     st.session_state["seed_name"] = ""
     st.session_state["sweep_feedback"] = ("success", f"Imported as run #{run_id}.")
-
-
-def select_rows(ids: tuple) -> None:
-    """on_select of the runs table: the first row becomes the run every page shows, all rows go to Compare."""
-    rows = st.session_state["runs_table"].selection.rows
-    chosen = [ids[r] for r in rows if r < len(ids)]
-    if chosen:
-        state.select(chosen[0])
-        st.session_state["compare_runs"] = chosen
-        st.session_state["runs_selection_changed"] = True
 
 
 svc = state.open_page()
@@ -134,9 +123,8 @@ else:
         overview = runs_table.apply(data.runs_overview(state.db_path(), data.runs_version(current)), chosen)
         st.caption(f"{len(overview)} of {len(current)} runs · select rows to show one on every page "
                    "(the first) and compare them (all)")
-        st.dataframe(
-            runs_table.shown(overview), key="runs_table", hide_index=True, on_select=partial(select_rows,
-                                                                                         tuple(overview["id"])),
+        event = st.dataframe(
+            runs_table.shown(overview), key="runs_table", hide_index=True, on_select="rerun",
             selection_mode="multi-row",
             column_config={"id": st.column_config.NumberColumn("run", format="#%d", width="small"),
                            "progress": st.column_config.ProgressColumn("progress", format="percent"),
@@ -150,7 +138,9 @@ else:
                            "problems/h": st.column_config.NumberColumn(format="%.0f"),
                            "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
                            "notes": st.column_config.TextColumn("notes", width="medium")})
-        if st.session_state.pop("runs_selection_changed", False):
+        picked = [int(overview["id"].iloc[r]) for r in event.selection.rows if r < len(overview)]
+        if picked and picked != st.session_state.get("compare_runs"):
+            state.select_runs(picked)
             st.rerun(scope="app")  # the sidebar's run selector shows the new choice
         state.rerun_if_stale(svc)
 
