@@ -121,8 +121,10 @@ else:
         """Polls while a run sweeps, like the sidebar; the selection drives the other pages."""
         current = queries.runs(svc.store)
         overview = runs_table.apply(data.runs_overview(state.db_path(), data.runs_version(current)), chosen)
+        sweeping = overview[overview["status"] == "running"]
+        live = "".join(f" · sweeping: run #{r.id}, {r.done:,} / {r.total:,} problems" for r in sweeping.itertuples())
         st.caption(f"{len(overview)} of {len(current)} runs · select rows to show one on every page "
-                   "(the first) and compare them (all)")
+                   f"(the first) and compare them (all){live}")
         event = st.dataframe(
             runs_table.shown(overview), key="runs_table", hide_index=True, on_select="rerun",
             selection_mode="multi-row",
