@@ -5,6 +5,7 @@ the model folder, and (once the model is loaded) the residual-stream layer again
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,13 @@ SEED_PRESET_HELP = ("Reproduces the configuration of the old step-importance scr
                     "the ablated state). Loads the model to know its depth.")
 WIDGET = 160  # px: the narrow inputs sit in rows that wrap rather than squeeze
 KEEP = dict(persist_state="session")  # the form survives a visit to another page
+FROM_CHECKPOINT = "from the checkpoint"
+# Checkpoint options with three states: None (what the checkpoint declares, runner/checkpoint.py), True, False.
+TRI_STATE = {"merge_lora": ("Merge LoRA", "default: merged in float32 only; bf16/fp16 run the adapters unmerged"),
+             "remove_eos": ("Remove EOS", "no: trained with EOS after the question and after EOT"),
+             "use_prj": ("Use prj", "no: the latent is the last hidden state itself"),
+             "prj_no_ln": ("prj without LayerNorm", "yes: trained with prj_no_ln")}
+CHOICES = {FROM_CHECKPOINT: None, "yes": True, "no": False}
 
 
 @dataclass
@@ -43,7 +51,8 @@ def _init() -> None:
                 DATASET_CHOICES[0], "dataset_path": "", "limit": 0, "validation": 0, "shuffle": False, "seed": 0,
                 "schemes": ["prefix", "single", "suffix"], "methods": ["zero"], "site_kind": "latent",
                 "site_layer": 2, "mode": "recompute", "batch_auto": True, "batch_size": 16, "device": "cpu",
-                "dtype": "float32", "run_name": "", "loaded_models": []}
+                "dtype": "float32", "run_name": "", "loaded_models": [], "num_latent": None, "lora_alpha": None,
+                **{key: FROM_CHECKPOINT for key in TRI_STATE}}
     for key, value in defaults.items():
         if key not in st.session_state:
             st.session_state[key] = value
@@ -51,9 +60,18 @@ def _init() -> None:
 
 def model_spec() -> ModelSpec:
     local = st.session_state["model_choice"] == MODEL_CHOICES[1]
+    alpha = st.session_state["lora_alpha"]
     return ModelSpec(model=st.session_state["model_path"].strip() if local else "default",
                      base_model=(st.session_state["base_model"].strip() or None) if local else None,
-                     device=st.session_state["device"], dtype=st.session_state["dtype"])
+                     device=st.session_state["device"], dtype=st.session_state["dtype"],
+                     num_latent=st.session_state["num_latent"], lora_alpha=None if alpha is None else float(alpha),
+                     **{key: CHOICES[st.session_state[key]] for key in TRI_STATE})
+
+
+def options_caption(run_config: str | dict) -> str:
+    """A stored run's checkpoint options (runs.config) as one line: 'num_latent=6 (codi_config.json), ...'."""
+    options = (json.loads(run_config) if isinstance(run_config, str) else run_config).get("checkpoint_options") or {}
+    return ", ".join(f"{name}={o['value']} ({o['source']})" for name, o in options.items()) or "not recorded"
 
 
 def load_model() -> None:
@@ -90,11 +108,23 @@ def _model_widgets(plan_issues: list[str]) -> None:
                       help="A released-format CODI checkpoint: model.safetensors or pytorch_model.bin")
         st.text_input("Base model (config + tokenizer)", key="base_model", **KEEP,
                       placeholder="/models/Llama-3.2-1B-Instruct, or empty to use the checkpoint's own")
+        _checkpoint_option_widgets()
         path = st.session_state["model_path"].strip()
         if not path:
             plan_issues.append("Model: give the checkpoint folder.")
         elif not Path(path).expanduser().is_dir():
             plan_issues.append(f"Model: {path} is not a folder.")
+
+
+def _checkpoint_option_widgets() -> None:
+    with st.expander("Checkpoint options (default: what the checkpoint declares)"):
+        with st.container(horizontal=True):  # wraps at 800 px instead of squeezing the labels
+            st.number_input("Latent steps", min_value=0, step=1, key="num_latent", **KEEP, width=WIDGET,
+                            placeholder=FROM_CHECKPOINT, help="T; released models: 6")
+            st.number_input("LoRA alpha", min_value=0.0, step=8.0, key="lora_alpha", **KEEP, width=WIDGET,
+                            placeholder=FROM_CHECKPOINT, help="released models: 32")
+            for key, (label, why) in TRI_STATE.items():
+                st.selectbox(label, list(CHOICES), key=key, **KEEP, help=why, width=WIDGET)
 
 
 def _dataset_widgets(plan_issues: list[str]) -> str | None:
@@ -183,7 +213,8 @@ def sweep_form() -> Plan:
         schemes=tuple(st.session_state["schemes"]), methods=tuple(st.session_state["methods"]), site=site,
         mode=st.session_state["mode"], batch_size="auto" if st.session_state["batch_auto"] else
         int(st.session_state["batch_size"]), device=st.session_state["device"], dtype=st.session_state["dtype"],
-        seed=int(st.session_state["seed"]))
+        seed=int(st.session_state["seed"]), **{k: getattr(model_spec(), k) for k in (
+            "num_latent", "lora_alpha", "merge_lora", "remove_eos", "use_prj", "prj_no_ln")})
     return _check(Plan(config, issues))
 
 
@@ -215,11 +246,12 @@ def _check(plan: Plan) -> Plan:
             parse_site(config.site, plan.model.n_layers)
         except AblationError as error:
             plan.issues.append(f"Site: {error}")
-    try:
-        T = plan.model.num_latent if plan.model is not None else 6  # the released models' 6 until loaded
-        plan.n_variants = len(expand(config.schemes, config.methods, config.site, config.mode, T))
-    except AblationError:
-        pass  # already an issue
+    T = plan.model.num_latent if plan.model is not None else config.num_latent  # the model's own, once loaded
+    if T is not None:
+        try:
+            plan.n_variants = len(expand(config.schemes, config.methods, config.site, config.mode, T))
+        except AblationError:
+            pass  # already an issue
     if config.dataset:
         path = Path(config.dataset)
         checked = data.validate_dataset(config.dataset, path.stat().st_mtime if path.is_file() else None)
