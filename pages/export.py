@@ -45,7 +45,8 @@ else:
         st.download_button("Scores (JSON)", partial(seed_file, SCORES), f"run{run_id}_{SCORES}",
                            "application/json", icon=":material/download:", on_click="ignore")
         st.download_button("Validation (JSON)", partial(seed_file, VALIDATION), f"run{run_id}_{VALIDATION}",
-                           "application/json", icon=":material/download:", on_click="ignore", disabled=not overview["n_validation"])
+                           "application/json", icon=":material/download:", on_click="ignore",
+                           disabled=not overview["n_validation"])
 
 st.subheader("Every variant")
 st.caption("One row per (problem, variant), baseline first, for the problems the filters keep: the columns of "

@@ -39,7 +39,8 @@ def results() -> None:
             for part, span in (("early", f"0–{T // 2 - 1}"), ("late", f"{T // 2}–{T - 1}")):
                 st.metric(f"{name}, {part} latents ({span})", widgets.ci(split[part], percent=pct), width="content",
                           border=True, help=f"{where}: mean {name.lower()} over the {part} latent positions, 95% "
-                          f"bootstrap interval {widgets.ci(split[part], split[part + '_lo'], split[part + '_hi'], pct)}")
+                          "bootstrap interval "
+                          + widgets.ci(split[part], split[part + "_lo"], split[part + "_hi"], pct))
             st.metric(f"{name}: early / late", widgets.ci(split["ratio"], percent=False), width="content",
                       border=True, help="95% bootstrap interval " + widgets.ci(split["ratio"], split["ratio_lo"],
                                                                               split["ratio_hi"], percent=False))

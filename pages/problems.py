@@ -117,9 +117,10 @@ else:
     marked = charts.ablated_positions(chosen["scheme"], int(chosen["k"]), T)
     how = "not fed" if chosen["scheme"] == "exit" else f"ablated ({chosen['method']})"
     st.plotly_chart(charts.lens_figure(chosen["lens"], marked, how), key="lens")
+    verb = "never feeds" if chosen["scheme"] == "exit" else "replaced"
     st.caption("Each latent's final hidden state read through the model's unembedding: its most likely tokens. "
-               + (f"Framed in red: the latents this variant {'never feeds' if chosen['scheme'] == 'exit' else 'replaced'}"
-                  f" ({', '.join(map(str, sorted(marked)))})." if marked else "The baseline ablates nothing."))
+               + (f"Framed in red: the latents this variant {verb} ({', '.join(map(str, sorted(marked)))})."
+                  if marked else "The baseline ablates nothing."))
 
 with st.expander("All variants as a table"):
     st.dataframe(variants.drop(columns=["lens", "column", "label"]), hide_index=True)
