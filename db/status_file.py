@@ -4,8 +4,10 @@ DuckDB lets one process hold a database file; while the dashboard (or a CLI swee
 `python -m runner status` in a second terminal cannot open it, not even read-only. The process
 that writes the file therefore also replaces `<db>.status.json` after every committed batch and
 every change of a run's status: the runs as `status --json` lists them, and the `--markdown`
-page of each run it touched. Written to a temporary file and `os.replace`d, so a reader sees the
-old snapshot or the new one, never half of one.
+page of each run it touched (rebuilt at most every PAGE_EVERY_S seconds while a run's status stays
+the same: the page's queries are not free, and they would run on the sweep's own thread).
+Written to a temporary file and `os.replace`d, so a reader sees the old snapshot or the new one,
+never half of one.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import contextlib
 import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 
 SUFFIX = ".status.json"
+PAGE_EVERY_S = 10.0  # a markdown page costs 0.1-0.3 s of queries: rebuilt at most this often, or on a new status
+_pages_built: dict[tuple[str, int], tuple[float, str]] = {}  # (db, run) -> (when, status) of the last page
 
 
 def path_for(db_path: str | Path) -> Path:
@@ -37,8 +42,12 @@ def publish(store, run_id: int | None = None) -> None:
     runs = _runs(store)
     ids = {str(r["id"]) for r in runs}
     pages = {k: v for k, v in (previous.get("markdown") or {}).items() if k in ids}
-    if run_id is not None and str(run_id) in ids:
+    status = next((r["status"] for r in runs if str(r["id"]) == str(run_id)), None)
+    built = _pages_built.get((str(store.path), run_id))
+    stale = built is None or built[1] != status or time.monotonic() - built[0] >= PAGE_EVERY_S
+    if status is not None and (stale or str(run_id) not in pages):
         pages[str(run_id)] = report.status_markdown(store, run_id)
+        _pages_built[(str(store.path), run_id)] = (time.monotonic(), status)
     snapshot = {"db": str(store.path), "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "writer_pid": os.getpid(), "runs": runs, "markdown": pages}
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")

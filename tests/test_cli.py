@@ -157,9 +157,10 @@ def test_status_works_while_another_process_holds_the_database(swept, capsys, tm
         holder.wait(timeout=60)
 
 
-def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir):
+def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir, monkeypatch):
     from db import status_file
     from runner.sweep import Sweep, SweepConfig
+    monkeypatch.setattr(status_file, "PAGE_EVERY_S", 0.0)  # the page too, every batch (else every 10 s)
     store = Store(tmp_path / "live.duckdb")
     config = SweepConfig(model=str(tiny_model_dir), limit=12, batch_size=4, schemes=("prefix",))
     run_id = Sweep.create(store, tiny_reasoner, config)
@@ -174,5 +175,12 @@ def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, 
     assert Sweep(store, tiny_reasoner, config, run_id, on_progress=check).run() == "finished"
     assert [s for s in seen if s[2] == "running" and s[0]] == [(4, 4, "running", True), (8, 8, "running", True),
                                                                (12, 12, "running", True)]
-    assert seen[-1][1:3] == (12, "finished")
+    assert seen[-1] == (12, 12, "finished", True)
     assert not list(tmp_path.glob("*.tmp"))  # replaced atomically, no leftovers
+
+    monkeypatch.setattr(status_file, "PAGE_EVERY_S", 3600.0)  # throttled page: the run list still follows
+    store.update_run(run_id, notes="checked")
+    snapshot = status_file.read(store.path)
+    assert snapshot["runs"][0]["notes"] == "checked" and "12/12 problems" in snapshot["markdown"][str(run_id)]
+    store.update_run(run_id, status="stopped")  # a new status rebuilds the page at once
+    assert "— stopped" in status_file.read(store.path)["markdown"][str(run_id)]
