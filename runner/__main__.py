@@ -174,7 +174,8 @@ def cmd_sweep(args) -> int:
     reasoner = load(config.model_spec())
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
-    print(f"run {run_id} model options: {reasoner.options_line}", file=sys.stderr)  # once it can start
+    # stdout: stderr carries progress and, on failure, the one-line error
+    print(f"run {run_id} model options: {reasoner.options_line}", flush=True)
     with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:
         status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
     if status == "stopped":

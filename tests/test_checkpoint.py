@@ -107,7 +107,7 @@ def test_options_are_needed_where_the_checkpoint_is_silent(setting, tmp_path, ca
     ours, config = cli(tmp_path, folder, questions_file, name="assumed")
     assert config["checkpoint_options"]["lora_alpha"] == {"value": 32.0, "source": "assumed: released CODI models"}
     assert ours != official(codi, tokenizer_dir, questions), "alpha 32 assumed for an alpha 16 model changed nothing"
-    printed = capfd.readouterr().err
+    printed = capfd.readouterr().out
     assert "model options: num_latent=6 (assumed: released CODI models), lora_alpha=32.0 (assumed" in printed
     assert "merge_lora=True (default in float32)" in printed
 
