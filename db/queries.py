@@ -35,7 +35,9 @@ EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ra
 SCHEME_ORDER = "list_position(['baseline', 'prefix', 'single', 'suffix', 'exit'], scheme)"
 POSITION = "CASE WHEN r.scheme = 'prefix' THEN r.k - 1 ELSE r.k END"
 BUCKET_EDGES, BUCKET_REST = ((2, "1-2"), (4, "3-4")), "5+"  # buckets: step counts up to each edge, then the rest
-BUCKET = f"CASE {' '.join(f'WHEN s.difficulty <= {e} THEN {n!r}' for e, n in BUCKET_EDGES)} ELSE {BUCKET_REST!r} END"
+# difficulty -1: none could be derived (runner.data.UNKNOWN_DIFFICULTY), its own bucket.
+BUCKET = (f"CASE WHEN s.difficulty < 1 THEN 'unknown' "
+          f"{' '.join(f'WHEN s.difficulty <= {e} THEN {n!r}' for e, n in BUCKET_EDGES)} ELSE {BUCKET_REST!r} END")
 GROUP_KEYS = ["scheme", "method", "site", "mode"]
 PROBLEM_ORDER = {"ord": "ord", "problem_id": "problem_id", "difficulty": "difficulty", "n_flips": "n_flips",
                  "baseline_correct": "baseline_correct"}
@@ -237,8 +239,8 @@ def _scores(store, run_id: int, filters: Filters, scheme=None, method=None, site
 
 def _bucket(difficulty: np.ndarray) -> np.ndarray:
     """BUCKET, for step counts in numpy."""
-    return np.select([difficulty <= edge for edge, _ in BUCKET_EDGES], [name for _, name in BUCKET_EDGES],
-                     BUCKET_REST).astype(object)
+    return np.select([difficulty < 1] + [difficulty <= edge for edge, _ in BUCKET_EDGES],
+                     ["unknown"] + [name for _, name in BUCKET_EDGES], BUCKET_REST).astype(object)
 
 
 def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:

@@ -45,7 +45,8 @@ def build_parser() -> Parser:
     sweep = sub.add_parser("sweep", help="run (or resume) a sweep into the database")
     sweep.add_argument("--model", default="default", help="default | checkpoint folder | hub id")
     sweep.add_argument("--base-model", default=None, help="config + tokenizer source (folder or hub id)")
-    sweep.add_argument("--dataset", default="builtin", help="builtin | gsm8k | path (.jsonl, .json, .csv, .parquet)")
+    sweep.add_argument("--dataset", default="builtin",
+                       help="builtin | gsm8k | gsm-hard | svamp | multi-arith | path (.jsonl, .json, .csv, .parquet)")
     sweep.add_argument("--db", default=DEFAULT_DB)
     sweep.add_argument("--run-name", default=None)
     sweep.add_argument("--limit", type=int, default=None)
@@ -171,9 +172,10 @@ def cmd_sweep(args) -> int:
         return distributed.main(store, config, run_id=args.resume, workers=args.workers,
                                 address=args.ray_address, quiet=args.quiet)
     reasoner = load(config.model_spec())
-    print(f"model options: {reasoner.options_line}", file=sys.stderr)
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
+    # stdout: stderr carries progress and, on failure, the one-line error
+    print(f"run {run_id} model options: {reasoner.options_line}", flush=True)
     with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:
         status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
     if status == "stopped":
@@ -292,7 +294,7 @@ def cmd_stats(args) -> int:
     print("position importance (prefix, flip rate): " +
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
-        print(f"  {steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
+        print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
               f"early={row['early_importance']:.3f} late={row['late_importance']:.3f}")
     return 0
 
@@ -339,7 +341,7 @@ def cmd_validate_data(args) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
     return 1 if report.rejected and report.n_problems == 0 else 0

@@ -557,3 +557,22 @@ def test_the_demo_button_goes_to_progress(tmp_path, monkeypatch):
     assert not at.exception
     assert at.title[0].value == "Progress"
     assert service.store.run_row(1)["total"] == 8
+
+
+def test_checkpoint_options_on_the_run_page_reach_the_loaded_model(database):
+    """The Run page's checkpoint options go into the model spec; the loaded model and the selected run show theirs."""
+    at = open_app(database.sweep_id)
+    captions = [str(c.value) for c in at.caption]
+    assert any(c.startswith(f"Run #{database.sweep_id} checkpoint options: num_latent=6 (codi_config.json)")
+               for c in captions), captions
+    at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
+    at.text_input(key="model_path").input(str(database.model_dir)).run()
+    at.number_input(key="num_latent").set_value(3).run()
+    at.selectbox(key="merge_lora").set_value("no").run()
+    at.selectbox(key="remove_eos").set_value("no").run()
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    loaded = [str(c.value) for c in at.caption if str(c.value).startswith("Checkpoint options:")]
+    assert loaded and "num_latent=3 (given)" in loaded[0] and "remove_eos=False (given)" in loaded[0], loaded
+    assert "merge_lora=False (given)" in loaded[0] and "lora_alpha=32.0 (codi_config.json)" in loaded[0]
+    assert any("3 latents" in str(c.value) for c in at.caption)
