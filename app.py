@@ -7,7 +7,7 @@ after a reload) and the database file switcher.
 import streamlit as st
 
 from dashboard import state
-from dashboard.widgets import status_badge
+from dashboard.widgets import duration, status_badge
 from db import queries
 from db.store import StoreError
 
@@ -27,22 +27,22 @@ page = st.navigation(PAGES)
 
 @st.fragment(run_every=2)
 def live_status() -> None:
-    """The sweep of this process, wherever the user is; a full rerun when it ends refreshes every number."""
+    """The selected run's status (state.run_status: the one the pages show), live while it sweeps; a full
+    rerun when any run's status changes refreshes every number."""
     try:
         svc = state.service()
     except StoreError:
         return
-    progress, running = svc.status(), svc.running
-    if progress is None:
-        st.caption("No sweep running.")
-        return
-    share = progress.done / progress.total if progress.total else 0.0
-    status = "running" if running else progress.status
-    st.progress(share, text=f"Run #{progress.run_id} · **{status}** · {progress.done}/{progress.total}")
-    if running and progress.problems_per_hour:
-        eta = f" · ETA {progress.eta_s / 60:.0f} min" if progress.eta_s else ""
-        row = svc.store.run_row(progress.run_id) or {}  # its phase changes before the next snapshot
-        st.caption(f"{row.get('phase') or progress.phase} phase · {progress.problems_per_hour:,.0f} problems/h{eta}")
+    shown = state.run_status(svc, st.session_state["run_id"]) if st.session_state.get("run_id") else None
+    if shown is not None:
+        share = shown.done / shown.total if shown.total else 0.0
+        st.progress(share, text=f"{shown.done:,} / {shown.total:,} problems")
+        if shown.status == "running":
+            rate = f" · {shown.problems_per_hour:,.0f} problems/h" if shown.problems_per_hour else ""
+            st.caption(f"{shown.phase or '…'} phase{rate} · ETA {duration(shown.eta_s)}")
+    progress = svc.status()
+    if svc.running and progress is not None and (shown is None or progress.run_id != shown.run_id):
+        st.caption(f"Run #{progress.run_id} is sweeping in this dashboard ({progress.done:,} / {progress.total:,}).")
     state.rerun_if_stale(svc)
 
 
@@ -71,4 +71,5 @@ if svc is None:
     st.title("ThoughtSweep")
     st.error("The dashboard could not open its database; open another file in the sidebar (*Database file*).")
     st.stop()
+state.follow_demo()
 page.run()

@@ -53,7 +53,7 @@ class IdTokenizer:
     def __init__(self, vocab: int):
         self.vocab = vocab
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
         return " ".join(f"t{i}" for i in ids)
 
     def batch_decode(self, rows, skip_special_tokens=True):

@@ -6,6 +6,7 @@ A variant's x position is its k, labelled with the latents it ablates (DESIGN.md
 """
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -36,6 +37,12 @@ def ablated(scheme: str, k: int, num_latent: int) -> str:
     if scheme == "suffix":
         return str(k) if k == num_latent - 1 else f"{k}–{num_latent - 1}"
     return str(k)  # single: the latent; exit: how many are fed
+
+
+def ablated_positions(scheme: str, k: int, num_latent: int) -> set[int]:
+    """The latent positions a variant replaces (exit: the ones it never feeds); DESIGN.md section 3."""
+    return {"prefix": set(range(k)), "single": {k}, "suffix": set(range(k, num_latent)),
+            "exit": set(range(k, num_latent))}.get(scheme, set())
 
 
 def is_rate(measure: str) -> bool:
@@ -118,25 +125,44 @@ def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str
     return fig
 
 
-def compare_figure(table: pd.DataFrame, label_a: str, label_b: str, scheme: str, measure: str,
-                   num_latent: int) -> go.Figure:
-    """Both curves with their bands (top), and a − b per k (bottom; grey where the intervals overlap)."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
-    for (side, label), color in zip((("a", label_a), ("b", label_b)), COLORS):
-        _band(fig, table["k"], table[f"lo_{side}"], table[f"hi_{side}"], color, label, row=1, col=1)
-        fig.add_trace(go.Scatter(x=table["k"], y=table[f"value_{side}"], mode="lines+markers", name=label,
-                                 legendgroup=label, line=dict(color=color, width=2.5),
-                                 hovertemplate=f"{label}: %{{y:{_fmt(measure)}}}<extra></extra>"), row=1, col=1)
-    colors = ["#9ca3af" if overlap else "#111827" for overlap in table["overlap"].fillna(True)]
-    fig.add_trace(go.Bar(x=table["k"], y=table["diff"], marker_color=colors, name="difference a − b",
-                         showlegend=False, hovertemplate=f"a − b: %{{y:{_fmt(measure)}}}<extra></extra>"),
-                  row=2, col=1)
-    ks = list(table["k"])
-    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, int(k), num_latent) for k in ks])
-    _layout(fig, 460)
+def plain(text: str) -> str:
+    """Text from a file (a run's model, dataset, name) as Plotly shows it: its tags escaped, never markup."""
+    return html.escape(str(text), quote=False)
+
+
+def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str, pd.DataFrame]], scheme: str,
+                   measure: str, num_latent: int) -> go.Figure:
+    """Each curve with its band over its own k (top); each paired difference to the first curve (bottom).
+
+    A curve is drawn only where it has values, so a run with fewer positions ends early instead of
+    pulling a band into a sliver; a difference is drawn only where the two sides share problems.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36], vertical_spacing=0.1)
+    for i, (label, curve) in enumerate(curves):
+        color, curve, name = COLORS[i % len(COLORS)], curve.sort_values("k"), plain(label)
+        curve = curve[curve["value"].notna()]
+        _band(fig, curve["k"], curve["value_lo"], curve["value_hi"], color, name, row=1, col=1)
+        fig.add_trace(go.Scatter(x=curve["k"], y=curve["value"], mode="lines+markers", name=name, legendgroup=name,
+                                 line=dict(color=color, width=2.5),
+                                 hovertemplate=f"{name}: %{{y:{_fmt(measure)}}}<extra></extra>"), row=1, col=1)
+    for i, (label, pair) in enumerate(pairs, start=1):
+        pair, name = pair[pair["shared"] > 0], plain(label)
+        fig.add_trace(go.Scatter(
+            x=pair["k"], y=pair["diff"], mode="markers", name=name, legendgroup=name, showlegend=False,
+            marker=dict(color=COLORS[i % len(COLORS)], size=9, symbol="diamond"),
+            error_y=dict(type="data", symmetric=False, array=pair["diff_hi"] - pair["diff"],
+                         arrayminus=pair["diff"] - pair["diff_lo"]),
+            customdata=pair["shared"], hovertemplate=(f"first − {name}: %{{y:{_fmt(measure)}}} "
+                                                      "on %{customdata} shared problems<extra></extra>")),
+            row=2, col=1)
+    fig.add_hline(y=0, line_color="#9ca3af", row=2, col=1)
+    ks = sorted({int(k) for _, curve in curves for k in curve["k"]})
+    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, k, num_latent) for k in ks])
+    _layout(fig, 500)
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
     fig.update_xaxes(title=SCHEME_AXES.get(scheme, "k"), row=2, col=1)
     fig.update_yaxes(title=MEASURE_LABELS[measure], tickformat=".0%" if is_rate(measure) else ".2f", row=1, col=1)
-    fig.update_yaxes(title="a − b", tickformat="+.0%" if is_rate(measure) else "+.2f", row=2, col=1)
+    fig.update_yaxes(title="first − other (paired)", tickformat="+.0%" if is_rate(measure) else "+.2f", row=2, col=1)
     return fig
 
 
@@ -189,18 +215,26 @@ def logprob_figure(variants: pd.DataFrame, labels: list[str]) -> go.Figure:
     return fig
 
 
-def lens_figure(lens: list[list[list]]) -> go.Figure:
-    """Logit lens: one row per latent, its top-k tokens left to right, colour = probability."""
+def lens_figure(lens: list[list[list]], ablated: set[int] = frozenset(), how: str = "ablated") -> go.Figure:
+    """Logit lens: one row per latent, its top-k tokens left to right, colour = probability.
+
+    The latents the variant replaced (`ablated`) are labelled `how` ("ablated", "not fed") and framed in red.
+    """
     depth = max((len(row) for row in lens), default=0)
     probs = [[row[j][1] if j < len(row) else math.nan for j in range(depth)] for row in lens]
     tokens = [[repr(row[j][0])[1:-1] if j < len(row) else "" for j in range(depth)] for row in lens]
     text = [[f"{t}<br>{p:.0%}" if t else "" for t, p in zip(tr, pr)] for tr, pr in zip(tokens, probs)]
     fig = go.Figure(go.Heatmap(
-        z=probs, x=[f"top {j + 1}" for j in range(depth)], y=[f"latent {i}" for i in range(len(lens))],
+        z=probs, x=[f"top {j + 1}" for j in range(depth)],
+        y=[f"latent {i} · {how}" if i in ablated else f"latent {i}" for i in range(len(lens))],
         text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, xgap=2, ygap=2,
         zmax=max(0.05, max((p for row in probs for p in row if not math.isnan(p)), default=1.0)),
         colorbar=dict(title=dict(text="prob", side="right"), tickformat=".0%"),
         customdata=tokens, hovertemplate="%{y}, %{x}: '%{customdata}' %{z:.1%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
+    for i in sorted(ablated):
+        if i < len(lens):
+            fig.add_shape(type="rect", x0=-0.5, x1=depth - 0.5, y0=i - 0.5, y1=i + 0.5, xref="x", yref="y",
+                          line=dict(color="#dc2626", width=2.5))
     _layout(fig, 60 + 44 * max(len(lens), 1))
     return fig

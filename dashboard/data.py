@@ -15,6 +15,7 @@ import streamlit as st
 
 from dashboard.state import open_service
 from db import queries, report, seed
+from db.paired import paired_difference
 from db.queries import Curve, Filters
 from runner import data as datasets
 
@@ -72,9 +73,22 @@ def difficulty_heatmap(db: str, run_id: int, version: tuple, filters: Filters, m
 
 
 @st.cache_data(**CACHE)
-def compare(db: str, versions: tuple, a: Curve, b: Curve, measure: str) -> pd.DataFrame:
-    """`versions`: both runs' versions, so either one's new batch refreshes the comparison."""
-    return queries.compare(_store(db), a, b, measure)
+def curve(db: str, version: tuple, curve: Curve, measure: str) -> pd.DataFrame:
+    """One compared curve: its per-k values with intervals (position_curve of one group)."""
+    return queries.position_curve(_store(db), curve.run_id, curve.filters, measure, curve.scheme, curve.method,
+                                  curve.site, curve.mode)
+
+
+@st.cache_data(**CACHE)
+def paired(db: str, versions: tuple, a: Curve, b: Curve, measure: str) -> pd.DataFrame:
+    """a − b per k on the problems both share, with the paired bootstrap interval (db/paired.py)."""
+    store = _store(db)
+    return paired_difference(queries.curve_values(store, a, measure), queries.curve_values(store, b, measure))
+
+
+@st.cache_data(**CACHE)
+def run_settings(db: str, run_ids: tuple) -> dict:
+    return queries.run_settings(_store(db), list(run_ids))
 
 
 @st.cache_data(**CACHE)
@@ -146,3 +160,20 @@ def validate_dataset(source: str, modified: float | None) -> dict:
         return {"report": datasets.validate_dataset(source).to_json()}
     except datasets.DatasetError as error:
         return {"error": str(error)}
+
+
+# --- the runs table ------------------------------------------------------------------------------
+def runs_version(runs: pd.DataFrame) -> tuple:
+    """Changes whenever a run's row does (a batch, a status, an edit): the runs table's cache key."""
+    return tuple(runs[["id", "done", "status", "name", "notes", "tags"]].itertuples(index=False, name=None))
+
+
+@st.cache_data(**CACHE)
+def runs_overview(db: str, version: tuple) -> pd.DataFrame:
+    return queries.runs_overview(_store(db))
+
+
+@st.cache_data(**CACHE)
+def early_late_of(db: str, run_id: int, version: tuple, filters: Filters, measure: str, scheme: str, method: str,
+                  site: str, mode: str) -> dict:
+    return queries.early_late_of(_store(db), run_id, filters, measure, scheme, method, site, mode)

@@ -11,12 +11,13 @@ import argparse
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
+from dashboard import uploads
 from db import queries
 from db.store import Store, StoreError
 from runner.ablation import AblationError
@@ -153,6 +154,12 @@ def select(run_id: int) -> None:
     st.session_state["pending_run_id"] = int(run_id)
 
 
+def select_runs(run_ids: list[int]) -> None:
+    """Rows chosen in the Run page's table: the first is shown on every page, all of them go to Compare."""
+    select(run_ids[0])
+    st.session_state["compare_runs"] = [int(i) for i in run_ids]
+
+
 def selected_run(svc: SweepService) -> dict | None:
     """The selected run's row (queries.runs columns), or None when the database has no runs."""
     runs = queries.runs(svc.store)
@@ -161,6 +168,37 @@ def selected_run(svc: SweepService) -> dict | None:
     wanted = st.session_state.get("pending_run_id", st.session_state.get("run_id"))
     chosen = runs[runs["id"] == wanted] if wanted is not None else runs.iloc[:0]
     return (chosen if len(chosen) else runs.iloc[:1]).iloc[0].to_dict()
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One run's status as every place shows it (sidebar, Progress, Run table): the file's row, and while
+    this process sweeps it, the sweep's live snapshot (its throughput, ETA and elapsed time are newer)."""
+    run_id: int
+    name: str
+    status: str
+    phase: str | None
+    done: int
+    total: int
+    problems_per_hour: float | None
+    eta_s: float | None
+    elapsed_s: float | None
+
+
+def run_status(svc: SweepService, run_id: int) -> RunStatus | None:
+    row = svc.store.run_row(run_id)
+    if row is None:
+        return None
+    progress = svc.status()
+    live = progress if progress is not None and progress.run_id == run_id and row["status"] == "running" else None
+    rate = live.problems_per_hour if live and live.problems_per_hour else row["problems_per_hour"]
+    rate = None if rate is None or rate != rate or not rate else float(rate)
+    elapsed = live.elapsed_s if live else (row["elapsed_s"] or None)
+    eta = None
+    if row["status"] == "running" and rate:
+        eta = live.eta_s if live and live.eta_s is not None else (int(row["total"]) - int(row["done"])) / rate * 3600
+    return RunStatus(int(run_id), str(row["name"]), str(row["status"]), row["phase"], int(row["done"]),
+                     int(row["total"]), rate, eta, elapsed)
 
 
 def version(run: dict) -> tuple[int, str]:
@@ -192,23 +230,37 @@ def demo_config() -> SweepConfig:
     return SweepConfig(run_name="demo", limit=limit, validation=min(30, limit // 4))
 
 
-def start_sweep(config: SweepConfig) -> None:
+def start_sweep(config: SweepConfig) -> int | None:
     """on_click of Start: start the sweep, select its run, leave the outcome in `sweep_feedback`.
 
     A second click while a sweep runs (a double click included) gets SweepBusy: one warning, no second run.
     """
     try:
-        run_id = service().start(config)
+        run_id = service().start(replace(config, dataset=uploads.keep(config.dataset)))
     except SweepBusy as error:
         st.session_state["sweep_feedback"] = ("warning", f"Not started: {error}.")
     except EXPLAINED as error:
-        st.session_state["sweep_feedback"] = ("error", f"Not started: {error}")
+        st.session_state["sweep_feedback"] = ("error", f"Not started: {uploads.shown(str(error))}")
     except Exception as error:  # e.g. a transformers OSError on a broken checkpoint: the text, not a traceback
         st.session_state["sweep_feedback"] = ("error", f"Not started: {type(error).__name__}: {error}")
     else:
         select(run_id)
         st.session_state["loaded_models"] = [*st.session_state.get("loaded_models", []), config.model_spec()]
         st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} started.")
+        st.session_state["run_name"] = ""  # the next run gets its own name, not this one's
+        return run_id
+    return None
+
+
+def start_demo(config: SweepConfig) -> None:
+    """on_click of the demo button: start it, and have app.py move on to Progress, where the user watches it."""
+    st.session_state["demo_started"] = start_sweep(config) is not None
+
+
+def follow_demo() -> None:
+    """From app.py, before any page: a demo just started goes to Progress (its feedback shows there)."""
+    if st.session_state.pop("demo_started", False):
+        st.switch_page("pages/progress.py")
 
 
 def resume_sweep(run_id: int) -> None:
@@ -247,8 +299,8 @@ def empty_database(svc: SweepService) -> None:
                     f"{config.limit} built-in problems ({config.validation} of them as a validation subset) "
                     f"with the prefix, single and suffix zero-ablations: a few minutes on a laptop CPU, "
                     f"followed live on the Progress page.")
-        st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", on_click=start_sweep,
-                  args=(config,), disabled=svc.running)
+        st.button("Run the demo sweep", type="primary", icon=":material/rocket_launch:", disabled=svc.running,
+                  on_click=start_demo, args=(config,))
         show_feedback()
         st.caption("Or choose a model, dataset and variants on the **Run** page, where you can also import the old "
                    "script's JSON results (*Import the old script's results*).")

@@ -5,16 +5,13 @@ the model folder, and (once the model is loaded) the residual-stream layer again
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
-from dashboard import data, state
+from dashboard import data, state, uploads
 from runner.ablation import METHODS, MODES, SCHEMES, AblationError, expand, parse_site
 from runner.model import ModelSpec
 from runner.sweep import SweepConfig, SweepError
@@ -22,7 +19,12 @@ from runner.sweep import SweepConfig, SweepError
 MODEL_CHOICES = ("Embedded default", "Local CODI checkpoint")
 DATASET_CHOICES = ("Built-in problems", "GSM8K .jsonl file", "Old script's .json file", "Upload a file")
 PATH_HINTS = {"GSM8K .jsonl file": "../shared/data/gsm8k/test.jsonl", "Old script's .json file": "problems.json"}
-SEED_PRESET = "Seed MECH-02"
+SEED_PRESET = "Old script's setup"
+SEED_PRESET_HELP = ("Reproduces the configuration of the old step-importance script (the seed, MECH-02): the prefix "
+                    "scheme (k = 1..T ablates latents 0..k-1), zeroing, at the residual stream after block 8 of "
+                    "Llama-3.2-1B's 16 (the middle block of other models), recompute mode (later latents follow "
+                    "the ablated state). Loads the model to know its depth.")
+WIDGET = 160  # px: the narrow inputs sit in rows that wrap rather than squeeze
 KEEP = dict(persist_state="session")  # the form survives a visit to another page
 FROM_CHECKPOINT = "from the checkpoint"
 # Checkpoint options with three states: None (what the checkpoint declares, runner/checkpoint.py), True, False.
@@ -95,18 +97,7 @@ def apply_seed_preset() -> None:
                             site_layer=8 if llama else reasoner.n_layers // 2)
     layer = st.session_state["site_layer"]
     st.session_state["sweep_feedback"] = ("info", f"{SEED_PRESET}: prefix · zero · resid:{layer} · recompute "
-                                                  f"({reasoner.n_layers} blocks).")
-
-
-def saved_upload(upload, folder: Path) -> str:
-    """The uploaded bytes as a file beside the database (a resume needs the dataset again); its path."""
-    content = upload.getvalue()
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(upload.name))[-80:].lstrip(".") or "upload"
-    target = folder / "uploads" / f"{hashlib.sha256(content).hexdigest()[:12]}-{name}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    return str(target)
+                                                  f"({reasoner.n_layers} blocks), as the old script swept.")
 
 
 def _model_widgets(plan_issues: list[str]) -> None:
@@ -127,16 +118,16 @@ def _model_widgets(plan_issues: list[str]) -> None:
 
 def _checkpoint_option_widgets() -> None:
     with st.expander("Checkpoint options (default: what the checkpoint declares)"):
-        a, b = st.columns(2)
-        a.number_input("Latent steps", min_value=0, step=1, key="num_latent", **KEEP,
-                       placeholder=FROM_CHECKPOINT, help="T; released models: 6")
-        b.number_input("LoRA alpha", min_value=0.0, step=8.0, key="lora_alpha", **KEEP,
-                       placeholder=FROM_CHECKPOINT, help="released models: 32")
-        for column, (key, (label, why)) in zip(st.columns(len(TRI_STATE)), TRI_STATE.items()):
-            column.selectbox(label, list(CHOICES), key=key, **KEEP, help=why)
+        with st.container(horizontal=True):  # wraps at 800 px instead of squeezing the labels
+            st.number_input("Latent steps", min_value=0, step=1, key="num_latent", **KEEP, width=WIDGET,
+                            placeholder=FROM_CHECKPOINT, help="T; released models: 6")
+            st.number_input("LoRA alpha", min_value=0.0, step=8.0, key="lora_alpha", **KEEP, width=WIDGET,
+                            placeholder=FROM_CHECKPOINT, help="released models: 32")
+            for key, (label, why) in TRI_STATE.items():
+                st.selectbox(label, list(CHOICES), key=key, **KEEP, help=why, width=WIDGET)
 
 
-def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
+def _dataset_widgets(plan_issues: list[str]) -> str | None:
     choice = st.radio("Dataset", DATASET_CHOICES, key="dataset_choice", **KEEP, horizontal=True)
     if choice == DATASET_CHOICES[0]:
         return "builtin"
@@ -147,7 +138,27 @@ def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
         if upload is None:
             plan_issues.append("Dataset: upload a file.")
             return None
-        return saved_upload(upload, db_folder)
+        staged = uploads.stage(upload.name, upload.getvalue())
+        st.session_state["upload_names"] = {**st.session_state.get("upload_names", {}), str(staged): upload.name}
+        fields = uploads.columns(staged)
+        if not fields:
+            return str(staged)  # unreadable: validation says why
+        with st.container(horizontal=True):
+            for key, standard, label in (("question_field", "question", "Question field"),
+                                         ("answer_field", "answer", "Answer field")):
+                if st.session_state.get(key) not in fields:  # another file's choice; no guess beyond the name
+                    st.session_state[key] = standard if standard in fields else None
+                st.selectbox(label, fields, key=key, width=220, placeholder="choose a field",
+                             help="The file's field holding the " + standard + ("" if standard == "question" else
+                                  " (a GSM8K solution ending in '#### N', or the number)"))
+        unnamed = [f"'{k}'" for k in ("question", "answer") if st.session_state[f"{k}_field"] is None]
+        if unnamed:
+            plan_issues.append(f"Dataset: {upload.name} has no field named {' or '.join(unnamed)} (its fields: "
+                               f"{', '.join(fields)}): choose under Question field / Answer field.")
+            return None
+        target = uploads.mapped(staged, st.session_state["question_field"], st.session_state["answer_field"])
+        st.session_state["upload_names"][str(target)] = upload.name
+        return str(target)
     st.text_input("Dataset path", key="dataset_path", **KEEP, placeholder=PATH_HINTS[choice])
     path = st.session_state["dataset_path"].strip()
     if not path:
@@ -156,7 +167,7 @@ def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
     return path
 
 
-def sweep_form(db_folder: Path) -> Plan:
+def sweep_form() -> Plan:
     """Every option of a sweep; returns the plan with its config and what blocks Start."""
     _init()
     issues: list[str] = []
@@ -164,13 +175,14 @@ def sweep_form(db_folder: Path) -> Plan:
     with left.container(border=True):
         st.markdown("**Model and data**")
         _model_widgets(issues)
-        dataset = _dataset_widgets(issues, db_folder)
-        a, b, c = st.columns(3)
-        a.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems")
-        b.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP,
-                       help="A stratified subset swept first, to check the pattern before the full run")
-        c.number_input("Seed", min_value=0, step=1, key="seed", **KEEP,
-                       help="Validation sampling, shuffle, noise, resample")
+        dataset = _dataset_widgets(issues)
+        with st.container(horizontal=True):  # wraps: at 800 px a label never breaks mid-word
+            st.number_input("Limit (0 = all)", min_value=0, step=10, key="limit", **KEEP, help="First N problems",
+                            width=WIDGET)
+            st.number_input("Validation subset", min_value=0, step=10, key="validation", **KEEP, width=WIDGET,
+                            help="A stratified subset swept first, to check the pattern before the full run")
+            st.number_input("Seed", min_value=0, step=1, key="seed", **KEEP, width=WIDGET,
+                            help="Validation sampling, shuffle, noise, resample")
         st.checkbox("Shuffle before the limit", key="shuffle", **KEEP)
         st.text_input("Run name", key="run_name", **KEEP, placeholder="model on dataset")
     with right.container(border=True):
@@ -178,18 +190,18 @@ def sweep_form(db_folder: Path) -> Plan:
         st.multiselect("Schemes", SCHEMES, key="schemes", **KEEP, help="prefix: latents 0..k-1; single: latent k; "
                        "suffix: latents k..T-1; exit: answer after k latents")
         st.multiselect("Methods", METHODS, key="methods", **KEEP, help="What replaces an ablated latent")
-        a, b = st.columns(2)
-        a.radio("Site", ["latent", "residual stream"], key="site_kind", **KEEP, horizontal=True,
-                help="latent: the vector fed back as input; residual stream: block L's output at that position")
-        b.number_input("Block L", min_value=0, step=1, key="site_layer", **KEEP,
-                       disabled=st.session_state["site_kind"] == "latent")
+        with st.container(horizontal=True):
+            st.radio("Site", ["latent", "residual stream"], key="site_kind", **KEEP, horizontal=True, width="content",
+                     help="latent: the vector fed back as input; residual stream: block L's output at that position")
+            st.number_input("Block L", min_value=0, step=1, key="site_layer", **KEEP, width=WIDGET,
+                            disabled=st.session_state["site_kind"] == "latent")
         st.radio("Mode", MODES, key="mode", **KEEP, horizontal=True,
                  help="recompute: later latents follow the ablated state; frozen: they keep their baseline values")
-        a, b, c = st.columns(3)
-        a.selectbox("Device", ["cpu", "cuda"], key="device", **KEEP)
-        b.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP)
-        c.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP,
-                       disabled=st.session_state["batch_auto"], help="Problems per batch")
+        with st.container(horizontal=True):
+            st.selectbox("Device", ["cpu", "cuda"], key="device", **KEEP, width=WIDGET)
+            st.selectbox("Dtype", ["float32", "bfloat16", "float16"], key="dtype", **KEEP, width=WIDGET)
+            st.number_input("Batch size", min_value=1, step=8, key="batch_size", **KEEP, width=WIDGET,
+                            disabled=st.session_state["batch_auto"], help="Problems per batch")
         st.toggle("Automatic batch size", key="batch_auto", **KEEP,
                   help="Grows while throughput improves and memory allows")
 
@@ -204,6 +216,17 @@ def sweep_form(db_folder: Path) -> Plan:
         seed=int(st.session_state["seed"]), **{k: getattr(model_spec(), k) for k in (
             "num_latent", "lora_alpha", "merge_lora", "remove_eos", "use_prj", "prj_no_ln")})
     return _check(Plan(config, issues))
+
+
+def _as_uploaded(message: str, dataset: str) -> str:
+    """An upload's error names the file the user chose, not where it was staged; fields are picked above."""
+    name = st.session_state.get("upload_names", {}).get(dataset)
+    if name is None:
+        return message
+    message = uploads.shown(message.replace(dataset, name))
+    if "; name yours with question_field/answer_field" in message:
+        message = message.split("; name yours")[0] + ": choose them under Question field / Answer field"
+    return message
 
 
 def _check(plan: Plan) -> Plan:
@@ -233,12 +256,15 @@ def _check(plan: Plan) -> Plan:
         path = Path(config.dataset)
         checked = data.validate_dataset(config.dataset, path.stat().st_mtime if path.is_file() else None)
         if "error" in checked:
-            plan.issues.append(f"Dataset: {checked['error']}")
+            plan.issues.append(f"Dataset: {_as_uploaded(checked['error'], config.dataset)}")
         else:
             plan.dataset = checked["report"]
             n = plan.dataset["n_problems"]
             if n == 0:
                 plan.issues.append("Dataset: no usable problem in it (see the rejected lines below).")
+            elif plan.dataset["rejected"]:  # a sweep reads every record: it would stop at the first bad one
+                plan.issues.append(f"Dataset: {len(plan.dataset['rejected'])} record(s) rejected (listed below): "
+                                   "fix or remove them, then upload the file again.")
             if config.limit and config.limit > n:
                 plan.warnings.append(f"Limit {config.limit} is more than the {n} usable problems: all will run.")
             if config.validation > min(n, config.limit or n):

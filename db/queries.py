@@ -35,7 +35,9 @@ EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ra
 SCHEME_ORDER = "list_position(['baseline', 'prefix', 'single', 'suffix', 'exit'], scheme)"
 POSITION = "CASE WHEN r.scheme = 'prefix' THEN r.k - 1 ELSE r.k END"
 BUCKET_EDGES, BUCKET_REST = ((2, "1-2"), (4, "3-4")), "5+"  # buckets: step counts up to each edge, then the rest
-BUCKET = f"CASE {' '.join(f'WHEN s.difficulty <= {e} THEN {n!r}' for e, n in BUCKET_EDGES)} ELSE {BUCKET_REST!r} END"
+# difficulty -1: none could be derived (runner.data.UNKNOWN_DIFFICULTY), its own bucket.
+BUCKET = (f"CASE WHEN s.difficulty < 1 THEN 'unknown' "
+          f"{' '.join(f'WHEN s.difficulty <= {e} THEN {n!r}' for e, n in BUCKET_EDGES)} ELSE {BUCKET_REST!r} END")
 GROUP_KEYS = ["scheme", "method", "site", "mode"]
 PROBLEM_ORDER = {"ord": "ord", "problem_id": "problem_id", "difficulty": "difficulty", "n_flips": "n_flips",
                  "baseline_correct": "baseline_correct"}
@@ -237,8 +239,8 @@ def _scores(store, run_id: int, filters: Filters, scheme=None, method=None, site
 
 def _bucket(difficulty: np.ndarray) -> np.ndarray:
     """BUCKET, for step counts in numpy."""
-    return np.select([difficulty <= edge for edge, _ in BUCKET_EDGES], [name for _, name in BUCKET_EDGES],
-                     BUCKET_REST).astype(object)
+    return np.select([difficulty < 1] + [difficulty <= edge for edge, _ in BUCKET_EDGES],
+                     ["unknown"] + [name for _, name in BUCKET_EDGES], BUCKET_REST).astype(object)
 
 
 def _early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:
@@ -507,3 +509,102 @@ def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int 
                        f"percentile bootstrap over problems ({n_boot} resamples, seed {seed})",
     }
     return _plain(result)
+
+
+# --- issue 16: the runs table, early/late of any measure, paired comparisons ---------------------------
+# Named parameters throughout. A scope like SCOPE, one per side of a comparison ($run, $phase, ...).
+NAMED_SCOPE = """scope AS (
+    SELECT p.problem_id, p.difficulty, b.correct AS baseline_correct
+    FROM problems p JOIN results b ON b.problem_id = p.problem_id
+    WHERE p.run_id = $run AND b.run_id = $run AND b.scheme = 'baseline'
+      AND ($phase IS NULL OR p.phase = $phase) AND (len($steps) = 0 OR list_contains($steps, p.difficulty))
+      AND ($correct IS NULL OR b.correct = $correct))"""
+RUN_SETTINGS = ("model", "dataset", "schemes", "methods", "site", "mode", "limit", "validation", "batch_size",
+                "device", "dtype", "seed")
+
+
+def _named_scope(run_id: int, filters: Filters) -> dict:
+    phase = None if filters.phase in (None, "full") else filters.phase
+    return {"run": int(run_id), "phase": phase, "steps": [int(d) for d in filters.difficulties],
+            "correct": filters.baseline_correct}
+
+
+def runs_overview(store) -> pd.DataFrame:
+    """Every run (newest first) with the settings that tell runs apart and its key results.
+
+    Results: baseline accuracy (95% Wilson), and the flip rate with every latent ablated: prefix at
+    its largest k (the imported old runs' largest is their last position), else suffix k = 0, for the
+    run's first method, site and mode; `all_ablated` names that variant. Duration is the time spent
+    sweeping (summed over resumes), throughput the run's problems per hour.
+    """
+    frame = store.query_df(
+        "WITH base AS (SELECT run_id, count(*) AS n, count(*) FILTER (WHERE correct) AS x FROM results "
+        "  WHERE scheme = 'baseline' GROUP BY run_id), "
+        "first_group AS (SELECT run_id, arg_min(method, rowid) AS method, arg_min(site, rowid) AS site, "
+        "  arg_min(mode, rowid) AS mode FROM results WHERE scheme <> 'baseline' GROUP BY run_id), "
+        "widest AS (SELECT r.run_id, max(r.k) FILTER (WHERE r.scheme = 'prefix') AS prefix_k, "
+        "  bool_or(r.scheme = 'suffix' AND r.k = 0) AS has_suffix0 FROM results r GROUP BY r.run_id), "
+        "everything AS (SELECT r.run_id, any_value(r.variant) AS variant, count(*) AS n, "
+        "  count(*) FILTER (WHERE r.flip) AS x FROM results r JOIN first_group g USING (run_id) "
+        "  JOIN widest w USING (run_id) WHERE r.method = g.method AND r.site = g.site AND r.mode = g.mode "
+        "  AND ((w.prefix_k IS NOT NULL AND r.scheme = 'prefix' AND r.k = w.prefix_k) "
+        "   OR (w.prefix_k IS NULL AND w.has_suffix0 AND r.scheme = 'suffix' AND r.k = 0)) GROUP BY r.run_id) "
+        "SELECT u.id, u.name, u.status, u.phase, u.done, u.total, u.created, u.source, u.notes, u.tags, u.model, "
+        "u.dataset, u.config, u.num_latent, u.device, u.batch_size AS batch_in_use, u.elapsed_s, "
+        f"u.problems_per_hour, {wilson_sql('base.x', 'base.n', 'accuracy')}, "
+        f"e.variant AS all_ablated, {wilson_sql('e.x', 'e.n', 'flip_all')} "
+        "FROM runs u LEFT JOIN base ON base.run_id = u.id LEFT JOIN everything e ON e.run_id = u.id "
+        "ORDER BY u.created DESC, u.id DESC", {})
+    configs = [json.loads(c) if isinstance(c, str) else dict(c or {}) for c in frame.pop("config")]
+    for name in RUN_SETTINGS[2:]:
+        values = [c.get(name) for c in configs]
+        frame[name] = [", ".join(v) if isinstance(v, list) else v for v in values]
+    frame["device"] = [c.get("device") or d for c, d in zip(configs, frame["device"])]
+    frame["batch_size"] = [c.get("batch_size") for c in configs]
+    return frame
+
+
+def early_late_of(store, run_id: int, filters: Filters, measure: str, scheme: str, method: str, site: str,
+                  mode: str, seed: int = 0, n_boot: int = 1000) -> dict:
+    """early_late for any measure: per problem the mean of `measure` over early / late positions, bootstrapped."""
+    _check_measure(measure)
+    value = f"r.{measure}::DOUBLE"  # a whitelisted column name
+    scores = store.query_df(
+        f"WITH {NAMED_SCOPE}, t AS (SELECT num_latent AS T FROM runs WHERE id = $run), per_problem AS ("
+        f"SELECT p.ord, s.difficulty, "
+        f"coalesce(avg({value}) FILTER (WHERE {POSITION} < t.T // 2), 'NaN') AS early, "
+        f"coalesce(avg({value}) FILTER (WHERE {POSITION} >= t.T // 2 AND {POSITION} < t.T), 'NaN') AS late "
+        f"FROM scope s JOIN results r USING (problem_id) JOIN problems p ON p.run_id = $run "
+        f"AND p.problem_id = s.problem_id CROSS JOIN t WHERE r.run_id = $run AND r.scheme = $scheme "
+        f"AND r.method = $method AND r.site = $site AND r.mode = $mode GROUP BY ALL) "
+        f"SELECT $scheme AS scheme, $method AS method, $site AS site, $mode AS mode, list(ord) AS ords, "
+        f"list(difficulty) AS difficulties, list(early) AS early, list(late) AS late FROM per_problem "
+        f"HAVING count(*) > 0",
+        {**_named_scope(run_id, filters), "scheme": scheme, "method": method, "site": site, "mode": mode})
+    table = _early_late_table(scores, None, seed, n_boot) if len(scores) else pd.DataFrame()
+    if table.empty:
+        return {"scheme": scheme, "method": method, "site": site, "mode": mode, "measure": measure, "n": 0}
+    return {**_plain(table.to_dict("records")[0]), "measure": measure}
+
+
+def curve_values(store, curve: Curve, measure: str) -> pd.DataFrame:
+    """One curve's per-(problem, k) values of a measure (0/1 for rates; NaN-free: missing log-probs dropped)."""
+    _check_measure(measure)
+    return store.query_df(
+        f"WITH {NAMED_SCOPE} SELECT r.problem_id, r.k, r.{measure}::DOUBLE AS value FROM results r "
+        f"JOIN scope s USING (problem_id) WHERE r.run_id = $run AND r.scheme = $scheme AND r.method = $method "
+        f"AND r.site = $site AND r.mode = $mode AND r.{measure} IS NOT NULL ORDER BY r.k, r.problem_id",
+        {**_named_scope(curve.run_id, curve.filters), "scheme": curve.scheme, "method": curve.method,
+         "site": curve.site, "mode": curve.mode})
+
+
+def run_settings(store, run_ids: list[int]) -> dict[int, dict]:
+    """{run id: its settings (RUN_SETTINGS)} for the legend of a comparison."""
+    frame = store.query_df("SELECT id, model, dataset, config FROM runs WHERE list_contains($ids, id)",
+                           {"ids": [int(i) for i in run_ids]})
+    out = {}
+    for row in frame.itertuples():
+        config = json.loads(row.config) if isinstance(row.config, str) else dict(row.config or {})
+        out[int(row.id)] = {"model": row.model, "dataset": row.dataset,
+                            **{k: config.get(k) for k in RUN_SETTINGS[2:]}}
+    return out

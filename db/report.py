@@ -201,7 +201,8 @@ def markdown_report(store, run_id: int) -> str:
         for by, key, label in (("steps", "difficulty", "steps"), ("bucket", "bucket", "bucket")):
             out += _table([label, "n", "baseline accuracy", f"early (0–{T // 2 - 1})", f"late ({T // 2}–{T - 1})",
                            "early/late"],
-                          [[r[key], r["n"], _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
+                          [["unknown" if r[key] == -1 else r[key], r["n"],
+                            _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
                             _ci(r.get("early"), r.get("early_lo"), r.get("early_hi")),
                             _ci(r.get("late"), r.get("late_lo"), r.get("late_hi")),
                             _ci(r.get("ratio"), r.get("ratio_lo"), r.get("ratio_hi"), 2)]

@@ -286,8 +286,16 @@ def _rows(record: dict, site: str) -> list[dict]:
     return rows
 
 
-def import_seed(store, scores_path, validation_path=None, name: str | None = None, site: str = "latent") -> int:
-    """Load the seed's scores file (and validation file: its problems get phase 'validation') into a new run."""
+IMPORTED_MODEL = "not recorded (old script)"  # the old files do not say which checkpoint produced them
+
+
+def import_seed(store, scores_path, validation_path=None, name: str | None = None, site: str = "latent",
+                file_names: tuple[str, str | None] | None = None) -> int:
+    """Load the seed's scores file (and validation file: its problems get phase 'validation') into a new run.
+
+    `file_names`: the names the user gave the files (an upload is read from a temporary copy); the
+    run is named after the scores file unless `name` is given.
+    """
     if not re.fullmatch(r"latent|resid:\d+", site):
         raise ValueError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
     scores_path = Path(scores_path)
@@ -310,11 +318,11 @@ def import_seed(store, scores_path, validation_path=None, name: str | None = Non
                          "difficulty": record["difficulty"], "solution": "",
                          "phase": "validation" if str(record["problem_id"]) in validation_ids else "full"})
         results += _rows(record, site)
-    config = {"source": "seed import", "scores_file": str(scores_path), "schemes": ["prefix"], "methods": ["zero"],
-              "site": site, "mode": "recompute",
-              "validation_file": None if validation_path is None else str(validation_path)}
-    run_id = store.create_run(name=name or f"seed {scores_path.name}", model="unknown (seed import)",
-                              dataset=scores_path.name, config=config, num_latent=max(6, positions[-1]),
+    scores_name, validation_name = file_names or (str(scores_path), validation_path and str(validation_path))
+    config = {"source": "seed import", "scores_file": scores_name, "schemes": ["prefix"], "methods": ["zero"],
+              "site": site, "mode": "recompute", "validation_file": validation_name}
+    run_id = store.create_run(name=name or f"old script: {Path(scores_name).name}", model=IMPORTED_MODEL,
+                              dataset=Path(scores_name).name, config=config, num_latent=max(6, positions[-1]),
                               n_variants=len(positions), total=len(problems), status="finished", source="import")
     try:
         store.insert_problems(run_id, problems)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow
 
+from db import status_file
 from db.migrations import migrate
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
@@ -50,6 +51,10 @@ def _locked_message(path: Path, error: Exception) -> str:
             f"Stop that process, or pass --db with another file (the dashboard and a CLI sweep cannot share one)")
 
 
+def _params(params):
+    return params if isinstance(params, dict) else list(params)
+
+
 class Store:
     """One DuckDB file for this process; threads get their own cursors."""
 
@@ -73,6 +78,7 @@ class Store:
             with self._errors("migrating the schema"):
                 migrate(self._conn.cursor())
             self.mark_interrupted()
+            self.publish_status()
 
     # --- plumbing ---------------------------------------------------------------------------------
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -103,13 +109,14 @@ class Store:
                     cursor.execute("ROLLBACK")
                 raise
 
-    def query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+    def query(self, sql: str, params: list | tuple | dict = ()) -> list[tuple]:
         with self._errors("a query"):
-            return self.cursor().execute(sql, list(params)).fetchall()
+            return self.cursor().execute(sql, _params(params)).fetchall()
 
-    def query_df(self, sql: str, params: list | tuple = ()) -> pd.DataFrame:
+    def query_df(self, sql: str, params: list | tuple | dict = ()) -> pd.DataFrame:
+        """`params`: a list for `?`, or a dict for named `$name` parameters."""
         with self._errors("a query"):
-            return self.cursor().execute(sql, list(params)).df()
+            return self.cursor().execute(sql, _params(params)).df()
 
     def query_arrow(self, sql: str, params: list | tuple = ()) -> pyarrow.Table:
         with self._errors("a query"):
@@ -124,6 +131,11 @@ class Store:
     def close(self) -> None:
         with contextlib.suppress(duckdb.Error):
             self._conn.close()
+
+    def publish_status(self, run_id: int | None = None) -> None:
+        """The snapshot that `runner status` reads while this process holds the file (db/status_file.py)."""
+        if not self.read_only:
+            status_file.publish(self, run_id)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -153,10 +165,15 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
                 [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
                  batch_size, os.getpid() if status == "running" else None, socket.gethostname()]).fetchone()
+        self.publish_status(run_id)
         return run_id
 
     def update_run(self, run_id: int, **fields) -> None:
         """Set run columns by name (see RUN_FIELDS); `finished=True` stamps the current time."""
+        self._update_run(run_id, **fields)
+        self.publish_status(run_id)
+
+    def _update_run(self, run_id: int, **fields) -> None:
         self._check_writable()
         unknown = set(fields) - RUN_FIELDS
         assert not unknown, f"unknown run fields {sorted(unknown)}"
@@ -182,6 +199,7 @@ class Store:
                 "UPDATE runs SET status = 'running', pid = ?, host = ?, error = NULL, finished = NULL, "
                 "batch_size = ?, device = ? WHERE id = ?",
                 [os.getpid(), socket.gethostname(), batch_size, device, run_id])
+        self.publish_status(run_id)
 
     def delete_run(self, run_id: int) -> None:
         self._check_writable()
@@ -189,6 +207,7 @@ class Store:
             for table in ("results", "problems", "run_metrics", "reference_latents"):
                 cursor.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # fixed table names
             cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
+        self.publish_status()
 
     # --- problems and results -------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +233,8 @@ class Store:
                 row = pd.DataFrame([{**metrics, "run_id": run_id}], columns=METRIC_COLUMNS)
                 self._append(cursor, "run_metrics", row, METRIC_COLUMNS)
             if run_fields:
-                self.update_run(run_id, **run_fields)
+                self._update_run(run_id, **run_fields)
+        self.publish_status(run_id)  # after COMMIT: the snapshot never shows a batch that could roll back
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:

@@ -1,83 +1,92 @@
-"""Compare: two runs, validation vs full, or two variant groups, overlaid, with the difference per position."""
+"""Compare: several curves (runs, variant groups, validation subset vs all), paired by problem id."""
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import charts, comparison, data, state, widgets
+from dashboard.comparison import Side
 from db import queries
-from db.queries import Curve, Filters
 
 svc = state.open_page()
 run = state.require_results(svc)
-db, run_id, version = state.db_path(), int(run["id"]), state.version(run)
-T = int(svc.store.run_row(run_id)["num_latent"])
-MODES = ["two runs", "validation vs full", "two variant groups"]
+db, run_id = state.db_path(), int(run["id"])
+runs = queries.runs(svc.store)
+runs = runs[runs["done"] > 0]
+versions = {int(r.id): state.version(r._asdict()) for r in runs.itertuples()}
 
 st.title("Compare")
 widgets.run_caption(run)
-mode = st.segmented_control("Compare", MODES, default=MODES[1], key="compare_mode") or MODES[1]
 measure = widgets.measure("compare_measure")
-groups = data.variant_groups(db, run_id, version)
-left, right = st.columns(2)
 
-if mode == "two runs":
-    runs = queries.runs(svc.store)
-    others = runs[(runs["id"] != run_id) & (runs["done"] > 0)].to_dict("records")
-    if not others:
-        st.info("This database has one run with results: start another, or compare phases or variant groups.")
-        st.stop()
-    with left:
-        group_a = widgets.pick_group(groups, "compare_group_a", f"Run #{run_id} (a): variant group")
-    other = right.selectbox("Run b", others, key="compare_run_b", format_func=lambda r: f"#{r['id']} · {r['name']}")
-    with right:
-        group_b = widgets.pick_group(data.variant_groups(db, int(other["id"]), state.version(other)),
-                                     "compare_group_b", f"Run #{other['id']} (b): variant group",
-                                     scheme=group_a["scheme"] if group_a else None)
-    if group_a is None or group_b is None:
-        st.info(f"Run #{other['id']} has no {group_a['scheme'] if group_a else ''} variants to compare with.")
-        st.stop()
-    a = Curve(run_id, Filters(), group_a["scheme"], group_a["method"], group_a["site"], group_a["mode"])
-    b = Curve(int(other["id"]), Filters(), group_b["scheme"], group_b["method"], group_b["site"], group_b["mode"])
-    label_a, label_b = f"run #{run_id} · {group_a['method']}", f"run #{other['id']} · {group_b['method']}"
-    versions = (version, state.version(other))
-elif mode == "validation vs full":
-    if not data.has_validation(db, run_id, version):
-        st.info("This run has no validation subset: compare two runs or two variant groups instead.")
-        st.stop()
-    with left:
-        group = widgets.pick_group(groups, "compare_group")
-    keys = (group["scheme"], group["method"], group["site"], group["mode"])
-    a, b = Curve(run_id, Filters(phase="validation"), *keys), Curve(run_id, Filters(), *keys)
-    label_a, label_b, versions = "validation subset", "full run (all problems)", (version,)
-else:
-    if len(groups) < 2:
-        st.info("This run has a single variant group: sweep more schemes or methods to compare them.")
-        st.stop()
-    with left:
-        group_a = widgets.pick_group(groups, "compare_group_a", "Group a")
-    with right:
-        group_b = widgets.pick_group(groups, "compare_group_b", "Group b", index=1)
-    a = Curve(run_id, Filters(), group_a["scheme"], group_a["method"], group_a["site"], group_a["mode"])
-    b = Curve(run_id, Filters(), group_b["scheme"], group_b["method"], group_b["site"], group_b["mode"])
-    label_a, label_b, versions = widgets.group_label(group_a), widgets.group_label(group_b), (version,)
-    if group_a["scheme"] != group_b["scheme"]:
-        st.caption(":material/warning: Different schemes: the same k ablates different latents in a and b; "
-                   "the x axis follows a.")
-
-table = data.compare(db, versions, a, b, measure)
-if table["value_a"].isna().all() or table["value_b"].isna().all():
-    st.info("Nothing to compare for this measure: one side has no values (imported runs have no log-probs).")
+options: list[Side] = []
+for other in runs.itertuples():
+    for group in data.variant_groups(db, int(other.id), versions[int(other.id)]).to_dict("records"):
+        keys = (int(other.id), group["scheme"], group["method"], group["site"], group["mode"])
+        options.append(Side(*keys))
+        if data.has_validation(db, int(other.id), versions[int(other.id)]):
+            options.append(Side(*keys, phase="validation"))
+mine = [o for o in options if o.run_id == run_id]
+if not mine:
+    st.info("This run has no ablation variants to compare.")
     st.stop()
-st.plotly_chart(charts.compare_figure(table, label_a, label_b, a.scheme, measure, T), key="compare_chart")
-apart = int((~table["overlap"].fillna(True)).sum())
-st.caption(f"Bands: 95% intervals. Bottom: a − b per position, black where the two intervals do not overlap "
-           f"({apart} of {len(table)} positions), grey where they do.")
+picked_runs = [r for r in st.session_state.get("compare_runs", []) if r in versions]
+if len(picked_runs) > 1:  # rows selected in the Run page's table: each run's first group of the first's scheme
+    scheme = next(o.scheme for o in options if o.run_id == picked_runs[0])
+    default = [next((o for o in options if o.run_id == r and o.scheme == scheme and o.phase == "all"), None)
+               for r in picked_runs]
+    default = [d for d in default if d is not None]
+elif any(o.phase == "validation" for o in mine):
+    default = [next(o for o in mine if o.phase == "all"), next(o for o in mine if o.phase == "validation")]
+else:
+    default = [o for o in mine if o.phase == "all"][:2]
+if st.session_state.get("compare_default") != default:  # a new run or table selection resets the choice
+    st.session_state["compare_default"] = default
+    st.session_state["compare_sides"] = default
+sides = st.multiselect("Curves to compare (the first is the reference)", options, key="compare_sides",
+                       format_func=Side.option, max_selections=6, placeholder="choose runs and variant groups",
+                       help="A run's variant group over all its problems, or over its validation subset. "
+                            "Rows selected in the Run page's table come here.")
+if len(sides) < 2:
+    st.info("Choose at least two curves: more runs (select rows in the Run page's table), variant groups, or a "
+            "validation subset against its full run.")
+    st.stop()
+
+T = int(svc.store.run_row(sides[0].run_id)["num_latent"])
+names, differ = comparison.labels(sides, data.run_settings(db, tuple(sorted({s.run_id for s in sides}))))
+curves = [data.curve(db, versions[s.run_id], s.curve(), measure) for s in sides]
+if all(c["value"].isna().all() for c in curves[1:]) or curves[0]["value"].isna().all():
+    st.info("Nothing to compare for this measure: a side has no values (imported runs have no log-probs).")
+    st.stop()
+pairs = [data.paired(db, (versions[sides[0].run_id], versions[s.run_id]), sides[0].curve(), s.curve(), measure)
+         for s in sides[1:]]
+if len({s.scheme for s in sides}) > 1:
+    st.warning("Different schemes: the same k ablates different latents; the x axis follows the first curve.",
+               icon=":material/warning:")
+st.text("Legend: " + (", ".join(differ) if differ else "nothing differs but the run") + " (the settings that differ)")
+st.plotly_chart(charts.compare_figure(list(zip(names, curves)), list(zip(names[1:], pairs)), sides[0].scheme,
+                                      measure, T), key="compare_chart")
+
 pct = charts.is_rate(measure)
-st.dataframe(pd.DataFrame({
-    "latents ablated": [charts.ablated(a.scheme, int(k), T) for k in table["k"]],
-    f"a: {label_a}": [widgets.ci(r.value_a, r.lo_a, r.hi_a, pct) for r in table.itertuples()],
-    f"b: {label_b}": [widgets.ci(r.value_b, r.lo_b, r.hi_b, pct) for r in table.itertuples()],
-    "a − b": ["–" if widgets.missing(r.diff) else f"{100 * r.diff:+.1f} pp" if pct else f"{r.diff:+.3f}"
-              for r in table.itertuples()],
-    "intervals overlap": ["yes" if r.overlap else "no" for r in table.itertuples()],
-    "problems (a / b)": [" / ".join("–" if widgets.missing(n) else f"{n:.0f}" for n in (r.n_a, r.n_b))
-                         for r in table.itertuples()]}), hide_index=True)
+fmt = (lambda v: "–" if widgets.missing(v) else f"{100 * v:+.1f} pp") if pct else \
+    (lambda v: "–" if widgets.missing(v) else f"{v:+.3f}")
+rows = []
+for name, pair in zip(names[1:], pairs):
+    for r in pair.itertuples():
+        only = "only in the first" if r.n_b == 0 else "only in this one" if r.n_a == 0 else None
+        rows.append({"compared with": name, "latents ablated": charts.ablated(sides[0].scheme, int(r.k), T),
+                     "shared problems": r.shared, "unpaired (first / this)": f"{r.only_a} / {r.only_b}",
+                     "first − this (shared)": only or fmt(r.diff),
+                     "95% paired interval": "–" if only or not r.shared else f"[{fmt(r.diff_lo)}, {fmt(r.diff_hi)}]",
+                     "excludes 0": "–" if only or not r.shared else
+                     "yes" if r.diff_lo > 0 or r.diff_hi < 0 else "no"})
+table = pd.DataFrame(rows)
+st.dataframe(table, hide_index=True)
+both = table[table["excludes 0"] != "–"]
+st.caption(f"Problems are paired by id: differences use the shared problems only, with a 95% percentile "
+           f"bootstrap interval resampling the pairs (the same for every measure). "
+           f"{int((both['excludes 0'] == 'yes').sum())} of {len(both)} positions present on both sides differ "
+           f"(interval excludes 0); positions present on one side only are listed, not counted. "
+           "Top: each curve with its 95% band (Wilson for rates, bootstrap for log-prob drops).")
+if any(s.run_id == sides[0].run_id and (s.scheme, s.method, s.site, s.mode) == (sides[0].scheme, sides[0].method,
+       sides[0].site, sides[0].mode) for s in sides[1:]):
+    st.caption("A validation subset against its own run: the shared problems are the subset itself, so their "
+               "paired difference is 0 by construction; compare the bands instead.")

@@ -36,15 +36,17 @@ else:
         p: st.column_config.NumberColumn(f"{p} (baseline)" if p == "0" else p, format="%.3f")
         for p in summary["position_importance"]})
     st.caption("The old script's numbering: position 0 is the baseline, position p is prefix k = p (latents 0…p−1 "
-               "ablated). Files are named as the old script named them, so its tooling reads them unchanged.")
+               f"ablated). File names are the old script's, prefixed with the run (run{run_id}_…), so downloads of "
+               "several runs never overwrite each other; drop the prefix for the old tooling.")
     seed_file = partial(data.seed_file, db, run_id, filters, *keys)
     with st.container(horizontal=True):
-        st.download_button("Summary stats (JSON)", partial(seed_file, SUMMARY), SUMMARY, "application/json",
-                           icon=":material/download:", on_click="ignore", type="primary")
-        st.download_button("Scores (JSON)", partial(seed_file, SCORES), SCORES, "application/json",
-                           icon=":material/download:", on_click="ignore")
-        st.download_button("Validation (JSON)", partial(seed_file, VALIDATION), VALIDATION, "application/json",
-                           icon=":material/download:", on_click="ignore", disabled=not overview["n_validation"])
+        st.download_button("Summary stats (JSON)", partial(seed_file, SUMMARY), f"run{run_id}_{SUMMARY}",
+                           "application/json", icon=":material/download:", on_click="ignore", type="primary")
+        st.download_button("Scores (JSON)", partial(seed_file, SCORES), f"run{run_id}_{SCORES}",
+                           "application/json", icon=":material/download:", on_click="ignore")
+        st.download_button("Validation (JSON)", partial(seed_file, VALIDATION), f"run{run_id}_{VALIDATION}",
+                           "application/json", icon=":material/download:", on_click="ignore",
+                           disabled=not overview["n_validation"])
 
 st.subheader("Every variant")
 st.caption("One row per (problem, variant), baseline first, for the problems the filters keep: the columns of "

@@ -5,50 +5,55 @@ from dashboard import charts, data, state, widgets
 
 svc = state.open_page()
 run = state.require_results(svc)
-db, run_id, version = state.db_path(), int(run["id"]), state.version(run)
+db, run_id = state.db_path(), int(run["id"])
 T = int(svc.store.run_row(run_id)["num_latent"])
 
 st.title("Which latent thoughts matter?")
-widgets.run_caption(run)
-filters = widgets.filters(db, run, version, key="importance")
+filters = widgets.filters(db, run, state.version(run), key="importance")
 measure = widgets.measure("importance_measure")
 
-accuracy = data.baseline_accuracy(db, run_id, version, filters)
-if accuracy["n"] == 0:
-    st.info("No stored problem passes these filters.", icon=":material/filter_alt_off:")
-    st.stop()
-curves = data.position_curves(db, run_id, version, filters, measure)
-groups = data.variant_groups(db, run_id, version)
-first = groups.iloc[0] if len(groups) else None
-early_late = data.early_late(db, run_id, version, filters, first["scheme"], first["method"], first["site"],
-                             first["mode"]) if first is not None else {"n": 0}
 
-cells = st.columns(4)
-cells[0].metric("Problems in scope", accuracy["n"])
-cells[1].metric("Baseline accuracy", widgets.ci(accuracy["accuracy"]),
-                help=f"95% Wilson interval {widgets.ci(accuracy['accuracy'], accuracy['lo'], accuracy['hi'])}")
-if early_late.get("n"):
-    label = f"{early_late['scheme']} · {early_late['method']}"
-    cells[2].metric(f"Flip rate early (0–{T // 2 - 1}) vs late ({T // 2}–{T - 1})",
-                    f"{widgets.ci(early_late['early'])} vs {widgets.ci(early_late['late'])}",
-                    help=f"{label}: mean flip over the early / late latent positions, 95% bootstrap intervals "
-                         f"{widgets.ci(early_late['early'], early_late['early_lo'], early_late['early_hi'])} and "
-                         f"{widgets.ci(early_late['late'], early_late['late_lo'], early_late['late_hi'])}")
-    cells[3].metric("Early / late ratio", widgets.ci(early_late["ratio"], percent=False),
-                    help="95% bootstrap interval " + widgets.ci(early_late["ratio"], early_late["ratio_lo"],
-                                                                early_late["ratio_hi"], percent=False))
-st.caption(f"{charts.MEASURE_LABELS[measure]}: {charts.MEASURE_HELP[measure]}. Shaded bands: 95% "
-           + ("Wilson intervals." if charts.is_rate(measure) else "bootstrap intervals over problems."))
+@st.fragment(run_every=2 if run["status"] == "running" else None)
+def results() -> None:
+    """Redrawn every 2 s while the run sweeps: each new batch moves the numbers (cached per version)."""
+    now = state.selected_run(svc)
+    version = state.version(now)
+    widgets.run_caption(now)
+    accuracy = data.baseline_accuracy(db, run_id, version, filters)
+    if accuracy["n"] == 0:
+        st.info("No stored problem passes these filters.", icon=":material/filter_alt_off:")
+        return
+    curves = data.position_curves(db, run_id, version, filters, measure)
+    groups = data.variant_groups(db, run_id, version)
+    first = groups.iloc[0] if len(groups) else None
+    name, pct = charts.MEASURE_LABELS[measure], charts.is_rate(measure)
+    split = data.early_late_of(db, run_id, version, filters, measure, first["scheme"], first["method"],
+                               first["site"], first["mode"]) if first is not None else {"n": 0}
 
-schemes = [s for s in ("prefix", "single", "suffix", "exit") if s in set(curves["scheme"])]
-if curves["value"].isna().all():
-    st.info("This run stored no gold log-probs (runs imported from the old script's files have none): "
-            "choose another measure.", icon=":material/info:")
-    st.stop()
-y_range = charts.value_range([curves[curves["scheme"] == s] for s in schemes], measure)
-columns = st.columns(2 if len(schemes) in (2, 4) else min(len(schemes), 3), gap="medium")
-for i, scheme in enumerate(schemes):
-    with columns[i % len(columns)]:
+    with st.container(horizontal=True):  # cards wrap instead of cutting their values
+        st.metric("Problems in scope", f"{accuracy['n']:,}", width="content", border=True)
+        st.metric("Baseline accuracy", widgets.ci(accuracy["accuracy"]), width="content", border=True,
+                  help=f"95% Wilson interval {widgets.ci(accuracy['accuracy'], accuracy['lo'], accuracy['hi'])}")
+        if split.get("n") and not widgets.missing(split.get("early")):
+            where = f"{split['scheme']} · {split['method']} · {split['site']} · {split['mode']}"
+            for part, span in (("early", f"0–{T // 2 - 1}"), ("late", f"{T // 2}–{T - 1}")):
+                st.metric(f"{name}, {part} latents ({span})", widgets.ci(split[part], percent=pct), width="content",
+                          border=True, help=f"{where}: mean {name.lower()} over the {part} latent positions, 95% "
+                          "bootstrap interval "
+                          + widgets.ci(split[part], split[part + "_lo"], split[part + "_hi"], pct))
+            st.metric(f"{name}: early / late", widgets.ci(split["ratio"], percent=False), width="content",
+                      border=True, help="95% bootstrap interval " + widgets.ci(split["ratio"], split["ratio_lo"],
+                                                                              split["ratio_hi"], percent=False))
+    st.caption(f"{name}: {charts.MEASURE_HELP[measure]}. Shaded bands: 95% "
+               + ("Wilson intervals." if pct else "bootstrap intervals over problems."))
+
+    if curves["value"].isna().all():
+        st.info("This run stored no gold log-probs (runs imported from the old script's files have none): "
+                "choose another measure.", icon=":material/info:")
+        return
+    schemes = [s for s in ("prefix", "single", "suffix", "exit") if s in set(curves["scheme"])]
+    y_range = charts.value_range([curves[curves["scheme"] == s] for s in schemes], measure)
+    for scheme in schemes:  # one chart per row: full width keeps the legend and ticks readable at 800 px
         st.markdown(f"##### {charts.SCHEME_TITLES[scheme]}")
         st.plotly_chart(charts.position_figure(curves, scheme, measure, T, y_range), key=f"curve_{scheme}")
         if scheme == "prefix":
@@ -57,3 +62,7 @@ for i, scheme in enumerate(schemes):
                     "matters. " + ("For one latent at a time, see the *Single position* chart."
                                    if "single" in schemes else "For one latent at a time, sweep the *single* scheme."),
                     icon=":material/info:")
+    state.rerun_if_stale(svc)
+
+
+results()

@@ -113,9 +113,14 @@ if with_lens.empty:
 else:
     labels = dict(zip(with_lens["variant"], with_lens["label"]))
     shown = st.selectbox("Variant", list(labels), key="lens_variant", format_func=labels.get)
-    lens = with_lens.set_index("variant").loc[shown, "lens"]
-    st.plotly_chart(charts.lens_figure(lens), key="lens")
-    st.caption("Each latent's final hidden state read through the model's unembedding: its most likely tokens.")
+    chosen = with_lens.set_index("variant").loc[shown]
+    marked = charts.ablated_positions(chosen["scheme"], int(chosen["k"]), T)
+    how = "not fed" if chosen["scheme"] == "exit" else f"ablated ({chosen['method']})"
+    st.plotly_chart(charts.lens_figure(chosen["lens"], marked, how), key="lens")
+    verb = "never feeds" if chosen["scheme"] == "exit" else "replaced"
+    st.caption("Each latent's final hidden state read through the model's unembedding: its most likely tokens. "
+               + (f"Framed in red: the latents this variant {verb} ({', '.join(map(str, sorted(marked)))})."
+                  if marked else "The baseline ablates nothing."))
 
 with st.expander("All variants as a table"):
     st.dataframe(variants.drop(columns=["lens", "column", "label"]), hide_index=True)

@@ -34,11 +34,11 @@ def live_view() -> None:
     if row is None:
         st.info(f"Run #{run_id} was deleted.")
         return
-    progress = svc.status()
-    live = progress if progress is not None and progress.run_id == run_id else None
-    status, done, total = row["status"], int(row["done"]), int(row["total"])
+    shown = state.run_status(svc, run_id)  # the sidebar shows the same object, in the same format
+    status, done, total = shown.status, shown.done, shown.total
     version = (done, status)
-    st.markdown(f"#### Run #{run_id} · {row['name']} {status_badge(status)}")
+    st.markdown(f"#### Run #{run_id} {status_badge(status)}")
+    st.text(row["name"])
     if status == "running":
         st.caption(f"Sweeping the **{row['phase'] or '…'}** phase; this page updates itself every second.")
     elif status in ENDINGS:
@@ -49,17 +49,17 @@ def live_view() -> None:
                    "failed": f"Failed after {done} of {total} problems: {row['error']}"}[status]
         ENDINGS[status](message)
 
-    rate = live.problems_per_hour if live and live.problems_per_hour else row["problems_per_hour"]
-    eta = live.eta_s if live and status == "running" else None
-    cells = st.columns(6)
-    cells[0].metric("Phase", row["phase"] or "–")
-    cells[1].metric("Problems", f"{done} / {total}")
-    cells[2].metric("Throughput", "–" if missing(rate) or not rate else f"{rate:,.0f} /h")
-    cells[3].metric("ETA", duration(eta) if status == "running" else "–")
-    elapsed = live.elapsed_s if live and status == "running" else row["elapsed_s"] or None
-    cells[4].metric("Elapsed", duration(elapsed), help="Time spent sweeping, summed over resumes")
-    cells[5].metric("Batch size", "–" if missing(row["batch_size"]) else int(row["batch_size"]),
-                    help=f"{int(row['n_variants'])} variants per problem, so {int(row['n_variants'])}× as many rows")
+    rate = shown.problems_per_hour
+    with st.container(horizontal=True):  # cards as wide as their values; they wrap on a narrow window
+        for label, value, help in (
+                ("Phase", row["phase"] or "–", None),
+                ("Problems", f"{done:,} / {total:,}", None),
+                ("Throughput", "–" if not rate else f"{rate:,.0f} /h", "problems per hour"),
+                ("ETA", duration(shown.eta_s) if status == "running" else "–", "at the current throughput"),
+                ("Elapsed", duration(shown.elapsed_s), "Time spent sweeping, summed over resumes"),
+                ("Batch size", "–" if missing(row["batch_size"]) else int(row["batch_size"]),
+                 f"{int(row['n_variants'])} variants per problem, so {int(row['n_variants'])}× as many rows")):
+            st.metric(label, value, help=help, width="content", border=True)
     st.progress(done / total if total else 0.0, text=f"{done / total:.0%}" if total else "no problems")
 
     series = data.metrics(db, run_id, version)
@@ -69,15 +69,16 @@ def live_view() -> None:
         st.caption("No batch stored yet: the charts start with the first batch.")
     else:
         figures = metric_charts(db, run_id, version)
-        cells = [*st.columns(2), *st.columns(2)]
-        for cell, name in zip(cells, SERIES):
+        for name in SERIES:  # full width, one under the other: readable from 800 px up
             if name in figures:
-                cell.plotly_chart(figures[name], key=f"chart_{name}")
+                st.plotly_chart(figures[name], key=f"chart_{name}")
         if "gpu" not in figures:
-            cells[3].info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
+            st.info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
                           icon=":material/memory:")
 
     st.markdown("##### Latest problems")
+    progress = svc.status()
+    live = progress if progress is not None and progress.run_id == run_id and status == "running" else None
     if live and live.latest:
         latest = pd.DataFrame(list(live.latest))[["problem_id", "question", "gold", "answer", "correct", "flips"]]
     else:

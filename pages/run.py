@@ -1,12 +1,13 @@
-"""Run: choose a model, dataset and variants; Start, Stop, Resume; the runs of this database (notes, tags, delete)."""
+"""Run: choose a model, dataset and variants; Start, Stop, Resume; the runs of this database, live."""
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import data, runs_table, state, uploads
 from dashboard.charts import difficulty_histogram
-from dashboard.sweep_form import (SEED_PRESET, apply_seed_preset, load_model, model_spec, options_caption, saved_upload,
+from dashboard.sweep_form import (SEED_PRESET, SEED_PRESET_HELP, apply_seed_preset, load_model, options_caption,
                                   sweep_form)
 from db import queries, seed
 
@@ -14,26 +15,37 @@ from db import queries, seed
 def save_edits(svc, rows: list) -> None:
     """on_click (a callback, so the edits are read before anything reruns): notes, tags, names -> runs."""
     for run_id, new in rows:
-        tags = ", ".join(t.strip() for t in str(new.tags or "").split(",") if t.strip())
+        tags = ", ".join(runs_table.tags_of(new.tags))
         svc.store.update_run(run_id, name=str(new.name or f"run {run_id}"), notes=str(new.notes or ""), tags=tags)
     st.toast(f"Saved {len(rows)} run(s).", icon=":material/save:")
 
 
 def import_seed_files(svc) -> None:
-    """on_click of Import: the uploads (a scores file, maybe a validation file) become a run, all or nothing."""
-    folder = Path(state.db_path()).parent
-    paths = [Path(saved_upload(upload, folder)) for upload in st.session_state["seed_files"]]
-    scores = [p for p in paths if "validation" not in p.name]
-    validation = [p for p in paths if "validation" in p.name]
-    try:
-        if len(scores) != 1 or len(validation) > 1:
-            raise seed.SeedFormatError("give one scores file and at most one validation file")
-        run_id = seed.import_seed(svc.store, scores[0], validation[0] if validation else None)
-    except (seed.SeedFormatError, *state.EXPLAINED) as error:
-        st.session_state["sweep_feedback"] = ("error", f"Not imported: {error}")
-    else:
-        state.select(run_id)
-        st.session_state["sweep_feedback"] = ("success", f"Imported as run #{run_id}.")
+    """on_click of Import: the uploads (a scores file, maybe a validation file) become a run, all or nothing.
+
+    Read from a temporary folder under the names the user chose; the run keeps everything, the files go.
+    """
+    files = st.session_state["seed_files"]
+    scores = [f for f in files if "validation" not in f.name]
+    validation = [f for f in files if "validation" in f.name]
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            if len(scores) != 1 or len(validation) > 1:
+                raise seed.SeedFormatError("give one scores file and at most one validation file")
+            paths = [Path(folder, str(i), uploads.safe_name(f.name)) for i, f in enumerate([scores[0], *validation])]
+            for path, upload in zip(paths, [scores[0], *validation]):
+                path.parent.mkdir()
+                path.write_bytes(upload.getvalue())
+            run_id = seed.import_seed(svc.store, paths[0], paths[1] if validation else None,
+                                      name=st.session_state.get("seed_name", "").strip() or None,
+                                      file_names=(scores[0].name, validation[0].name if validation else None))
+        except (seed.SeedFormatError, *state.EXPLAINED) as error:
+            message = str(error).replace(f"{folder}/0/", "").replace(f"{folder}/1/", "")  # the user's file names
+            st.session_state["sweep_feedback"] = ("error", f"Not imported: {message}")
+            return
+    state.select(run_id)
+    st.session_state["seed_name"] = ""
+    st.session_state["sweep_feedback"] = ("success", f"Imported as run #{run_id}.")
 
 
 svc = state.open_page()
@@ -44,13 +56,14 @@ st.caption("Each problem runs once as-is (the baseline) and once per ablation va
 if runs.empty:
     state.empty_database(svc)
 
-plan = sweep_form(Path(state.db_path()).parent)
-with st.container(horizontal=True):
-    st.button(SEED_PRESET + " preset", icon=":material/history:", on_click=apply_seed_preset,
-              help="The old script's setting: prefix · zero · resid:8 on Llama (else the middle block) · recompute")
+plan = sweep_form()
+with st.container(horizontal=True, vertical_alignment="center"):
+    st.button(SEED_PRESET, icon=":material/history:", on_click=apply_seed_preset, help=SEED_PRESET_HELP)
     if plan.model is None:
         st.button("Load model", icon=":material/memory:", on_click=load_model,
                   help="Load the checkpoint now to check it and its layer count (Start loads it anyway)")
+st.caption(f"*{SEED_PRESET}*: the old script's configuration — prefix scheme, zeroing, residual stream after "
+           "block 8 of Llama's 16 (mid-depth otherwise), recompute.")
 if plan.model is not None:
     st.caption(f"Model loaded: {plan.model.hf.config.model_type}, {plan.model.n_layers} blocks, "
                f"{plan.model.num_latent} latents, width {plan.model.d_model}.")
@@ -59,13 +72,12 @@ if plan.model is not None:
 if plan.dataset is not None:
     with st.expander(f"Dataset check: {plan.dataset['n_problems']} usable problems, "
                      f"{len(plan.dataset['rejected'])} rejected", expanded=bool(plan.dataset["rejected"])):
-        left, right = st.columns([3, 2])
-        left.plotly_chart(difficulty_histogram(plan.dataset["difficulty"]), key="dataset_histogram")
+        st.plotly_chart(difficulty_histogram(plan.dataset["difficulty"]), key="dataset_histogram")
         if plan.dataset["rejected"]:
-            right.dataframe(pd.DataFrame(plan.dataset["rejected"]), hide_index=True, height=240,
-                            column_config={"line": st.column_config.NumberColumn("line", width="small")})
+            st.dataframe(pd.DataFrame(plan.dataset["rejected"]), hide_index=True, height=240,
+                         column_config={"line": st.column_config.NumberColumn("line", width="small")})
         else:
-            right.success("Every record is usable.")
+            st.success("Every record is usable.")
 for issue in plan.issues:
     st.error(issue, icon=":material/block:")
 for warning in plan.warnings:
@@ -97,34 +109,71 @@ st.subheader("Runs in this database")
 if runs.empty:
     st.caption("None yet.")
 else:
-    table = runs.assign(progress=runs["done"] / runs["total"].where(runs["total"] > 0),
-                        problems=[f"{d} / {t}" for d, t in zip(runs["done"], runs["total"])])
-    columns = ["id", "name", "status", "progress", "problems", "created", "source", "notes", "tags"]
-    edited = st.data_editor(
-        table[columns], key="runs_editor", hide_index=True, disabled=[c for c in columns if c not in
-                                                                      ("name", "notes", "tags")],
-        column_config={"id": st.column_config.NumberColumn("run", format="#%d", width="small"),
-                       "progress": st.column_config.ProgressColumn("progress", format="percent"),
-                       "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
-                       "notes": st.column_config.TextColumn("notes", width="medium"),
-                       "tags": st.column_config.TextColumn("tags", help="comma separated"),
-                       "name": st.column_config.TextColumn("name")})
-    changes = [(int(new.id), new) for old, new in zip(table[columns].itertuples(), edited.itertuples())
-               if (old.name, old.notes, old.tags) != (new.name, new.notes, new.tags)]
+    with st.container(horizontal=True):
+        text = st.text_input("Search names and notes", key="runs_search", width=240, placeholder="e.g. frozen")
+        statuses = st.multiselect("Status", sorted(set(runs["status"])), key="runs_status", width=220,
+                                  placeholder="any")
+        models = st.multiselect("Model", sorted(set(runs["model"])), key="runs_model", width=260, placeholder="any")
+        datasets = st.multiselect("Dataset", sorted(set(runs["dataset"])), key="runs_dataset", width=260,
+                                  placeholder="any")
+        tags = st.multiselect("Tag", sorted({t for v in runs["tags"] for t in runs_table.tags_of(v)}),
+                              key="runs_tags", width=220, placeholder="any")
+    chosen = runs_table.RunFilter(tuple(statuses), tuple(models), tuple(datasets), tuple(tags), text)
 
-    actions = st.container(horizontal=True)
-    actions.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
-                   icon=":material/save:", key="save_runs", on_click=save_edits, args=(svc, changes))
+    @st.fragment(run_every=2 if (runs["status"] == "running").any() else None)
+    def live_table() -> None:
+        """Polls while a run sweeps, like the sidebar; the selection drives the other pages."""
+        current = queries.runs(svc.store)
+        overview = runs_table.apply(data.runs_overview(state.db_path(), data.runs_version(current)), chosen)
+        sweeping = overview[overview["status"] == "running"]
+        live = "".join(f" · sweeping: run #{r.id}, {r.done:,} / {r.total:,} problems" for r in sweeping.itertuples())
+        st.caption(f"{len(overview)} of {len(current)} runs · select rows to show one on every page "
+                   f"(the first) and compare them (all){live}")
+        event = st.dataframe(
+            runs_table.shown(overview), key="runs_table", hide_index=True, on_select="rerun",
+            selection_mode="multi-row",
+            column_config={"id": st.column_config.NumberColumn("run", format="#%d", width="small"),
+                           "progress": st.column_config.ProgressColumn("progress", format="percent"),
+                           "baseline acc.": st.column_config.NumberColumn(format="percent",
+                                                                          help="Baseline accuracy, 95% Wilson"),
+                           "flip, all ablated": st.column_config.NumberColumn(
+                               format="percent", help="Flip rate with every latent ablated (prefix k = T, first "
+                                                      "method), 95% Wilson interval beside it"),
+                           "minutes": st.column_config.NumberColumn("minutes", format="%.1f",
+                                                                    help="Time spent sweeping, over resumes"),
+                           "problems/h": st.column_config.NumberColumn(format="%.0f"),
+                           "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+                           "notes": st.column_config.TextColumn("notes", width="medium")})
+        picked = [int(overview["id"].iloc[r]) for r in event.selection.rows if r < len(overview)]
+        if picked and picked != st.session_state.get("compare_runs"):
+            state.select_runs(picked)
+            st.rerun(scope="app")  # the sidebar's run selector shows the new choice
+        state.rerun_if_stale(svc)
+
+    live_table()
+
+    with st.expander("Edit names, notes and tags", icon=":material/edit:"):
+        columns = ["id", "name", "notes", "tags"]
+        table = runs[columns]
+        edited = st.data_editor(
+            table, key="runs_editor", hide_index=True, disabled=["id"],
+            column_config={"id": st.column_config.NumberColumn("run", format="#%d", width="small"),
+                           "notes": st.column_config.TextColumn("notes", width="large"),
+                           "tags": st.column_config.TextColumn("tags", help="comma separated")})
+        changes = [(int(new.id), new) for old, new in zip(table.itertuples(), edited.itertuples())
+                   if (old.name, old.notes, old.tags) != (new.name, new.notes, new.tags)]
+        st.button(f"Save {len(changes)} change(s)" if changes else "No unsaved changes", disabled=not changes,
+                  icon=":material/save:", key="save_runs", on_click=save_edits, args=(svc, changes))
 
     @st.dialog("Delete a run")
     def confirm_delete(run_id: int, name: str, done: int) -> None:
-        st.write(f"Delete run **#{run_id} {name}** and its {done} problems' results from `{svc.store.path}`? "
-                 "This cannot be undone.")
+        st.text(f"Delete run #{run_id} {name} and its {done} problems' results from {svc.store.path}? "
+                "This cannot be undone.")
         if st.button("Delete", type="primary", icon=":material/delete:"):
             svc.store.delete_run(run_id)
             st.rerun()
 
-    with actions.popover("Delete a run", icon=":material/delete:"):
+    with st.popover("Delete a run", icon=":material/delete:"):
         doomed = st.selectbox("Run to delete", runs.to_dict("records"), index=None, placeholder="choose a run",
                               format_func=lambda r: f"#{r['id']} · {r['name']} · {r['status']}")
         busy = doomed is not None and running and svc.status() and svc.status().run_id == doomed["id"]
@@ -136,4 +185,7 @@ else:
 with st.expander("Import the old script's results", icon=":material/upload_file:"):
     files = st.file_uploader("step_importance_scores.json (and optionally step_importance_validation.json)",
                              type="json", accept_multiple_files=True, key="seed_files")
+    st.text_input("Name of the imported run", key="seed_name", placeholder=(
+        f"old script: {next((f.name for f in files if 'validation' not in f.name), 'the scores file')}"
+        if files else "old script: the scores file's name"))
     st.button("Import", disabled=not files, on_click=import_seed_files, args=(svc,))

@@ -45,7 +45,8 @@ def build_parser() -> Parser:
     sweep = sub.add_parser("sweep", help="run (or resume) a sweep into the database")
     sweep.add_argument("--model", default="default", help="default | checkpoint folder | hub id")
     sweep.add_argument("--base-model", default=None, help="config + tokenizer source (folder or hub id)")
-    sweep.add_argument("--dataset", default="builtin", help="builtin | gsm8k | path (.jsonl, .json, .csv, .parquet)")
+    sweep.add_argument("--dataset", default="builtin",
+                       help="builtin | gsm8k | gsm-hard | svamp | multi-arith | path (.jsonl, .json, .csv, .parquet)")
     sweep.add_argument("--db", default=DEFAULT_DB)
     sweep.add_argument("--run-name", default=None)
     sweep.add_argument("--limit", type=int, default=None)
@@ -171,9 +172,10 @@ def cmd_sweep(args) -> int:
         return distributed.main(store, config, run_id=args.resume, workers=args.workers,
                                 address=args.ray_address, quiet=args.quiet)
     reasoner = load(config.model_spec())
-    print(f"model options: {reasoner.options_line}", file=sys.stderr)
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
+    # stdout: stderr carries progress and, on failure, the one-line error
+    print(f"run {run_id} model options: {reasoner.options_line}", flush=True)
     with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:
         status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
     if status == "stopped":
@@ -232,19 +234,52 @@ class _progress_bar:
 
 def cmd_status(args) -> int:
     from db import queries, report
-    store = _open(args.db)
+    from db.store import DatabaseLocked
+    try:
+        store = _open(args.db)
+    except DatabaseLocked as error:
+        return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
         print(report.status_markdown(store, _run_id(store, args.run)))
         return 0
-    runs = queries.runs(store)
+    runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
+    _print_runs(args, runs)
+    return 0
+
+
+def _print_runs(args, runs: list[dict]) -> None:
     if args.json:
-        print(json.dumps(json.loads(runs.to_json(orient="records", date_format="iso")), indent=2))
-        return 0
-    if runs.empty:
+        print(json.dumps(runs, indent=2))
+        return
+    if not runs:
         print(f"{args.db}: no runs yet")
-    for run in runs.itertuples():
-        rate = f"{run.problems_per_hour:,.0f}/h" if run.problems_per_hour == run.problems_per_hour and run.problems_per_hour else "-"
-        print(f"{run.id:>4}  {run.status:<11} {run.phase or '-':<10} {run.done:>6}/{run.total:<6} {rate:>10}  {run.name}")
+    for run in runs:
+        rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
+        print(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/{run['total']:<6} "
+              f"{rate:>10}  {run['name']}")
+
+
+def _status_from_snapshot(args, locked) -> int:
+    """What the holder of the file last wrote beside it (db/status_file.py), saying how old it is."""
+    from db import status_file
+    snapshot = status_file.read(args.db)
+    if snapshot is None:
+        raise CliError(f"{locked} (and no {status_file.path_for(args.db).name} beside it to read instead)")
+    print(f"{args.db} is held by process {snapshot['writer_pid']}: showing its status file, written "
+          f"{snapshot['written']}", file=sys.stderr)
+    runs = snapshot["runs"]
+    if args.markdown:
+        run_id = args.run if args.run is not None else (runs[0]["id"] if runs else None)
+        if run_id is None:
+            raise CliError(f"{args.db} holds no runs yet")
+        page = snapshot["markdown"].get(str(run_id))
+        if page is None:
+            known = any(r["id"] == run_id for r in runs)
+            raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
+                           f"{status_file.path_for(args.db).name}; try again after its next batch")
+        print(page)
+        return 0
+    _print_runs(args, runs)
     return 0
 
 
@@ -259,7 +294,7 @@ def cmd_stats(args) -> int:
     print("position importance (prefix, flip rate): " +
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
-        print(f"  {steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
+        print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
               f"early={row['early_importance']:.3f} late={row['late_importance']:.3f}")
     return 0
 
@@ -306,7 +341,7 @@ def cmd_validate_data(args) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
     return 1 if report.rejected and report.n_problems == 0 else 0

@@ -1,9 +1,11 @@
 """Datasets: reading problems from every source ThoughtSweep accepts, their gold answers and
 difficulty (DESIGN.md section 4), dataset validation (section 6) and stratified sampling.
 
-Sources: "builtin" (runner/toy/builtin.jsonl), "gsm8k" (Hugging Face openai/gsm8k, main, test)
-or a path: .jsonl (GSM8K as OpenAI ships it), .json (the old script's list of problems), .csv,
-.parquet. Each reader turns its format into numbered records (plain dicts); every record then
+Sources: "builtin" (runner/toy/builtin.jsonl), the Hugging Face sets CODI's test.py evaluates
+("gsm8k", "gsm-hard", "svamp", "multi-arith": HUB, with test.py's names, splits and fields) or a
+path: .jsonl (GSM8K as OpenAI ships it), .json (the old script's list of problems), .csv,
+.parquet. A file in the shape of one of the hub sets (its question and answer fields) reads as
+that set does. Each reader turns its format into numbered records (plain dicts); every record then
 goes through the same `_problem` so gold, difficulty and id rules are identical everywhere.
 `load_problems` stops at the first bad record, `validate_dataset` collects them all.
 """
@@ -22,9 +24,17 @@ from pathlib import Path
 from runner.answers import canonical, parse_number
 
 MAX_FIELD_CHARS = 20_000  # GSM8K's longest question is 848 characters; far beyond is a broken record
-DIFFICULTY_BUCKETS = ("1-2", "3-4", "5+")
-GSM8K_HUB = ("openai/gsm8k", "main", "test")  # (repository, config, split)
-SOURCES_HELP = "builtin, gsm8k, or a path to a .jsonl (GSM8K), .json (old script), .csv or .parquet file"
+DIFFICULTY_BUCKETS = ("1-2", "3-4", "5+", "unknown")
+UNKNOWN_DIFFICULTY = -1  # no solution and no step count: nothing to derive a difficulty from
+# CODI test.py's data sets: name -> (repository, config, splits concatenated in order, question field, answer field).
+HUB = {"gsm8k": ("openai/gsm8k", "main", ("test",), "question", "answer"),
+       "gsm-hard": ("juyoung-trl/gsm-hard", None, ("train",), "instruction", "response"),
+       "svamp": ("ChilleD/SVAMP", None, ("train", "test"), "question_concat", "Answer"),
+       "multi-arith": ("ChilleD/MultiArith", None, ("test",), "question", "final_ans")}
+# The (question, answer) fields a file may use when it has no "question" + "answer": the hub sets' shapes.
+SHAPES = tuple(dict.fromkeys((q, a) for *_, q, a in HUB.values()))
+SOURCES_HELP = (f"builtin, {', '.join(HUB)}, or a path to a .jsonl (GSM8K), .json (old script), .csv or "
+                f".parquet file")
 _ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
 
 
@@ -33,7 +43,7 @@ class Problem:
     problem_id: str  # stable across runs, e.g. "gsm8k-test-0017"
     question: str
     gold: str  # canonical text of the gold number: "18", "2.5", "-3", "1000"
-    difficulty: int  # reasoning steps, >= 1
+    difficulty: int  # reasoning steps, >= 1; UNKNOWN_DIFFICULTY (-1) where none can be derived
     solution: str = ""  # GSM8K-format worked solution when the source has one
 
 
@@ -58,6 +68,15 @@ class _Source:
     name: str  # how messages name it: the path as given, or the Hub dataset
     unit: str  # "line" | "row" | "item"
     records: list[_Record]
+    fields: tuple[str, str] | None = None  # (question, answer) fields of its shape; None: as asked
+
+
+def _fields_for(columns, question_field: str, answer_field: str) -> tuple[str, str]:
+    """The fields to read: as asked, unless those are the defaults and a hub set's shape fits instead."""
+    columns = set(columns)
+    if (question_field, answer_field) != ("question", "answer") or {"question", "answer"} <= columns:
+        return question_field, answer_field
+    return next((shape for shape in SHAPES if set(shape) <= columns), (question_field, answer_field))
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,9 @@ def solution_steps(solution: str) -> int:
 
 
 def difficulty_bucket(steps: int) -> str:
-    """The display bucket of a step count: "1-2", "3-4" or "5+"."""
+    """The display bucket of a step count: "1-2", "3-4", "5+", or "unknown" for UNKNOWN_DIFFICULTY."""
+    if steps == UNKNOWN_DIFFICULTY:
+        return "unknown"
     if steps < 1:
         raise ValueError(f"difficulty is a number of reasoning steps >= 1, got {steps}")
     return "1-2" if steps <= 2 else "3-4" if steps <= 4 else "5+"
@@ -162,12 +183,13 @@ def _problem(record: _Record, question_field: str, answer_field: str) -> Problem
     question = _text_field(fields, question_field)
     gold, solution = _gold(fields, answer_field)
     steps = _given_steps(fields, "reasoning_steps") or _given_steps(fields, "difficulty")
-    return Problem(_problem_id(fields, record.default_id), question, gold,
-                   steps or solution_steps(solution), solution)
+    steps = steps or (solution_steps(solution) if solution else UNKNOWN_DIFFICULTY)
+    return Problem(_problem_id(fields, record.default_id), question, gold, steps, solution)
 
 
 def _screen(source: _Source, question_field: str, answer_field: str, duplicate_questions: bool):
     """Yield (record number, Problem or None, reason) for every record, in order."""
+    question_field, answer_field = source.fields or (question_field, answer_field)
     first_with_id: dict[str, int] = {}
     first_with_question: dict[str, int] = {}
     for record in source.records:
@@ -254,7 +276,8 @@ def _require_columns(name: str, columns: list[str], question_field: str, answer_
 def _csv_records(path: Path, data: bytes, question_field: str, answer_field: str) -> list[_Record]:
     reader = csv.DictReader(io.StringIO(_utf8(path, data), newline=""))
     try:
-        _require_columns(str(path), list(reader.fieldnames or []), question_field, answer_field)
+        columns = list(reader.fieldnames or [])
+        _require_columns(str(path), columns, *_fields_for(columns, question_field, answer_field))
         # line_num is the file line the row ends on, so the header is line 1 as in an editor.
         return [_Record(reader.line_num, f"{path.stem}-{index:04d}", row) for index, row in enumerate(reader)]
     except csv.Error as error:  # e.g. a field over csv's own 131,072-character limit
@@ -269,7 +292,7 @@ def _parquet_records(path: Path, question_field: str, answer_field: str) -> list
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
         raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
-    _require_columns(str(path), table.column_names, question_field, answer_field)
+    _require_columns(str(path), table.column_names, *_fields_for(table.column_names, question_field, answer_field))
     return [_Record(index + 1, f"{path.stem}-{index:04d}", row) for index, row in enumerate(table.to_pylist())]
 
 
@@ -277,24 +300,29 @@ def _hf_records(dataset, id_prefix: str) -> list[_Record]:
     return [_Record(index + 1, f"{id_prefix}-{index:04d}", dict(row)) for index, row in enumerate(dataset)]
 
 
-def _gsm8k_from_hub():
-    repository, config, split = GSM8K_HUB
+def _from_hub(name: str):
+    """A data set of CODI's test.py from the Hugging Face Hub (or its cache), its splits concatenated."""
+    repository, config, splits, _, _ = HUB[name]
     try:
         import datasets
 
-        return datasets.load_dataset(repository, config, split=split)
+        loaded = [datasets.load_dataset(repository, config, split=split) for split in splits]
+        return loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
     except Exception as error:  # offline, `datasets` raises anything from ConnectionError to ValueError
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DatasetError(f"gsm8k: cannot load {repository} ({config}, {split}) from the Hugging Face Hub "
-                           f"or its cache ({reason}); without network, pass the file instead, e.g. "
-                           f"--dataset ../shared/data/gsm8k/test.jsonl") from None
+        where = f"{repository} ({', '.join(filter(None, (config, *splits)))})"
+        raise DatasetError(f"{name}: cannot load {where} from the Hugging Face Hub or its cache ({reason}); "
+                           f"without network, pass a file instead, e.g. --dataset ../shared/data/gsm8k/test.jsonl "
+                           f"(a file in {name}'s shape reads as {name} does)") from None
 
 
 def _read(source: str, question_field: str, answer_field: str) -> _Source:
-    if source == "gsm8k":
-        dataset = _gsm8k_from_hub()
-        _require_columns("gsm8k", dataset.column_names, question_field, answer_field)
-        return _Source("gsm8k", "row", _hf_records(dataset, f"gsm8k-{GSM8K_HUB[2]}"))
+    if source in HUB:
+        dataset = _from_hub(source)
+        fields = HUB[source][3:] if (question_field, answer_field) == ("question", "answer") \
+            else (question_field, answer_field)
+        _require_columns(source, dataset.column_names, *fields)
+        return _Source(source, "row", _hf_records(dataset, f"{source}-{'-'.join(HUB[source][2])}"), fields)
     if source == "builtin":
         from runner.toy.problems import BUILTIN_PATH, write_builtin
 
@@ -325,7 +353,8 @@ def _read(source: str, question_field: str, answer_field: str) -> _Source:
         records, unit = _parquet_records(path, question_field, answer_field), "row"
     if not records:
         raise DatasetError(f"{source}: no problems in it")
-    return _Source(source, unit, records)
+    first = next((r.fields for r in records if r.fields is not None), {})
+    return _Source(source, unit, records, _fields_for(first, question_field, answer_field))
 
 
 # ---- public entry points -------------------------------------------------------------------
@@ -396,7 +425,8 @@ def stratified_sample(problems: list[Problem], n: int, seed: int,
             quota[b] += 1
     else:
         raise ValueError(f"allocation is 'equal' or 'proportional', got {allocation!r}")
-    realised = {b: min(quota.get(b, 0), len(strata[b])) for b in DIFFICULTY_BUCKETS}
+    realised = {b: min(quota.get(b, 0), len(strata[b])) for b in DIFFICULTY_BUCKETS
+                if b != "unknown" or strata[b]}  # "unknown" only where a data set has such problems
     rng = random.Random(seed)
     chosen = sorted(i for b in present for i in rng.sample(strata[b], realised[b]))
     return [problems[i] for i in chosen], realised

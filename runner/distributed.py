@@ -333,9 +333,9 @@ def main(store: Store, config: SweepConfig, run_id: int | None = None, workers: 
     pool = WorkerPool(ray, config.model_spec(), cluster)
     try:
         shape = pool.start()
-        print(f"model options: {shape.options_line}", file=sys.stderr)
         if run_id is None:
             run_id = Sweep.create(store, shape, config)
+        print(f"run {run_id} model options: {shape.options_line}", flush=True)  # stdout, as the local CLI
         from runner.__main__ import _progress_bar, stop_on_signals  # the local sweep's bar and Ctrl-C
         with stop_on_signals(run_id, "the batches in flight") as stop, _progress_bar(quiet, run_id) as bar:
             status = DistributedSweep(store, shape, config, run_id, pool, stop=stop, on_progress=bar).run()

@@ -112,12 +112,17 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _lora_layout(base_keys: list[str], state: dict) -> tuple[int, list[str]] | None:
-    """(rank, target module names) inferred from the `lora_A` keys; None when there is no LoRA."""
-    lora_a = [k for k in base_keys if k.endswith(".lora_A.default.weight")]
-    if not lora_a:
+    """(rank, target module names) inferred from the `lora_A` and `lora_B` keys; None when there is no LoRA.
+
+    Both kinds count, so that a module with one of its two matrices missing is still wrapped and
+    the strict load names the missing key.
+    """
+    lora = [k for k in base_keys if k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))]
+    if not lora:
         return None
-    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora_a})
-    return state[CODI_PREFIX + lora_a[0]].shape[0], targets
+    targets = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in lora})
+    first = state[CODI_PREFIX + lora[0]]  # lora_A: (r, in); lora_B: (out, r)
+    return (first.shape[0] if ".lora_A." in lora[0] else first.shape[1]), targets
 
 
 def _build_prj(state: dict, d_model: int, options: CheckpointOptions, folder: Path) -> nn.Module:

@@ -240,3 +240,25 @@ def make_checkpoint(folder: str | Path, family: str = "gpt2", lora: bool = True,
     """Build (`build_codi`, extra keywords passed on) and save a tiny CODI checkpoint; returns the folder."""
     codi = build_codi(family, lora=lora, num_latent=num_latent, vocab=vocab, **build)
     return save_checkpoint(codi, folder, weights=weights, codi_config=codi_config)
+
+
+def codi_training_arguments(**values):
+    """CODI's TrainingArguments (src/model.py: transformers.TrainingArguments plus its own fields), as
+    its Trainer pickles them into training_args.bin; built on first use (transformers is slow to import)."""
+    global CodiTrainingArguments
+    if "CodiTrainingArguments" not in globals():
+        from dataclasses import dataclass as _dataclass
+        from transformers import TrainingArguments
+
+        @_dataclass
+        class CodiTrainingArguments(TrainingArguments):
+            num_latent: int = 5
+            use_prj: bool = False
+            prj_dim: int = 2048
+            prj_no_ln: bool = False
+            remove_eos: bool = False
+            inf_latent_iterations: int = 1
+
+        CodiTrainingArguments.__qualname__ = "CodiTrainingArguments"  # picklable by module and name
+        globals()["CodiTrainingArguments"] = CodiTrainingArguments
+    return CodiTrainingArguments(**values)

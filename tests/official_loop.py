@@ -53,7 +53,8 @@ def decode(tokenizer, tokens: list[int]) -> str:
 
 @torch.no_grad()
 def official_answers(codi, tokenizer, questions: list[str], batch_size: int = 1, max_new_tokens: int = 256,
-                     remove_eos: bool = True, use_prj: bool = True, dtype=torch.float32):
+                     remove_eos: bool = True, use_prj: bool = True, dtype=torch.float32,
+                     num_latent: int | None = None):
     """Per question: (generated ids up to and with EOS, decoded text, answer number), batched as test.py."""
     # test.py casts the unmerged peft model (model.to(torch.bfloat16)); a copy keeps `codi` in float32.
     model, prj = (codi.model, codi.prj) if dtype == torch.float32 else \
@@ -79,7 +80,7 @@ def official_answers(codi, tokenizer, questions: list[str], batch_size: int = 1,
         latent = out.hidden_states[-1][:, -1, :].unsqueeze(1)
         if use_prj:
             latent = prj(latent)
-        for _ in range(codi.num_latent):
+        for _ in range(codi.num_latent if num_latent is None else num_latent):  # inf_latent_iterations
             out = model(inputs_embeds=latent, past_key_values=cache, use_cache=True, output_hidden_states=True)
             cache = out.past_key_values
             latent = out.hidden_states[-1][:, -1, :].unsqueeze(1)

@@ -167,16 +167,56 @@ def test_problems_filters_search_and_drill_down(database):
 
 
 def test_compare_validation_vs_full_and_two_runs(database):
+    from dashboard.comparison import Side
     at = open_app(database.sweep_id, "pages/compare.py")
+    sides = at.multiselect(key="compare_sides")
+    assert [s.phase for s in sides.value] == ["all", "validation"]  # a run with a validation subset: that first
+    assert "Legend: problems" in at.text[0].value  # the one setting that differs
+    assert [t["name"] for t in figures(at)[0]["data"] if t.get("mode") == "lines+markers"] == \
+        ["all problems", "validation subset"]
     table = at.dataframe[0].value
-    assert "intervals overlap" in table.columns and len(table) == 6
-    assert set(table["intervals overlap"]) <= {"yes", "no"}
-    at.segmented_control(key="compare_mode").set_value("two runs").run()
-    at.selectbox(key="compare_run_b").select_index(0).run()
+    assert len(table) == 6 and set(table["shared problems"]) == {8}  # the subset is shared, the rest unpaired
+    assert set(table["unpaired (first / this)"]) == {"16 / 0"}
+
+    seed = Side(database.seed_id, "prefix", "zero", "latent", "recompute")
+    sides.set_value([sides.value[0], seed]).run()
     assert not at.exception
-    assert len(at.dataframe[0].value) == 6  # prefix k = 1..6 against the seed's 1..5: an outer join
-    at.segmented_control(key="compare_mode").set_value("two variant groups").run()
-    assert not at.exception and figures(at)
+    legend = at.text[0].value
+    assert "model" in legend and "dataset" in legend and "problems" not in legend  # exactly what differs
+    table = at.dataframe[0].value
+    assert list(table["latents ablated"]) == ["0", "0–1", "0–2", "0–3", "0–4", "0–5"]
+    assert (table["shared problems"] == 0).all()  # different problem ids: nothing is paired, nothing differs
+    assert table["first − this (shared)"].iloc[-1] == "only in the first"  # k = 6: the old runs stop at 5
+    assert "0 of 0 positions present on both sides differ" in texts(at)
+    lines = [t for t in figures(at)[0]["data"] if t.get("mode") == "lines+markers"]
+    assert [len(array(t["x"])) for t in lines] == [6, 5]  # each curve over its own positions: no sliver band
+    bands = [t for t in figures(at)[0]["data"] if t.get("fill") == "toself"]
+    assert all(not any(v is None for v in array(b["y"])) for b in bands)
+
+
+def test_compare_pairs_problems_and_names_the_differing_setting(database, tiny_reasoner):
+    from dashboard import state
+    from dashboard.comparison import Side
+    store = state.open_service(str(database.path.resolve())).store
+    config = SweepConfig(model=str(database.model_dir), dataset="builtin", limit=24, batch_size=8, mode="frozen",
+                         schemes=("prefix",), run_name="frozen twin")
+    twin = Sweep.create(store, tiny_reasoner, config)
+    assert Sweep(store, tiny_reasoner, config, twin).run() == "finished"
+    try:
+        at = open_app(twin, "pages/compare.py")
+        at.multiselect(key="compare_sides").set_value(
+            [Side(database.sweep_id, "prefix", "zero", "latent", "recompute"),
+             Side(twin, "prefix", "zero", "latent", "frozen")]).run()
+        assert not at.exception
+        assert "Legend: mode, validation" in at.text[0].value  # mode, and the twin has no validation subset
+        names = [t["name"] for t in figures(at)[0]["data"] if t.get("mode") == "lines+markers"]
+        assert names == ["recompute · validation 8", "frozen · validation 0"]
+        table = at.dataframe[0].value
+        assert (table["shared problems"] == 24).all() and set(table["unpaired (first / this)"]) == {"0 / 0"}
+        assert table["95% paired interval"].str.startswith("[").all()
+        assert "percentile bootstrap interval resampling the pairs" in texts(at)
+    finally:
+        store.delete_run(twin)
 
 
 def test_export_summary_follows_the_filters(database):
@@ -256,7 +296,9 @@ def test_the_seed_preset_sets_prefix_zero_at_mid_depth(database):
     at = open_app(database.sweep_id)
     at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
     at.text_input(key="model_path").input(str(database.model_dir)).run()
-    next(b for b in at.button if b.label == "Seed MECH-02 preset").click().run()
+    preset = next(b for b in at.button if b.label == "Old script's setup")
+    assert "prefix scheme" in preset.help and "zeroing" in preset.help and "block 8" in preset.help
+    preset.click().run()
     assert not at.exception
     assert at.multiselect(key="schemes").value == ["prefix"] and at.multiselect(key="methods").value == ["zero"]
     assert (at.radio(key="site_kind").value, at.number_input(key="site_layer").value) == ("residual stream", 1)
@@ -326,7 +368,9 @@ def test_an_empty_database_offers_the_demo(tmp_path, monkeypatch):
         assert "No runs yet" in [h.value for h in at.subheader]
 
 
-def test_a_dataset_upload_is_validated_before_start(database):
+def test_a_dataset_upload_is_validated_before_start(database, tmp_path, monkeypatch):
+    from dashboard import state, uploads
+    monkeypatch.setenv("THOUGHTSWEEP_UPLOADS", str(tmp_path / "kept"))
     at = open_app(database.sweep_id)
     at.radio(key="dataset_choice").set_value("Upload a file").run()
     lines = [json.dumps({"question": "Ann has 2 apples and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}),
@@ -338,12 +382,57 @@ def test_a_dataset_upload_is_validated_before_start(database):
     assert panel.label == "Dataset check: 2 usable problems, 1 rejected"
     rejected = panel.dataframe[0].value
     assert list(rejected["line"]) == [3] and rejected["reason"].iloc[0]
+    start = next(b for b in at.button if b.label == "Start")
+    assert start.disabled  # a sweep reads every record: refused now, not after the run exists
+    assert any("1 record(s) rejected" in e.value for e in at.error)
+    at.file_uploader[0].set_value(("mine.jsonl", "\n".join(lines[:2]).encode(), "application/json")).run()
     assert not next(b for b in at.button if b.label == "Start").disabled  # two usable problems can run
-    assert (database.path.parent / "uploads").is_dir()  # kept beside the database for a resume
+    repo = Path(__file__).resolve().parents[1]
+    assert not (repo / "uploads").exists() and not (database.path.parent / "uploads").exists()
+    assert not (tmp_path / "kept").exists()  # checked, but kept only once a run uses it
+    at.text_input(key="run_name").input("my upload").run()
+    service = state.open_service(str(database.path.resolve()))
+    try:
+        next(b for b in at.button if b.label == "Start").click().run()
+        service.join(timeout=120)
+        assert any("started" in m.value for m in at.success), [m.value for m in [*at.error, *at.warning]]
+        run_id = at.sidebar.selectbox(key="run_id").value
+        row = service.store.run_row(run_id)
+        assert row["name"] == "my upload" and row["total"] == 2
+        assert Path(row["dataset"]).parent == tmp_path / "kept" and Path(row["dataset"]).is_file()
+        assert at.text_input(key="run_name").value == ""  # the next run is not named after this one
+        assert uploads.uploads_dir() == tmp_path / "kept"
+    finally:
+        service.store.delete_run(service.status().run_id)
+
+
+def test_an_upload_maps_its_fields_and_one_without_problems_is_refused(database):
+    from dashboard import state
+    at = open_app(database.sweep_id)
+    runs_before = len(state.open_service(str(database.path.resolve())).store.query("SELECT id FROM runs"))
+    at.radio(key="dataset_choice").set_value("Upload a file").run()
+    rows = "prompt,target\nAnn has 2 apples and buys 3. How many?,5\nBo has 4 pens and loses 1. How many?,3\n"
+    at.file_uploader[0].set_value(("exam.csv", rows.encode(), "text/csv")).run()
+    errors = [e.value for e in at.error]
+    assert any("exam.csv has no field named 'question' or 'answer' (its fields: prompt, target)" in e
+               and "Question field" in e for e in errors), errors
+    assert not any("thoughtsweep-staging" in e or "/tmp" in e for e in errors)  # no internal path
+    assert at.selectbox(key="question_field").options == ["prompt", "target"]
+    at.selectbox(key="question_field").set_value("prompt").run()
+    at.selectbox(key="answer_field").set_value("target").run()
+    assert not at.exception and not at.error
+    assert next(e for e in at.expander if e.label.startswith("Dataset check")).label == \
+        "Dataset check: 2 usable problems, 0 rejected"
+    nothing = b'{"question": "How many?", "answer": "none"}\n{"question": "", "answer": "#### 3"}\n'
+    at.file_uploader[0].set_value(("empty.jsonl", nothing, "application/json")).run()
+    assert any("no usable problem" in e.value for e in at.error), [e.value for e in at.error]
+    assert next(b for b in at.button if b.label == "Start").disabled  # refused before a run exists
+    assert len(state.open_service(str(database.path.resolve())).store.query("SELECT id FROM runs")) == runs_before
 
 
 def test_importing_the_old_scripts_files_from_the_run_page(database):
     from dashboard import state
+    store = state.open_service(str(database.path.resolve())).store
     at = open_app(database.sweep_id)
     uploads = [(name, (SEED_FILES / name).read_bytes(), "application/json") for name in (SCORES, VALIDATION)]
     at.file_uploader(key="seed_files").set_value(uploads).run()
@@ -352,7 +441,15 @@ def test_importing_the_old_scripts_files_from_the_run_page(database):
     assert any("Imported as run" in s.value for s in at.success)
     new_id = at.sidebar.selectbox(key="run_id").value
     assert new_id not in (database.sweep_id, database.seed_id)
-    state.open_service(str(database.path.resolve())).store.delete_run(new_id)
+    row = store.run_row(new_id)
+    assert (row["name"], row["dataset"], row["model"]) == (f"old script: {SCORES}", SCORES,
+                                                           "not recorded (old script)")
+    store.delete_run(new_id)
+    at.text_input(key="seed_name").input("MECH-02 on Llama, March").run()
+    next(b for b in at.button if b.label == "Import").click().run()
+    new_id = at.sidebar.selectbox(key="run_id").value
+    assert store.run_row(new_id)["name"] == "MECH-02 on Llama, March"
+    store.delete_run(new_id)
 
 
 def test_switching_the_database_file(database, tmp_path):
@@ -370,3 +467,112 @@ def test_switching_the_database_file(database, tmp_path):
     finally:
         assert state.switch_database(str(database.path)) is None
     assert state.db_path() == str(database.path.resolve())
+
+
+def _store(database):
+    from dashboard import state
+    return state.open_service(str(database.path.resolve())).store
+
+
+def test_runs_table_settings_results_filters_and_selection(database):
+    at = open_app(database.sweep_id)
+    table = at.dataframe[0].value
+    assert {"model", "dataset", "schemes", "methods", "site", "mode", "batch", "device", "seed", "baseline acc.",
+            "acc. 95% CI", "flip, all ablated", "flip 95% CI", "minutes", "problems/h"} <= set(table.columns)
+    sweep = table[table["id"] == database.sweep_id].iloc[0]
+    accuracy = queries.baseline_accuracy(_store(database), database.sweep_id)
+    assert sweep["baseline acc."] == pytest.approx(accuracy["accuracy"])
+    assert sweep["acc. 95% CI"] == f"[{100 * accuracy['lo']:.1f}, {100 * accuracy['hi']:.1f}]"
+    assert (sweep["schemes"], sweep["methods"], sweep["site"], sweep["mode"]) == \
+        ("prefix, single, suffix", "zero", "latent", "recompute")
+    assert sweep["device"] == "cpu · float32" and sweep["problems"] == "24 / 24"
+    all_ablated = _store(database).query(
+        "SELECT avg(flip::DOUBLE) FROM results WHERE run_id = ? AND variant = 'prefix:6/zero/latent/recompute'",
+        [database.sweep_id])[0][0]
+    assert sweep["flip, all ablated"] == pytest.approx(all_ablated)
+    seed = table[table["id"] == database.seed_id].iloc[0]
+    assert seed["model"] == "not recorded (old script)" and 0 <= seed["flip, all ablated"] <= 1
+
+    at.multiselect(key="runs_model").set_value(["not recorded (old script)"]).run()
+    assert list(at.dataframe[0].value["id"]) == [database.seed_id]
+    at.multiselect(key="runs_model").set_value([]).run()
+    at.multiselect(key="runs_status").set_value(["finished"]).run()
+    assert len(at.dataframe[0].value) == 2
+    at.text_input(key="runs_search").input("TINY").run()  # names and notes, any case
+    assert list(at.dataframe[0].value["id"]) == [database.sweep_id]
+    at.text_input(key="runs_search").input("").run()
+
+    # Rows selected (as the browser sends them): the first is the run every page shows, all go to Compare.
+    shown = list(at.dataframe[0].value["id"])
+    at.session_state["runs_table"] = {"selection": {"rows": [shown.index(database.sweep_id),
+                                                             shown.index(database.seed_id)], "columns": [],
+                                                    "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="run_id").value == database.sweep_id
+    at.switch_page("pages/compare.py").run()
+    assert [s.run_id for s in at.multiselect(key="compare_sides").value] == [database.sweep_id, database.seed_id]
+
+
+def test_importance_cards_follow_the_measure(database):
+    at = open_app(database.sweep_id, "pages/importance.py")
+    labels = [m.label for m in at.metric]
+    assert "Flip rate, early latents (0–2)" in labels and "Flip rate: early / late" in labels
+    store = _store(database)
+    for measure, label in (("harm", "Harm rate (right → wrong)"), ("logprob_drop", "Drop in gold log-prob (nats)")):
+        at.segmented_control(key="importance_measure").set_value(measure).run()
+        expected = queries.early_late_of(store, database.sweep_id, Filters(), measure, "prefix", "zero", "latent",
+                                         "recompute")
+        shown = metric(at, f"{label}, early latents (0–2)")
+        assert shown == (f"{100 * expected['early']:.1f}%" if measure == "harm" else f"{expected['early']:.2f}")
+        assert not any(m.label.startswith("Flip rate") for m in at.metric)
+
+
+def test_the_logit_lens_marks_the_ablated_latents(database):
+    at = open_app(database.sweep_id, "pages/problems.py")
+    at.selectbox(key="lens_variant").set_value("prefix:3/zero/latent/recompute").run()
+    lens = figures(at)[-1]
+    rows = array(lens["data"][0]["y"])
+    assert rows[:4] == ["latent 0 · ablated (zero)", "latent 1 · ablated (zero)", "latent 2 · ablated (zero)",
+                        "latent 3"]
+    assert len(lens["layout"]["shapes"]) == 3
+    assert "the latents this variant replaced (0, 1, 2)" in texts(at)
+
+
+def test_the_sidebar_shows_the_selected_runs_status(database):
+    at = open_app(database.seed_id)
+    assert "4 / 4 problems" in at.sidebar.get("progress")[0].proto.text
+    at.sidebar.selectbox(key="run_id").set_value(database.sweep_id).run()
+    assert "24 / 24 problems" in at.sidebar.get("progress")[0].proto.text
+
+
+def test_the_demo_button_goes_to_progress(tmp_path, monkeypatch):
+    from dashboard import state
+    monkeypatch.setenv("THOUGHTSWEEP_DB", str(tmp_path / "demo.duckdb"))
+    monkeypatch.setenv("THOUGHTSWEEP_DEMO_LIMIT", "8")
+    at = open_app()
+    next(b for b in at.button if b.label == "Run the demo sweep").click().run()
+    service = state.open_service(str((tmp_path / "demo.duckdb").resolve()))
+    service.join(timeout=300)
+    assert not at.exception
+    assert at.title[0].value == "Progress"
+    assert service.store.run_row(1)["total"] == 8
+
+
+def test_checkpoint_options_on_the_run_page_reach_the_loaded_model(database):
+    """The Run page's checkpoint options go into the model spec; the loaded model and the selected run show theirs."""
+    at = open_app(database.sweep_id)
+    captions = [str(c.value) for c in at.caption]
+    assert any(c.startswith(f"Run #{database.sweep_id} checkpoint options: num_latent=6 (codi_config.json)")
+               for c in captions), captions
+    at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
+    at.text_input(key="model_path").input(str(database.model_dir)).run()
+    at.number_input(key="num_latent").set_value(3).run()
+    at.selectbox(key="merge_lora").set_value("no").run()
+    at.selectbox(key="remove_eos").set_value("no").run()
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    loaded = [str(c.value) for c in at.caption if str(c.value).startswith("Checkpoint options:")]
+    assert loaded and "num_latent=3 (given)" in loaded[0] and "remove_eos=False (given)" in loaded[0], loaded
+    assert "merge_lora=False (given)" in loaded[0] and "lora_alpha=32.0 (codi_config.json)" in loaded[0]
+    assert any("3 latents" in str(c.value) for c in at.caption)

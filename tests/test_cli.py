@@ -120,10 +120,67 @@ def test_bad_arguments_give_one_line_and_a_nonzero_exit(argv, message, capsys, s
 
 def test_a_second_process_on_a_held_database_gets_one_line_with_the_pid(swept):
     holder = Store(swept)  # this process holds the file
-    done = subprocess.run([sys.executable, "-m", "runner", "status", "--db", str(swept)], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "runner", "stats", "--db", str(swept)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     holder.close()
     assert done.returncode != 0
     line = done.stderr.strip()
     assert len(line.splitlines()) == 1 and str(swept) in line and "--db" in line
     assert f"process {__import__('os').getpid()}" in line
+
+
+def test_status_works_while_another_process_holds_the_database(swept, capsys, tmp_path):
+    """A second terminal beside the dashboard: the file is locked, `status` reads the holder's status file."""
+    _, direct_json, _ = cli(capsys, "status", "--db", swept, "--json")
+    _, direct_md, _ = cli(capsys, "status", "--db", swept, "--markdown")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from db.store import Store; s = Store(sys.argv[1]); "
+                               "print('holding', flush=True); sys.stdin.read()", str(swept)],
+        cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(Exception, match="in use by process"):
+            Store(swept, read_only=True)  # DuckDB refuses even a reader: the reason for the status file
+        code, out, err = cli(capsys, "status", "--db", swept, "--json")
+        assert code == 0 and f"held by process {holder.pid}" in err
+        assert [{k: r[k] for k in ("id", "name", "status", "done", "total")} for r in json.loads(out)] == \
+            [{k: r[k] for k in ("id", "name", "status", "done", "total")} for r in json.loads(direct_json)]
+        code, out, _ = cli(capsys, "status", "--db", swept)
+        assert code == 0 and "cli round trip" in out and "12/12" in out
+        code, out, _ = cli(capsys, "status", "--db", swept, "--markdown")
+        assert code == 0 and out.splitlines()[0] == direct_md.splitlines()[0]
+        assert "## Phases" in out and "12/12 problems" in out
+        code, _, err = cli(capsys, "status", "--db", swept, "--markdown", "--run", "99")
+        assert code == 2 and "run 99: no such run" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir, monkeypatch):
+    from db import status_file
+    from runner.sweep import Sweep, SweepConfig
+    monkeypatch.setattr(status_file, "PAGE_EVERY_S", 0.0)  # the page too, every batch (else every 10 s)
+    store = Store(tmp_path / "live.duckdb")
+    config = SweepConfig(model=str(tiny_model_dir), limit=12, batch_size=4, schemes=("prefix",))
+    run_id = Sweep.create(store, tiny_reasoner, config)
+    seen = []
+
+    def check(progress):
+        snapshot = status_file.read(store.path)
+        row = next(r for r in snapshot["runs"] if r["id"] == run_id)
+        seen.append((progress.done, row["done"], row["status"], f"{row['done']}/12 problems" in
+                     snapshot["markdown"][str(run_id)]))
+
+    assert Sweep(store, tiny_reasoner, config, run_id, on_progress=check).run() == "finished"
+    assert [s for s in seen if s[2] == "running" and s[0]] == [(4, 4, "running", True), (8, 8, "running", True),
+                                                               (12, 12, "running", True)]
+    assert seen[-1] == (12, 12, "finished", True)
+    assert not list(tmp_path.glob("*.tmp"))  # replaced atomically, no leftovers
+
+    monkeypatch.setattr(status_file, "PAGE_EVERY_S", 3600.0)  # throttled page: the run list still follows
+    store.update_run(run_id, notes="checked")
+    snapshot = status_file.read(store.path)
+    assert snapshot["runs"][0]["notes"] == "checked" and "12/12 problems" in snapshot["markdown"][str(run_id)]
+    store.update_run(run_id, status="stopped")  # a new status rebuilds the page at once
+    assert "— stopped" in status_file.read(store.path)["markdown"][str(run_id)]

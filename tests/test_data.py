@@ -147,14 +147,14 @@ def test_csv_with_named_columns_steps_and_ids(tmp_path):
     path = write_csv(tmp_path / "mine.csv", ["id", "prompt", "target", "difficulty"],
                      [["a", "Q1?", "18", "3"], ["b", "Q2, with a comma?", "$1,250.50", ""], ["c", "Q3?", SOLUTION, ""]])
     assert load_problems(str(path), question_field="prompt", answer_field="target") == [
-        Problem("a", "Q1?", "18", 3), Problem("b", "Q2, with a comma?", "1250.5", 1),
+        Problem("a", "Q1?", "18", 3), Problem("b", "Q2, with a comma?", "1250.5", -1),
         Problem("c", "Q3?", "540", 2, SOLUTION)]
 
 
 def test_csv_without_ids_and_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "sheet.csv"
     path.write_bytes("\ufeffquestion,answer,reasoning_steps\nQ1?,4,2\nQ2?,-3,\n".encode())
-    assert load_problems(str(path)) == [Problem("sheet-0000", "Q1?", "4", 2), Problem("sheet-0001", "Q2?", "-3", 1)]
+    assert load_problems(str(path)) == [Problem("sheet-0000", "Q1?", "4", 2), Problem("sheet-0001", "Q2?", "-3", -1)]
 
 
 def test_parquet_with_ids_steps_and_nulls(tmp_path):
@@ -233,7 +233,7 @@ BAD_INPUT = [
      r"gold\.csv: line 3: gold answer 'n/a' in 'answer' is neither a number"),
     ("header.csv", b"question,answer\n", r"header\.csv: no problems in it"),
     ("notparquet.parquet", b"question,answer\n", r"notparquet\.parquet: not a readable Parquet file"),
-    ("problems.txt", b"Q? 1\n", r"problems\.txt: unknown format '\.txt'; the dataset is builtin, gsm8k, or a path"),
+    ("problems.txt", b"Q? 1\n", r"problems\.txt: unknown format '\.txt'; the dataset is builtin, gsm8k, gsm-hard, svamp, multi-arith, or a path"),
 ]
 
 
@@ -328,3 +328,50 @@ def test_stratified_sample_rejects_bad_arguments():
         stratified_sample(problems_with([1]), 1, seed=0, allocation="random")
     with pytest.raises(ValueError, match=">= 0"):
         stratified_sample(problems_with([1]), -1, seed=0)
+
+
+# ---- the other data sets of CODI's test.py --------------------------------------------------
+
+def test_files_in_the_shapes_of_gsm_hard_svamp_and_multi_arith(tmp_path):
+    """Their fields as test.py reads them; difficulty unknown (-1) where no solution gives one."""
+    from runner.data import stratified_sample
+    hard = tmp_path / "gsm-hard.jsonl"
+    hard.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Janet has 1234567 ducks.  Each lays 3 eggs. How many eggs?",
+         "response": "1234567*3 = <<1234567*3=3703701>>3703701\n#### 3703701"},
+        {"instruction": "A train goes 12.5 km in 0.5 h. How fast?", "response": "25"}]) + "\n")
+    svamp = tmp_path / "svamp.parquet"
+    pq.write_table(pa.table({"ID": ["chal-1", "chal-2"], "Body": ["Each pack has 5 pens.", "Dan had 8 cards."],
+                             "Question": ["How many pens in 3 packs?", "He gave 3 away. How many left?"],
+                             "question_concat": ["Each pack has 5 pens. How many pens in 3 packs?",
+                                                 "Dan had 8 cards. He gave 3 away. How many left?"],
+                             "Equation": ["( 5.0 * 3.0 )", "( 8.0 - 3.0 )"], "Answer": [15.0, 5.0],
+                             "Type": ["Multiplication", "Subtraction"]}), svamp)
+    arith = write_csv(tmp_path / "multi-arith.csv", ["question", "final_ans"],
+                      [["Sam had 9 balloons and bought 1,000 more. How many?", "1009"]])
+    assert load_problems(str(hard)) == [
+        Problem("gsm8k-gsm-hard-0000", "Janet has 1234567 ducks.  Each lays 3 eggs. How many eggs?", "3703701", 1,
+                "1234567*3 = <<1234567*3=3703701>>3703701\n#### 3703701"),
+        Problem("gsm8k-gsm-hard-0001", "A train goes 12.5 km in 0.5 h. How fast?", "25", -1)]
+    assert load_problems(str(svamp)) == [
+        Problem("svamp-0000", "Each pack has 5 pens. How many pens in 3 packs?", "15", -1),
+        Problem("svamp-0001", "Dan had 8 cards. He gave 3 away. How many left?", "5", -1)]
+    assert load_problems(str(arith)) == [
+        Problem("multi-arith-0000", "Sam had 9 balloons and bought 1,000 more. How many?", "1009", -1)]
+    assert validate_dataset(str(svamp)).to_json()["difficulty"] == {"-1": 2}
+    chosen, realised = stratified_sample(load_problems(str(hard)), 2, seed=0)
+    assert len(chosen) == 2 and realised == {"1-2": 1, "3-4": 0, "5+": 0, "unknown": 1}
+    assert difficulty_bucket(-1) == "unknown"
+
+
+def test_hub_data_sets_offline_are_one_clear_line_each(tmp_path):
+    """gsm-hard, svamp, multi-arith by test.py's hub names: offline, the CLI says so in one line."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    expected = {"gsm-hard": "juyoung-trl/gsm-hard (train)", "svamp": "ChilleD/SVAMP (train, test)",
+                "multi-arith": "ChilleD/MultiArith (test)"}
+    for name, where in expected.items():
+        done = subprocess.run([sys.executable, "-m", "runner", "validate-data", name], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"error: {name}: cannot load {where} from the Hugging Face Hub"), done.stderr
+        assert "pass a file instead" in done.stderr

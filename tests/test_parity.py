@@ -158,3 +158,15 @@ def test_decoding_applies_the_declared_clean_up_whatever_transformers_does(famil
         assert text == "The answer is: 1,000." and answers.official_answer(text) == 1000
     else:  # GPT-2 declares no clean-up, and test.py's transformers 4.52 defaults it to off
         assert text == "The answer is: 1 ,000 ."
+
+
+def test_the_official_batched_loop_depends_on_the_batch(family, records):
+    """Why batch size 1 is the reference: test.py's batched loop passes no attention mask or position ids
+    after the question, so left-padded rows attend to their padding (README figure)."""
+    name, codi, _, tokenizer_dir, official = family
+    questions = [r["question"] for r in records[:N_QUESTIONS]]
+    batched = official_answers(codi, official_tokenizer(tokenizer_dir), questions, batch_size=8,
+                               max_new_tokens=MAX_NEW)
+    same = sum(a[0] == b[0] for a, b in zip(official, batched))
+    print(f"\n{name}: the official loop at batch 8 equals itself at batch 1 on {same}/{N_QUESTIONS}")
+    assert same < N_QUESTIONS

@@ -109,3 +109,38 @@ def test_pages_of_a_run_that_has_just_started(store, tmp_path):
     status = report.status_markdown(store, run_id)
     assert "0/5 problems" in status and "No batch stored yet" in status and "--resume" in status
     assert pd.read_csv(report.export_csv(store, run_id, tmp_path)).empty
+
+
+def test_generated_tokens_are_exported_and_old_databases_migrate(tmp_path, tiny_reasoner, tiny_model_dir):
+    """Migration 2 adds results.tokens / prefix_value to a schema-1 file; a sweep fills them; both exports hold them."""
+    import duckdb
+
+    from db import migrations
+    from runner.sweep import Sweep, SweepConfig
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:  # a file written before migration 2 existed
+        con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                    "applied TIMESTAMP DEFAULT current_timestamp)")
+        migrations._initial_schema(con)
+        con.execute("INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')")
+        con.execute("INSERT INTO results (run_id, problem_id, variant, scheme, k, method, site, mode, correct, "
+                    "changed, flip, harm, help) VALUES (99, 'p', 'baseline:0', 'baseline', 0, 'none', 'latent', "
+                    "'recompute', true, false, false, false, false)")
+    store = Store(path)
+    try:
+        assert store.query("SELECT max(version) FROM schema_migrations")[0][0] >= 2
+        assert store.query("SELECT tokens, prefix_value FROM results WHERE run_id = 99") == [(None, None)]
+        config = SweepConfig(model=str(tiny_model_dir), limit=4, schemes=("prefix",), batch_size=2)
+        run_id = Sweep.create(store, tiny_reasoner, config)
+        assert Sweep(store, tiny_reasoner, config, run_id).run() == "finished"
+        stored = store.query("SELECT answer_text, tokens FROM results WHERE run_id = ? ORDER BY problem_id, variant",
+                             [run_id])
+        assert all(text == tiny_reasoner.decode(list(tokens)) for text, tokens in stored)
+        assert any(len(tokens) > 1 for _, tokens in stored)
+        parquet = pd.read_parquet(report.export_parquet(store, run_id, tmp_path / "out"))
+        csv = pd.read_csv(report.export_csv(store, run_id, tmp_path / "out"), keep_default_na=False)
+        assert [list(t) for t in parquet["tokens"]] == [s.split() and list(map(int, s.split())) for s in csv["tokens"]]
+        assert {tuple(t) for t in parquet["tokens"]} == {tuple(t) for _, t in stored}
+        assert "prefix_value" in csv and "prefix_value" in parquet
+    finally:
+        store.close()

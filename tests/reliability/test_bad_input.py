@@ -202,9 +202,11 @@ def test_the_cli_refuses_a_database_another_process_holds(world, forkserver, led
     with ledger.bad_input("CLI: database held by another process (the dashboard)"):
         holder = Store(world.db)
         try:
-            code, out, err = forkserver.cli("status", "--db", world.db)
+            code, out, err = forkserver.cli("stats", "--db", world.db)
+            status = forkserver.cli("status", "--db", world.db, "--json")  # reads the holder's status file
         finally:
             holder.close()
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "in use by process" in lines[0], err
+        assert status[0] == 0 and "held by process" in status[2], status
         world.kept.assert_unchanged()

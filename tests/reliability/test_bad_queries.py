@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -101,7 +100,9 @@ def test_cli_export_of_a_run_named_like_a_path_writes_only_inside_out(fmt, finis
                                         "--out", tmp_path / "out")
         assert code == 0, err
         written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-        assert written == sorted(["renamed.duckdb", *[f"out/{Path(p).name}" for p in out.split()]])
+        # the database, its status snapshot (db/status_file.py) and the exports, nothing else
+        assert written == sorted(["renamed.duckdb", "renamed.duckdb.status.json",
+                                  *[f"out/{Path(p).name}" for p in out.split()]])
         assert all(Path(p).parent == tmp_path / "out" for p in out.split())
 
 
@@ -111,14 +112,19 @@ UPLOAD_NAMES = ["../../escape.jsonl", "/etc/cron.d/escape.jsonl", "..\\..\\escap
 
 
 @pytest.mark.parametrize("name", UPLOAD_NAMES)
-def test_an_uploaded_dataset_is_saved_inside_the_uploads_folder(name, tmp_path, ledger):
-    from dashboard.sweep_form import saved_upload
-    upload = SimpleNamespace(name=name, getvalue=lambda: GOOD)
+def test_an_uploaded_dataset_is_saved_inside_the_uploads_folder(name, tmp_path, monkeypatch, ledger):
+    import tempfile
+
+    from dashboard import uploads
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("THOUGHTSWEEP_UPLOADS", str(tmp_path / "uploads"))
     with ledger.bad_input(f"upload: dataset file name {name!r}"):
-        saved = Path(saved_upload(upload, tmp_path))
-        assert saved.parent == tmp_path / "uploads" and saved.resolve().parent == (tmp_path / "uploads").resolve()
-        assert saved.read_bytes() == GOOD
-        assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved]
+        staged = uploads.stage(name, GOOD)  # checked from here
+        assert staged.parent == tmp_path / "tmp" / "thoughtsweep-staging" == staged.resolve().parent
+        kept = Path(uploads.keep(str(staged)))  # a run uses it
+        assert kept.parent == tmp_path / "uploads" and kept.resolve().parent == (tmp_path / "uploads").resolve()
+        assert kept.read_bytes() == staged.read_bytes() == GOOD
+        assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted([staged, kept])
 
 
 def test_the_problems_page_search_box_takes_sql_as_text(finished_db, tmp_path, monkeypatch, ledger):

@@ -1,0 +1,53 @@
+"""What Compare compares: curves (a run, a variant group, its problems) and legend names made of what differs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from db.queries import Curve, Filters
+
+PHASES = {"all": None, "validation": "validation"}
+# Settings in legend order; the run's own settings come from queries.run_settings.
+SHOWN = ("model", "dataset", "scheme", "method", "site", "mode", "problems", "limit", "validation", "seed", "dtype",
+         "device", "batch_size")
+BARE = {"scheme", "method", "site", "mode"}  # their values say what they are: "frozen", "resid:8"
+
+
+@dataclass(frozen=True)
+class Side:
+    run_id: int
+    scheme: str
+    method: str
+    site: str
+    mode: str
+    phase: str = "all"  # all | validation
+
+    def curve(self) -> Curve:
+        return Curve(self.run_id, Filters(phase=PHASES[self.phase]), self.scheme, self.method, self.site, self.mode)
+
+    def option(self) -> str:
+        problems = " · validation subset" if self.phase == "validation" else ""
+        return f"#{self.run_id} · {self.scheme} · {self.method} · {self.site} · {self.mode}{problems}"
+
+
+def settings(side: Side, run: dict) -> dict:
+    """Everything that can tell two curves apart."""
+    problems = "validation subset" if side.phase == "validation" else "all problems"
+    return {**{k: run.get(k) for k in SHOWN if k in run}, "scheme": side.scheme, "method": side.method,
+            "site": side.site, "mode": side.mode, "problems": problems}
+
+
+def _text(key: str, value) -> str:
+    value = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else "not recorded" if value is None \
+        else value
+    return str(value) if key in BARE or key == "problems" else f"{key.replace('_', ' ')} {value}"
+
+
+def labels(sides: list[Side], runs: dict[int, dict]) -> tuple[list[str], list[str]]:
+    """(legend names, the settings that differ): each name lists exactly the settings that differ between
+    the compared curves; curves that no setting tells apart (two runs alike) are named by their run."""
+    every = [settings(s, runs.get(s.run_id, {})) for s in sides]
+    differ = [k for k in SHOWN if len({repr(e.get(k)) for e in every}) > 1]
+    names = [" · ".join(_text(k, e.get(k)) for k in differ) for e in every]
+    tied = {n for n in names if names.count(n) > 1}
+    names = [f"{n} · run #{s.run_id}" if n and n in tied else n or f"run #{s.run_id}" for n, s in zip(names, sides)]
+    return names, differ
