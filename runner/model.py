@@ -231,6 +231,10 @@ class LatentReasoner:
         self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
         self.blocks = next(m for m in hf.modules()
                            if isinstance(m, nn.ModuleList) and len(m) == hf.config.num_hidden_layers)
+        from runner import attention  # imports transformers, as the model itself did
+        # Variants share the prompt's KV cache (runner/attention.py) where the family supports it;
+        # None = whenever a plan has more than one variant, False = always the plain repeated cache.
+        self.shared_prefix = None if attention.install(hf) else False
 
     @property
     def d_model(self) -> int:
@@ -252,9 +256,10 @@ class LatentReasoner:
         return f"The answer is: {gold}"
 
     def _forward(self, cache, attention_mask, position_ids, inputs_embeds=None, input_ids=None, keep=1):
+        shared = {"shared_prefix": cache} if hasattr(cache, "share_prefix") else {}  # read by runner/attention.py
         out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
                       attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, logits_to_keep=keep)
+                      output_hidden_states=True, logits_to_keep=keep, **shared)
         return out.logits, out.hidden_states[-1], out.cache
 
     def prompt_ids(self, question: str | list[int]) -> list[int]:
@@ -264,7 +269,7 @@ class LatentReasoner:
             else list(question)
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
-    def _encode(self, questions: list[str] | list[list[int]]):
+    def _encode(self, questions: list[str] | list[list[int]], shared: bool = False):
         """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
 
         A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
@@ -274,15 +279,18 @@ class LatentReasoner:
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(self._new_cache(), mask, position_ids, input_ids=input_ids)
+        logits, hidden, cache = self._forward(self._new_cache(shared), mask, position_ids, input_ids=input_ids)
         return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
 
-    def _new_cache(self):
-        """A growing cache where every layer attends over the full sequence; else the model's own (None)."""
+    def _new_cache(self, shared: bool = False):
+        """A prompt cache shared by the variants, or a growing cache where every layer attends over the
+        full sequence; else the model's own (None)."""
+        from runner.cache import GrowingCache, SharedPrefixCache  # transformers is imported on first use
+        if shared:
+            return SharedPrefixCache()
         layer_types = getattr(self.hf.config, "layer_types", None) or ["full_attention"]
         if getattr(self.hf.config, "sliding_window", None) or set(layer_types) != {"full_attention"}:
             return None
-        from runner.cache import GrowingCache  # transformers is imported on first use, as in load()
         return GrowingCache()
 
     @torch.inference_mode()
@@ -294,8 +302,12 @@ class LatentReasoner:
         assert plan.ablate.shape == (R, T), f"plan is {tuple(plan.ablate.shape)}, expected ({R}, {T})"
         plan = plan.to(self.device, self.dtype)
 
-        bot_logits, hidden, cache, mask = self._encode(questions)  # shared by the V variants
-        cache.batch_repeat_interleave(V)
+        shared = self.shared_prefix if self.shared_prefix is not None else V > 1
+        bot_logits, hidden, cache, mask = self._encode(questions, shared)  # one prompt cache for the V variants
+        if shared:
+            cache.share_prefix(V, mask)  # (B, L) stored once; each row's later tokens apart
+        else:
+            cache.batch_repeat_interleave(V)
         mask = mask.repeat_interleave(V, dim=0)  # (R, L)
         hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
         logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
@@ -332,40 +344,52 @@ class LatentReasoner:
                                       device=self.device).repeat_interleave(V, dim=0)  # (R, A)
             answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)
             eot = torch.cat([eot, answer_ids], dim=-1)  # right-padded: causal, and cropped below
-        length = cache.get_seq_length()
         position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
         step_mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
         logits, _, cache = self._forward(cache, step_mask, position_ids, input_ids=eot, keep=eot.shape[1])
-        gold_logprob = None
+        gold_logprob, accepted = None, torch.zeros(R, dtype=torch.long, device=self.device)
         if answer_ids is not None:
             logprobs = logits[:, :-1, : self.base_vocab].float().log_softmax(-1)  # (R, A, V)
             picked = logprobs.gather(-1, answer_ids[..., None])[..., 0]  # (R, A)
             valid = torch.arange(answer_ids.shape[1], device=self.device)[None] < answer_len[:, None]
             gold_logprob = (picked * valid).sum(-1).cpu()
-            cache.crop(length + 1 - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
-        mask = torch.cat([mask, torch.ones_like(eot[:, :1])], dim=-1)
-
-        tokens = self._greedy(logits[:, 0], cache, mask, max_new_tokens)
+            # The forced answer is a draft that greedy decoding accepts while it agrees (a pad never
+            # does: greedy picks from the base vocabulary); the rest of it is masked out, not cropped.
+            eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+            agree = (logits[:, :-1, : self.base_vocab].argmax(-1) == answer_ids) & ~torch.isin(answer_ids, eos)
+            accepted = agree.long().cumprod(-1).sum(-1).clamp(max=max_new_tokens)  # (R,)
+            drafted = torch.arange(answer_ids.shape[1], device=self.device)[None] < accepted[:, None]
+            mask = torch.cat([mask, torch.ones_like(eot[:, :1]), drafted.long()], dim=-1)
+        else:
+            mask = torch.cat([mask, torch.ones_like(eot[:, :1])], dim=-1)
+        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
+        if answer_ids is not None:
+            out[:, : answer_ids.shape[1]] = torch.where(drafted, answer_ids, -1)[:, :max_new_tokens]
+        next_logits = logits[torch.arange(R, device=self.device), accepted]  # (R, V'): after the accepted tokens
+        tokens = self._greedy(next_logits, cache, mask, out, accepted)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return Rollout(tokens, [t.strip() for t in texts], gold_logprob, latents.float().cpu(),
                        lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
 
-    def _greedy(self, logits, cache, mask, max_new_tokens: int) -> list[list[int]]:
-        """Batched greedy decoding over the base vocabulary; finished rows leave the batch."""
-        R = logits.shape[0]
+    def _greedy(self, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
+        """Batched greedy decoding over the base vocabulary into out (R, max_new_tokens), after the
+        `filled` (R,) tokens already there; finished rows leave the batch."""
+        R, max_new_tokens = out.shape
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
         active = torch.arange(R, device=self.device)  # (A,) rows still decoding
-        for t in range(max_new_tokens):
+        while True:
             next_ids = logits[:, : self.base_vocab].argmax(-1)  # (A,)
-            done = torch.isin(next_ids, eos)
-            out[active, t] = torch.where(done, -1, next_ids)
+            done = torch.isin(next_ids, eos) | (filled >= max_new_tokens)
+            write = (~done).nonzero()[:, 0]
+            out[active[write], filled[write]] = next_ids[write]
+            filled = filled + ~done
+            done |= filled >= max_new_tokens
             if bool(done.all()):
                 break
             if bool(done.any()):  # drop finished rows so later steps cost only what is left
                 keep = (~done).nonzero()[:, 0]
                 cache.batch_select_indices(keep)
-                active, mask, next_ids = active[keep], mask[keep], next_ids[keep]
+                active, mask, next_ids, filled = active[keep], mask[keep], next_ids[keep], filled[keep]
             position_ids = mask.sum(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             logits, _, cache = self._forward(cache, mask, position_ids, input_ids=next_ids[:, None])
