@@ -83,7 +83,7 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
     G, V = H // Hkv, layer.variants
     # Prefix: the queries of a problem's V variants (x G query heads per KV head) as one matrix.
     if layer.dense:  # rows are exactly problem-major b*V + v: a view, no scatter
-        grouped = query.view(P, V, Hkv, G, q, d)
+        grouped = query.reshape(P, V, Hkv, G, q, d)
     else:
         grouped = query.new_zeros(P * V, H, q, d)
         grouped[layer.problem * V + layer.slot] = query
@@ -100,7 +100,7 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
     if G * q == 1:
         scores = (query * suffix_keys).sum(-1, keepdim=True).transpose(-1, -2) * scale  # (R, H, 1, S)
     else:
-        scores = query.view(R, Hkv, G * q, d) @ suffix_keys.transpose(-1, -2) * scale  # (R, Hkv, Gq, S)
+        scores = query.reshape(R, Hkv, G * q, d) @ suffix_keys.transpose(-1, -2) * scale  # (R, Hkv, Gq, S)
     scores = scores.view(R, Hkv, G, q, -1).masked_fill(~suffix_mask[:, :, None], float("-inf"))
     out2, top2, sum2 = (t.reshape(R, H, q, -1) for t in partial(scores.view(R, Hkv, G * q, -1), suffix_values))
     top = torch.maximum(top1, top2)

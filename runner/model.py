@@ -350,8 +350,8 @@ class LatentReasoner:
         gold_logprob, accepted = None, torch.zeros(R, dtype=torch.long, device=self.device)
         if answer_ids is not None:
             logprobs = logits[:, :-1, : self.base_vocab].float().log_softmax(-1)  # (R, A, V)
-            picked = logprobs.gather(-1, answer_ids[..., None])[..., 0]  # (R, A)
             valid = torch.arange(answer_ids.shape[1], device=self.device)[None] < answer_len[:, None]
+            picked = logprobs.gather(-1, torch.where(valid, answer_ids, 0)[..., None])[..., 0]  # (R, A)
             gold_logprob = (picked * valid).sum(-1).cpu()
             # The forced answer is a draft that greedy decoding accepts while it agrees (a pad never
             # does: greedy picks from the base vocabulary); the rest of it is masked out, not cropped.
