@@ -39,14 +39,15 @@ def peer_answers(reasoner: LatentReasoner, questions: list, ablated: list[frozen
                      position_ids=m.sum(-1, keepdim=True), cache=cache, use_cache=True, output_hidden_states=True)
             m = torch.cat([m, m.new_ones(B, 1)], -1)
             cache, hidden = out.cache, out.hidden_states[-1][:, -1:]
-        token = torch.full((B, 1), reasoner.eot_id, device=device)
+        token = torch.tensor([reasoner.answer_start] * B, device=device)  # EOT [+ EOS]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         generated = []
         while True:
-            out = hf(input_ids=token, attention_mask=torch.cat([m, m.new_ones(B, 1)], -1),
-                     position_ids=m.sum(-1, keepdim=True), cache=cache, use_cache=True)
-            m, cache = torch.cat([m, m.new_ones(B, 1)], -1), out.cache
-            next_ids = out.logits[:, -1, : reasoner.base_vocab].argmax(-1)  # (B,)
+            step = m.new_ones(B, token.shape[1])
+            out = hf(input_ids=token, attention_mask=torch.cat([m, step], -1), cache=cache, use_cache=True,
+                     position_ids=m.sum(-1, keepdim=True) + torch.arange(token.shape[1], device=device))
+            m, cache = torch.cat([m, step], -1), out.cache
+            next_ids = out.logits[:, -1, : reasoner.decode_vocab].argmax(-1)  # (B,)
             done |= torch.isin(next_ids, eos)
             generated.append(torch.where(done, -1, next_ids))
             if bool(done.all()) or len(generated) == max_new_tokens:

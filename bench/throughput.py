@@ -72,8 +72,7 @@ def peer_sweep(reasoner, problems, schemes, batch: int, max_new_tokens: int) -> 
         tokens = peer_answers(reasoner, [p.question for p in chunk],
                               [v.ablated_positions(reasoner.num_latent) for v in variants], max_new_tokens)
         for variant, rows in zip(variants, tokens):
-            texts = reasoner.tokenizer.batch_decode(rows, skip_special_tokens=True)
-            answers |= {(p.problem_id, variant.key): t.strip() for p, t in zip(chunk, texts)}
+            answers |= {(p.problem_id, variant.key): reasoner.decode(t) for p, t in zip(chunk, rows)}
     return Seconds(time.perf_counter() - started, time.process_time() - cpu), answers
 
 
@@ -138,7 +137,7 @@ def reference_sweep(reasoner, problems, schemes, max_new_tokens: int = 200) -> t
         for variant in variants:
             tokens = reference_answer(reasoner, problem.question, variant.ablated_positions(reasoner.num_latent),
                                       variant.latents_fed(reasoner.num_latent), max_new_tokens)
-            answers[(problem.problem_id, variant.key)] = reasoner.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[(problem.problem_id, variant.key)] = reasoner.decode(tokens)
     return time.perf_counter() - started, answers
 
 

@@ -6,6 +6,7 @@ the model folder, and (once the model is loaded) the residual-stream layer again
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ DATASET_CHOICES = ("Built-in problems", "GSM8K .jsonl file", "Old script's .json
 PATH_HINTS = {"GSM8K .jsonl file": "../shared/data/gsm8k/test.jsonl", "Old script's .json file": "problems.json"}
 SEED_PRESET = "Seed MECH-02"
 KEEP = dict(persist_state="session")  # the form survives a visit to another page
+FROM_CHECKPOINT = "from the checkpoint"
+# Checkpoint options with three states: None (what the checkpoint declares, runner/checkpoint.py), True, False.
+TRI_STATE = {"merge_lora": ("Merge LoRA", "default: merged in float32 only; bf16/fp16 run the adapters unmerged"),
+             "remove_eos": ("Remove EOS", "no: trained with EOS after the question and after EOT"),
+             "use_prj": ("Use prj", "no: the latent is the last hidden state itself"),
+             "prj_no_ln": ("prj without LayerNorm", "yes: trained with prj_no_ln")}
+CHOICES = {FROM_CHECKPOINT: None, "yes": True, "no": False}
 
 
 @dataclass
@@ -41,7 +49,8 @@ def _init() -> None:
                 DATASET_CHOICES[0], "dataset_path": "", "limit": 0, "validation": 0, "shuffle": False, "seed": 0,
                 "schemes": ["prefix", "single", "suffix"], "methods": ["zero"], "site_kind": "latent",
                 "site_layer": 2, "mode": "recompute", "batch_auto": True, "batch_size": 16, "device": "cpu",
-                "dtype": "float32", "run_name": "", "loaded_models": []}
+                "dtype": "float32", "run_name": "", "loaded_models": [], "num_latent": None, "lora_alpha": None,
+                **{key: FROM_CHECKPOINT for key in TRI_STATE}}
     for key, value in defaults.items():
         if key not in st.session_state:
             st.session_state[key] = value
@@ -49,9 +58,18 @@ def _init() -> None:
 
 def model_spec() -> ModelSpec:
     local = st.session_state["model_choice"] == MODEL_CHOICES[1]
+    alpha = st.session_state["lora_alpha"]
     return ModelSpec(model=st.session_state["model_path"].strip() if local else "default",
                      base_model=(st.session_state["base_model"].strip() or None) if local else None,
-                     device=st.session_state["device"], dtype=st.session_state["dtype"])
+                     device=st.session_state["device"], dtype=st.session_state["dtype"],
+                     num_latent=st.session_state["num_latent"], lora_alpha=None if alpha is None else float(alpha),
+                     **{key: CHOICES[st.session_state[key]] for key in TRI_STATE})
+
+
+def options_caption(run_config: str | dict) -> str:
+    """A stored run's checkpoint options (runs.config) as one line: 'num_latent=6 (codi_config.json), ...'."""
+    options = (json.loads(run_config) if isinstance(run_config, str) else run_config).get("checkpoint_options") or {}
+    return ", ".join(f"{name}={o['value']} ({o['source']})" for name, o in options.items()) or "not recorded"
 
 
 def load_model() -> None:
@@ -99,11 +117,23 @@ def _model_widgets(plan_issues: list[str]) -> None:
                       help="A released-format CODI checkpoint: model.safetensors or pytorch_model.bin")
         st.text_input("Base model (config + tokenizer)", key="base_model", **KEEP,
                       placeholder="/models/Llama-3.2-1B-Instruct, or empty to use the checkpoint's own")
+        _checkpoint_option_widgets()
         path = st.session_state["model_path"].strip()
         if not path:
             plan_issues.append("Model: give the checkpoint folder.")
         elif not Path(path).expanduser().is_dir():
             plan_issues.append(f"Model: {path} is not a folder.")
+
+
+def _checkpoint_option_widgets() -> None:
+    with st.expander("Checkpoint options (default: what the checkpoint declares)"):
+        a, b = st.columns(2)
+        a.number_input("Latent steps", min_value=0, step=1, key="num_latent", **KEEP,
+                       placeholder=FROM_CHECKPOINT, help="T; released models: 6")
+        b.number_input("LoRA alpha", min_value=0.0, step=8.0, key="lora_alpha", **KEEP,
+                       placeholder=FROM_CHECKPOINT, help="released models: 32")
+        for column, (key, (label, why)) in zip(st.columns(len(TRI_STATE)), TRI_STATE.items()):
+            column.selectbox(label, list(CHOICES), key=key, **KEEP, help=why)
 
 
 def _dataset_widgets(plan_issues: list[str], db_folder: Path) -> str | None:
@@ -171,7 +201,8 @@ def sweep_form(db_folder: Path) -> Plan:
         schemes=tuple(st.session_state["schemes"]), methods=tuple(st.session_state["methods"]), site=site,
         mode=st.session_state["mode"], batch_size="auto" if st.session_state["batch_auto"] else
         int(st.session_state["batch_size"]), device=st.session_state["device"], dtype=st.session_state["dtype"],
-        seed=int(st.session_state["seed"]))
+        seed=int(st.session_state["seed"]), **{k: getattr(model_spec(), k) for k in (
+            "num_latent", "lora_alpha", "merge_lora", "remove_eos", "use_prj", "prj_no_ln")})
     return _check(Plan(config, issues))
 
 
@@ -192,11 +223,12 @@ def _check(plan: Plan) -> Plan:
             parse_site(config.site, plan.model.n_layers)
         except AblationError as error:
             plan.issues.append(f"Site: {error}")
-    try:
-        T = plan.model.num_latent if plan.model is not None else 6  # the released models' 6 until loaded
-        plan.n_variants = len(expand(config.schemes, config.methods, config.site, config.mode, T))
-    except AblationError:
-        pass  # already an issue
+    T = plan.model.num_latent if plan.model is not None else config.num_latent  # the model's own, once loaded
+    if T is not None:
+        try:
+            plan.n_variants = len(expand(config.schemes, config.methods, config.site, config.mode, T))
+        except AblationError:
+            pass  # already an issue
     if config.dataset:
         path = Path(config.dataset)
         checked = data.validate_dataset(config.dataset, path.stat().st_mtime if path.is_file() else None)

@@ -16,8 +16,17 @@ def _initial_schema(cursor: duckdb.DuckDBPyConnection) -> None:
     cursor.execute(SCHEMA.read_text())
 
 
+def _generated_tokens(cursor: duckdb.DuckDBPyConnection) -> None:
+    # The ids a rollout generated (EOS excluded): exact reproduction can be checked id by id.
+    # prefix_value: the number after "The answer is:", beside answer_value (CODI's official last number).
+    # Rows stored before this migration have neither: NULL.
+    cursor.execute("ALTER TABLE results ADD COLUMN tokens INTEGER[]")
+    cursor.execute("ALTER TABLE results ADD COLUMN prefix_value DOUBLE")
+
+
 MIGRATIONS = [
     (1, "initial schema", _initial_schema),
+    (2, "results.tokens and results.prefix_value", _generated_tokens),
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow
+import pyarrow.compute
 import pyarrow.csv
 import pyarrow.parquet
 
@@ -23,7 +24,7 @@ EXPORT_NAMES = ("results.csv", "results.parquet", "report.md")
 FORMATS = ("seed-json", "csv", "parquet", "markdown")
 EXPORT_COLUMNS = ("run_id", "problem_id", "difficulty", "phase", "variant", "scheme", "k", "method", "site", "mode",
                   "answer_text", "answer_value", "extraction", "correct", "changed", "flip", "harm", "help",
-                  "gold_logprob", "logprob_drop", "gold", "baseline_correct")
+                  "gold_logprob", "logprob_drop", "gold", "baseline_correct", "prefix_value", "tokens")
 
 
 def _target(out_dir, name: str) -> Path:
@@ -43,7 +44,7 @@ def results_table(store, run_id: int, filters: Filters = Filters()) -> pyarrow.T
     table = store.query_arrow(
         f"WITH {queries.SCOPE} SELECT r.run_id, r.problem_id, s.difficulty, s.phase, r.variant, r.scheme, r.k, "
         f"r.method, r.site, r.mode, r.answer_text, r.answer_value, r.extraction, r.correct, r.changed, r.flip, "
-        f"r.harm, r.help, r.gold_logprob, r.logprob_drop, s.gold, s.baseline_correct "
+        f"r.harm, r.help, r.gold_logprob, r.logprob_drop, s.gold, s.baseline_correct, r.prefix_value, r.tokens "
         f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? "
         f"ORDER BY s.ord, {queries.SCHEME_ORDER}, r.method, r.site, r.mode, r.k",
         [*queries.scope_params(run_id, filters), run_id])
@@ -56,7 +57,11 @@ def results_csv(store, run_id: int, filters: Filters = Filters(), sink=None):
 
     pyarrow's writer: pandas' to_csv takes seconds on a 50k-row run.
     """
-    return _write(pyarrow.csv.write_csv, results_table(store, run_id, filters), sink)
+    table = results_table(store, run_id, filters)
+    # CSV has no lists: the generated ids as one cell of space-separated integers ("" for rows without).
+    tokens = pyarrow.compute.binary_join(pyarrow.compute.cast(table["tokens"], pyarrow.list_(pyarrow.string())), " ")
+    table = table.set_column(table.column_names.index("tokens"), "tokens", tokens)
+    return _write(pyarrow.csv.write_csv, table, sink)
 
 
 def results_parquet(store, run_id: int, filters: Filters = Filters(), sink=None):

@@ -25,7 +25,7 @@ from db.migrations import migrate
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
-                  "logprob_drop", "lens"]
+                  "logprob_drop", "lens", "tokens", "prefix_value"]
 PROBLEM_COLUMNS = ["run_id", "problem_id", "ord", "question", "gold", "gold_value", "difficulty", "solution", "phase"]
 METRIC_COLUMNS = ["run_id", "elapsed_s", "phase", "done", "batch_problems", "batch_size", "problems_per_hour",
                   "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb"]

@@ -6,7 +6,8 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.charts import difficulty_histogram
-from dashboard.sweep_form import SEED_PRESET, apply_seed_preset, load_model, model_spec, saved_upload, sweep_form
+from dashboard.sweep_form import (SEED_PRESET, apply_seed_preset, load_model, model_spec, options_caption, saved_upload,
+                                  sweep_form)
 from db import queries, seed
 
 
@@ -53,6 +54,7 @@ with st.container(horizontal=True):
 if plan.model is not None:
     st.caption(f"Model loaded: {plan.model.hf.config.model_type}, {plan.model.n_layers} blocks, "
                f"{plan.model.num_latent} latents, width {plan.model.d_model}.")
+    st.caption(f"Checkpoint options: {plan.model.options_line}", help="Each value with where it came from")
 
 if plan.dataset is not None:
     with st.expander(f"Dataset check: {plan.dataset['n_problems']} usable problems, "
@@ -88,6 +90,8 @@ with st.container(horizontal=True):
               on_click=state.resume_sweep, args=(int(run["id"]),) if run is not None else (), disabled=not resumable,
               help="Continues the run selected in the sidebar where it stopped")
 state.show_feedback()
+if run is not None and run["source"] == "sweep":
+    st.caption(f"Run #{run['id']} checkpoint options: {options_caption(svc.store.run_row(int(run['id']))['config'])}")
 
 st.subheader("Runs in this database")
 if runs.empty:

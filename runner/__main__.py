@@ -66,6 +66,18 @@ def build_parser() -> Parser:
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
     sweep.add_argument("--max-new-tokens", type=int, default=24, help="answer tokens decoded at most")
+    ckpt = sweep.add_argument_group("checkpoint options", "default: what the checkpoint declares (codi_config.json, "
+                                    "training_args.bin), else the released CODI models' value; all printed at start")
+    ckpt.add_argument("--num-latent", type=int, default=None, help="latent steps T (released: 6)")
+    ckpt.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (released: 32)")
+    ckpt.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=None,
+                      help="fold LoRA into the weights (default: in float32 only; bf16/fp16 run it unmerged)")
+    ckpt.add_argument("--remove-eos", action=argparse.BooleanOptionalAction, default=None,
+                      help="--no-remove-eos: the model was trained with EOS after the question and after EOT")
+    ckpt.add_argument("--use-prj", action=argparse.BooleanOptionalAction, default=None,
+                      help="--no-use-prj: latent = last hidden state (trained without prj)")
+    ckpt.add_argument("--prj-no-ln", action=argparse.BooleanOptionalAction, default=None,
+                      help="prj without its LayerNorm (trained with prj_no_ln)")
     sweep.add_argument("--workers", type=int, default=1, help="Ray actors (needs requirements-distributed.txt)")
     sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -148,7 +160,9 @@ def cmd_sweep(args) -> int:
                              schemes=args.schemes, methods=args.methods, site=args.site, mode=args.mode,
                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-                             max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens)
+                             max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens,
+                             num_latent=args.num_latent, lora_alpha=args.lora_alpha, merge_lora=args.merge_lora,
+                             remove_eos=args.remove_eos, use_prj=args.use_prj, prj_no_ln=args.prj_no_ln)
         config.check()
         from runner import data
         data.load_problems(config.dataset, limit=config.limit)  # a bad dataset fails now, not after a model load
@@ -157,6 +171,7 @@ def cmd_sweep(args) -> int:
         return distributed.main(store, config, run_id=args.resume, workers=args.workers,
                                 address=args.ray_address, quiet=args.quiet)
     reasoner = load(config.model_spec())
+    print(f"model options: {reasoner.options_line}", file=sys.stderr)
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
     with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:

@@ -1,5 +1,9 @@
 """Answer extraction and comparison: from a model's output text to a number, and number to number.
 
+The answer value of a rollout is CODI's official rule (`official_answer`): commas removed, the
+last number in the text. The patterns below parse what the output states (`extract_answer`);
+the sweep keeps the "The answer is: N" one beside the official value, and imports use the rest.
+
 Extraction tries the patterns a CODI model or a GSM8K solution actually writes, most specific
 first, and records which one fired so that a result parsed by guessing can be told apart:
 
@@ -53,6 +57,17 @@ class Answer:
 
 
 NO_ANSWER = Answer(None, None, "none")
+
+
+# CODI test.py's number: an optional minus, digits, an optional point and digits (after commas are gone).
+_OFFICIAL_NUMBER_RE = re.compile(r"-?\d+\.?\d*")
+
+
+def official_answer(text: str) -> float | None:
+    """CODI's official answer value: commas removed, the last number in `text`; None when there is none
+    (test.py scores that as infinity, which matches no gold answer)."""
+    numbers = _OFFICIAL_NUMBER_RE.findall(text.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
 
 
 def parse_number(text: str) -> float | None:

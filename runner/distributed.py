@@ -59,6 +59,8 @@ class ModelShape:
     num_latent: int
     n_layers: int
     d_model: int
+    options: dict | None = None  # the checkpoint options load() resolved, with their sources
+    options_line: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class SweepWorker:
             from runner.model import load
             self.reasoner = load(self.spec)
         r = self.reasoner
-        return os.getpid(), ModelShape(r.num_latent, r.n_layers, r.d_model)
+        return os.getpid(), ModelShape(r.num_latent, r.n_layers, r.d_model, r.options, r.options_line)
 
     def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
         self.ready()
@@ -331,6 +333,7 @@ def main(store: Store, config: SweepConfig, run_id: int | None = None, workers: 
     pool = WorkerPool(ray, config.model_spec(), cluster)
     try:
         shape = pool.start()
+        print(f"model options: {shape.options_line}", file=sys.stderr)
         if run_id is None:
             run_id = Sweep.create(store, shape, config)
         from runner.__main__ import _progress_bar, stop_on_signals  # the local sweep's bar and Ctrl-C

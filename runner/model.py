@@ -17,24 +17,35 @@ import contextlib
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from runner import ablation
+from runner import ablation, checkpoint
 from runner.ablation import Plan
+from runner.checkpoint import CheckpointOptions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
 CODI_PREFIX = "codi.base_model.model."
-CODI_CONFIG = "codi_config.json"  # beside the weights: num_latent, lora_alpha, base_model
+CODI_CONFIG = "codi_config.json"  # beside the weights: base_model, pad_question_to, runner/checkpoint.py's options
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A notice transformers prints while peft wraps the model, about transformers' own internals and not about
 # the checkpoint: it would add lines to the CLI's one-line errors (DESIGN.md section 6).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+# The spaces a tokenizer's `clean_up_tokenization_spaces` removes when decoding (transformers' list).
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def official_question(question: str) -> str:
+    """The question text as CODI's test.py feeds it: stripped, one pass of double spaces -> one."""
+    return question.strip().replace("  ", " ")
 
 
 class ModelLoadError(RuntimeError):
@@ -47,9 +58,16 @@ class ModelSpec:
     base_model: str | None = None  # config + tokenizer source; default: codi_config.json or the folder
     device: str = "cpu"
     dtype: str = "float32"
-    num_latent: int | None = None  # override codi_config.json (released models: 6)
-    lora_alpha: float | None = None  # override codi_config.json (released models: 32)
-    merge_lora: bool = True  # fold LoRA into the base weights: same function, fewer matmuls
+    # None: from the checkpoint (codi_config.json, training_args.bin), else the released models' value
+    # (runner/checkpoint.py); a value here overrides both.
+    num_latent: int | None = None  # released models: 6
+    lora_alpha: float | None = None  # released models: 32
+    use_prj: bool | None = None  # False: latent = last hidden state (no prj)
+    prj_no_ln: bool | None = None  # True: prj has no LayerNorm
+    remove_eos: bool | None = None  # False: EOS between question and BOT, and after EOT
+    # Fold LoRA into the base weights (fewer matmuls). None: only in float32, where it is exact to
+    # rounding; in bf16/fp16 the cast would round most of the LoRA update away (test.py runs unmerged).
+    merge_lora: bool | None = None
 
 
 # --- Loading ---------------------------------------------------------------------------------------
@@ -102,16 +120,33 @@ def _lora_layout(base_keys: list[str], state: dict) -> tuple[int, list[str]] | N
     return state[CODI_PREFIX + lora_a[0]].shape[0], targets
 
 
-def _build_prj(state: dict, d_model: int) -> nn.Sequential:
-    """CODI's projection: Dropout, Linear(d, prj_dim), GELU, Linear(prj_dim, d) [, LayerNorm(d)]."""
+def _build_prj(state: dict, d_model: int, options: CheckpointOptions, folder: Path) -> nn.Module:
+    """CODI's projection: Dropout, Linear(d, prj_dim), GELU, Linear(prj_dim, d) [, LayerNorm(d)];
+    the identity when the model was trained with use_prj false. What is declared must match the keys."""
     keys = {k for k in state if k.startswith("prj.")}
-    if "prj.1.weight" not in keys or "prj.3.weight" not in keys:
-        raise ModelLoadError(f"not a CODI checkpoint: prj.1.weight / prj.3.weight missing (prj keys: {sorted(keys)})")
+    if not options.use_prj:
+        if keys:
+            raise ModelLoadError(f"{folder}: use_prj is false but the checkpoint holds {sorted(keys)[:3]}...: "
+                                 f"drop --no-use-prj / use_prj from codi_config.json, or check the checkpoint")
+        return nn.Identity()
+    missing = [k for k in ("prj.1.weight", "prj.3.weight") if k not in keys]
+    if missing:
+        hint = ("; a model trained with use_prj false (latent = last hidden state) must say so: --no-use-prj "
+                "or \"use_prj\": false in codi_config.json") if not keys else ""
+        raise ModelLoadError(f"{folder}: prj: missing {missing}{hint}")
+    ln = [k for k in ("prj.ln.weight", "prj.ln.bias") if k in keys]
+    if options.prj_no_ln and ln:
+        raise ModelLoadError(f"{folder}: prj_no_ln is set but the checkpoint holds {ln}: its prj has a LayerNorm")
+    if not options.prj_no_ln and len(ln) < 2:
+        absent = [k for k in ("prj.ln.weight", "prj.ln.bias") if k not in keys]
+        hint = ("; a prj trained without LayerNorm must say so: --prj-no-ln or \"prj_no_ln\": true in "
+                "codi_config.json") if not ln else f" (its LayerNorm has {ln[0]} only)"
+        raise ModelLoadError(f"{folder}: prj: missing {absent}{hint}")
     prj_dim = state["prj.1.weight"].shape[0]
     prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, prj_dim), nn.GELU(), nn.Linear(prj_dim, d_model))
-    if "prj.ln.weight" in keys:
+    if not options.prj_no_ln:
         prj.add_module("ln", nn.LayerNorm(d_model))
-    _load_strict(prj, {k[len("prj."):]: v for k, v in state.items() if k in keys}, "prj")
+    _load_strict(prj, {k[len("prj."):]: v for k, v in state.items() if k in keys}, f"{folder} (prj.*)")
     return prj
 
 
@@ -145,6 +180,12 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
         raise ModelLoadError(f"{folder / CODI_CONFIG} is not valid JSON ({error})") from None
     if not isinstance(options, dict):
         raise ModelLoadError(f"{folder / CODI_CONFIG} should hold a JSON object, got {type(options).__name__}")
+    try:
+        declared = checkpoint.resolve(folder, {"num_latent": spec.num_latent, "lora_alpha": spec.lora_alpha,
+                                               "use_prj": spec.use_prj, "prj_no_ln": spec.prj_no_ln,
+                                               "remove_eos": spec.remove_eos}, options)
+    except checkpoint.OptionsError as error:
+        raise ModelLoadError(str(error)) from None
     base_name = spec.base_model or options.get("base_model") or (str(folder) if (folder / "config.json").exists() else None)
     if base_name is None:
         raise ModelLoadError(f"{folder} has no config.json: pass --base-model (e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct)")
@@ -157,7 +198,8 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     base_keys = [k[len(CODI_PREFIX):] for k in state if k.startswith(CODI_PREFIX)]
     embed_key = next((k for k in base_keys if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
     if embed_key is None:
-        raise ModelLoadError(f"{folder}: no input embedding (…embed_tokens.weight or …wte.weight) among the codi.* keys")
+        raise ModelLoadError(f"{folder}: missing the input embedding ({CODI_PREFIX}transformer.wte.weight or "
+                             f"{CODI_PREFIX}model.embed_tokens.weight)")
     vocab_rows = state[CODI_PREFIX + embed_key].shape[0]
 
     try:
@@ -173,24 +215,28 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     if lora is not None:
         from peft import LoraConfig, get_peft_model
         rank, targets = lora
-        alpha = spec.lora_alpha or options.get("lora_alpha", 32)
-        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+        lora_config = LoraConfig(r=rank, lora_alpha=declared.lora_alpha, target_modules=targets, lora_dropout=0.0,
                                  fan_in_fan_out=config.model_type == "gpt2")
         peft_model = get_peft_model(hf, lora_config, low_cpu_mem_usage=True)
         _load_strict(peft_model.base_model.model, base_state, f"{folder} (codi.*)", tied)
         with warnings.catch_warnings():  # peft warns that merging unties lm_head: we re-tie it below
             warnings.simplefilter("ignore")
-            hf = peft_model.merge_and_unload() if spec.merge_lora else peft_model
+            merged = spec.dtype == "float32" if spec.merge_lora is None else spec.merge_lora
+            hf = peft_model.merge_and_unload() if merged else peft_model
+        merge_source = "given" if spec.merge_lora is not None else f"default in {spec.dtype}"
     else:
         _load_strict(hf, base_state, f"{folder} (codi.*)", tied)
+        merged, merge_source = None, "no LoRA in the checkpoint"
+        declared = replace(declared, sources=tuple((n, "no LoRA in the checkpoint" if n == "lora_alpha" else s)
+                                                   for n, s in declared.sources))
     if tied:
         hf.get_output_embeddings().weight = hf.get_input_embeddings().weight
-    prj = _build_prj(state, config.hidden_size)
+    prj = _build_prj(state, config.hidden_size, declared, folder)
 
     tokenizer_source = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     base_vocab = vocab_rows - 3
-    if len(tokenizer) not in (base_vocab, vocab_rows):
+    if len(tokenizer) not in (base_vocab, base_vocab + 1, vocab_rows):  # + 1: CODI's saved '[PAD]' 
         raise ModelLoadError(f"tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, but the checkpoint's "
                              f"embedding has {vocab_rows} rows (base {base_vocab} + pad, BOT, EOT)")
     if spec.dtype not in DTYPES:
@@ -198,9 +244,11 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     dtype = DTYPES[spec.dtype]
     hf = hf.to(spec.device, dtype).eval()
     prj = prj.to(spec.device, dtype).eval()
-    num_latent = spec.num_latent if spec.num_latent is not None else options.get("num_latent", 6)  # 0 is valid
-    return LatentReasoner(hf, prj, tokenizer, num_latent, base_vocab, name=str(spec.model),
-                          pad_question_to=options.get("pad_question_to"))
+    reasoner = LatentReasoner(hf, prj, tokenizer, declared.num_latent, base_vocab, name=str(spec.model),
+                              pad_question_to=options.get("pad_question_to"), remove_eos=declared.remove_eos)
+    reasoner.options = {**declared.to_json(), "merge_lora": {"value": merged, "source": merge_source}}
+    reasoner.options_line = f"{declared.describe()}, merge_lora={merged} ({merge_source})"
+    return reasoner
 
 
 # --- The forward loop ---------------------------------------------------------------------------------
@@ -221,10 +269,17 @@ class LatentReasoner:
     """A CODI model ready for batched latent rollouts."""
 
     def __init__(self, hf, prj, tokenizer, num_latent: int, base_vocab: int, name: str = "",
-                 pad_question_to: int | None = None):
+                 pad_question_to: int | None = None, remove_eos: bool = True):
         self.hf, self.prj, self.tokenizer = hf, prj, tokenizer
         self.num_latent, self.base_vocab, self.name = num_latent, base_vocab, name
         self.pad_id, self.bot_id, self.eot_id = base_vocab, base_vocab + 1, base_vocab + 2
+        # test.py decodes over logits[..., :vocab_size - 1] of the grown vocabulary: every id but EOT.
+        self.decode_vocab = base_vocab + 2
+        # CODI trained with remove_eos false has EOS between question and BOT, and after EOT.
+        self.remove_eos = remove_eos
+        self.answer_start = [self.eot_id] + ([] if remove_eos else [tokenizer.eos_token_id])
+        self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.options, self.options_line = {}, ""  # what load() resolved, and from where (runner/checkpoint.py)
         # A prompt template of the embedded model (codi_config.json): attended pad tokens between the
         # question and BOT up to this length, so that BOT and every latent sit at fixed positions.
         self.pad_question_to = pad_question_to
@@ -255,6 +310,16 @@ class LatentReasoner:
     def answer_prompt(self, gold: str) -> str:
         return f"The answer is: {gold}"
 
+    def decode(self, tokens: list[int]) -> str:
+        """Generated ids -> text as CODI's test.py reads it: special tokens skipped, the tokenizer's
+        declared clean-up applied (transformers 5 skips it for BPE tokenizers: "1 ,000"), stripped."""
+        text = self.tokenizer.decode([t for t in tokens if t < self.base_vocab], skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+        if self.clean_up:
+            for spaced, joined in CLEAN_UP:
+                text = text.replace(spaced, joined)
+        return text.strip()
+
     def _forward(self, cache, attention_mask, position_ids, inputs_embeds=None, input_ids=None, keep=1):
         shared = {"shared_prefix": cache} if hasattr(cache, "share_prefix") else {}  # read by runner/attention.py
         out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
@@ -263,10 +328,13 @@ class LatentReasoner:
         return out.logits, out.hidden_states[-1], out.cache
 
     def prompt_ids(self, question: str | list[int]) -> list[int]:
-        """The model's prompt template for one question: its tokens, attended pad tokens up to
-        `pad_question_to` (the embedded model's fixed-length layout; none for released CODI), BOT."""
-        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str) \
+        """The model's prompt template for one question, as CODI's test.py builds it: the normalised
+        text with the tokenizer's default special tokens (Llama-3: BOS), EOS when the model was trained
+        with it (`remove_eos` false), attended pad tokens up to `pad_question_to` (the embedded
+        model's fixed-length layout; none for released CODI), BOT."""
+        ids = self.tokenizer(official_question(question))["input_ids"] if isinstance(question, str) \
             else list(question)
+        ids = ids + ([] if self.remove_eos else [self.tokenizer.eos_token_id])
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
     def _encode(self, questions: list[str] | list[list[int]], shared: bool = False):
@@ -333,52 +401,63 @@ class LatentReasoner:
                 logits, hidden, cache = self._forward(cache, mask, position_ids, inputs_embeds=latent)
                 logits = logits[:, -1]
 
-        # EOT, then (when golds are given) the teacher-forced answer prompt in the same forward.
-        eot = torch.full((R, 1), self.eot_id, device=self.device)
-        answer_ids = None
+        # EOT (+ EOS when remove_eos is false) in a forward of its own, as test.py feeds it: a longer
+        # forward would round differently in bf16.
+        eot = torch.tensor([self.answer_start] * R, device=self.device)  # (R, P)
+        position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
+        mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
+        logits, _, cache = self._forward(cache, mask, position_ids, input_ids=eot)
+        logits = logits[:, -1]  # (R, V')
+        gold_logprob, filled = None, torch.zeros(R, dtype=torch.long, device=self.device)
+        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
         if golds is not None:
             assert len(golds) == B, f"{len(golds)} golds for {B} questions"
-            answers = [self.tokenizer(self.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
-            width = max(map(len, answers))
-            answer_ids = torch.tensor([a + [self.pad_id] * (width - len(a)) for a in answers],
-                                      device=self.device).repeat_interleave(V, dim=0)  # (R, A)
-            answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)
-            eot = torch.cat([eot, answer_ids], dim=-1)  # right-padded: causal, and cropped below
-        position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
-        step_mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
-        logits, _, cache = self._forward(cache, step_mask, position_ids, input_ids=eot, keep=eot.shape[1])
-        gold_logprob, accepted = None, torch.zeros(R, dtype=torch.long, device=self.device)
-        if answer_ids is not None:
-            logprobs = logits[:, :-1, : self.base_vocab].float().log_softmax(-1)  # (R, A, V)
-            valid = torch.arange(answer_ids.shape[1], device=self.device)[None] < answer_len[:, None]
-            picked = logprobs.gather(-1, torch.where(valid, answer_ids, 0)[..., None])[..., 0]  # (R, A)
-            gold_logprob = (picked * valid).sum(-1).cpu()
-            # The forced answer is a draft that greedy decoding accepts while it agrees (a pad never
-            # does: greedy picks from the base vocabulary); the rest of it is masked out, not cropped.
-            eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-            agree = (logits[:, :-1, : self.base_vocab].argmax(-1) == answer_ids) & ~torch.isin(answer_ids, eos)
-            accepted = agree.long().cumprod(-1).sum(-1).clamp(max=max_new_tokens)  # (R,)
-            drafted = torch.arange(answer_ids.shape[1], device=self.device)[None] < accepted[:, None]
-            mask = torch.cat([mask, torch.ones_like(eot[:, :1]), drafted.long()], dim=-1)
-        else:
-            mask = torch.cat([mask, torch.ones_like(eot[:, :1])], dim=-1)
-        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
-        if answer_ids is not None:
-            out[:, : answer_ids.shape[1]] = torch.where(drafted, answer_ids, -1)[:, :max_new_tokens]
-        next_logits = logits[torch.arange(R, device=self.device), accepted]  # (R, V'): after the accepted tokens
-        tokens = self._greedy(next_logits, cache, mask, out, accepted)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return Rollout(tokens, [t.strip() for t in texts], gold_logprob, latents.float().cpu(),
+            gold_logprob, logits, mask, filled = self._gold_logprob(golds, V, logits, cache, mask, out)
+        tokens = self._greedy(logits, cache, mask, out, filled)
+        return Rollout(tokens, [self.decode(t) for t in tokens], gold_logprob, latents.float().cpu(),
                        lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
 
+    def _gold_logprob(self, golds: list[str], V: int, logits, cache, mask, out: torch.Tensor):
+        """Sum of log p(`The answer is: {gold}`) after EOT, teacher-forced, (R,) on the CPU; and the
+        forced answer as a draft of greedy decoding, accepted while greedy agrees with it (speculative
+        decoding, the gold as the draft): the accepted tokens go into `out` without a forward of their
+        own, the rest of the draft is masked out of later attention instead of cropped. Returns
+        (log-probs, the logits after the accepted tokens (R, V'), the mask, accepted counts (R,))."""
+        R, max_new_tokens = out.shape
+        answers = [self.tokenizer(self.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
+        width = max(map(len, answers))
+        answer_ids = torch.tensor([a + [self.pad_id] * (width - len(a)) for a in answers],
+                                  device=self.device).repeat_interleave(V, dim=0)  # (R, A), right-padded
+        answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)  # (R,)
+        valid = torch.arange(width, device=self.device)[None] < answer_len[:, None]  # (R, A)
+        scores = logits[:, None]  # (R, 1, V'): predicts the first answer token
+        if width > 1:  # causal: the padding after a short answer changes none of its own logits
+            fed = answer_ids[:, :-1]  # (R, A-1)
+            position_ids = mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=self.device)
+            step_mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
+            more, _, cache = self._forward(cache, step_mask, position_ids, input_ids=fed, keep=width - 1)
+            scores = torch.cat([scores, more], dim=1)  # (R, A, V')
+        logprobs = scores[..., : self.decode_vocab].float().log_softmax(-1)  # (R, A, V)
+        # Padding positions are gathered at id 0 (a padding id need not lie in the slice); masked below.
+        picked = logprobs.gather(-1, answer_ids.masked_fill(~valid, 0)[..., None])[..., 0]  # (R, A)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        agree = (scores[..., : self.decode_vocab].argmax(-1) == answer_ids) & valid & ~torch.isin(answer_ids, eos)
+        # The last answer token was not fed: a row that agrees throughout emits it from the loop.
+        accepted = agree.long().cumprod(-1).sum(-1).clamp(max=min(width - 1, max_new_tokens))  # (R,)
+        drafted = torch.arange(width - 1, device=self.device)[None] < accepted[:, None]  # (R, A-1)
+        room = min(width - 1, max_new_tokens)
+        out[:, :room] = torch.where(drafted, answer_ids[:, :-1], -1)[:, :room]
+        mask = torch.cat([mask, drafted.long()], dim=-1)
+        return (picked * valid).sum(-1).cpu(), scores[torch.arange(R, device=self.device), accepted], mask, accepted
+
     def _greedy(self, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
-        """Batched greedy decoding over the base vocabulary into out (R, max_new_tokens), after the
+        """Batched greedy decoding over `decode_vocab` until EOS into out (R, max_new_tokens), after the
         `filled` (R,) tokens already there; finished rows leave the batch."""
         R, max_new_tokens = out.shape
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         active = torch.arange(R, device=self.device)  # (A,) rows still decoding
         while True:
-            next_ids = logits[:, : self.base_vocab].argmax(-1)  # (A,)
+            next_ids = logits[:, : self.decode_vocab].argmax(-1)  # (A,)
             done = torch.isin(next_ids, eos) | (filled >= max_new_tokens)
             write = (~done).nonzero()[:, 0]
             out[active[write], filled[write]] = next_ids[write]

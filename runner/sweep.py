@@ -54,9 +54,18 @@ class SweepConfig:
     checkpoint_every: int | None = None  # write the old script's checkpoint_N.json every N problems
     checkpoint_dir: str | None = None
     max_gpu_memory_gb: float | None = None  # auto batch size stops growing before this
+    # Checkpoint options (runner/checkpoint.py); None: what the checkpoint declares, else the released value.
+    num_latent: int | None = None
+    lora_alpha: float | None = None
+    merge_lora: bool | None = None  # None: merge in float32 only
+    remove_eos: bool | None = None
+    use_prj: bool | None = None
+    prj_no_ln: bool | None = None
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, base_model=self.base_model, device=self.device, dtype=self.dtype)
+        return ModelSpec(model=self.model, base_model=self.base_model, device=self.device, dtype=self.dtype,
+                         num_latent=self.num_latent, lora_alpha=self.lora_alpha, merge_lora=self.merge_lora,
+                         remove_eos=self.remove_eos, use_prj=self.use_prj, prj_no_ln=self.prj_no_ln)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,7 +95,11 @@ class SweepConfig:
             raise SweepError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise SweepError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
-        ablation.expand(self.schemes, self.methods, self.site, self.mode, 6)  # raises AblationError
+        if self.num_latent is not None and self.num_latent < 0:
+            raise SweepError(f"--num-latent must be 0 or more, got {self.num_latent}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise SweepError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        ablation.expand(self.schemes, self.methods, self.site, self.mode, 0)  # the names only: raises AblationError
 
 
 class SweepError(ValueError):
@@ -147,23 +160,32 @@ class BatchSizer:
         self.size, self.growing = max(1, self.size // 2), False
 
 
-def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list) -> list[dict]:
-    """The measures of DESIGN.md section 4 for one problem's rows (baseline first)."""
-    extracted = [answers.extract_answer(t) for t in texts]
+def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list,
+            tokens: list[list[int]] | None = None) -> list[dict]:
+    """The measures of DESIGN.md section 4 for one problem's rows (baseline first).
+
+    The answer value is CODI's official one (last number, commas removed) and `correct` is its
+    test.py comparison (equal to the gold value); `prefix_value` is the number after "The answer is:".
+    """
+    values = [answers.official_answer(t) for t in texts]
     gold = problem["gold_value"]
-    correct = [answers.same_number(a.value, gold) for a in extracted]
-    base, base_correct = extracted[0], correct[0]
+    correct = [v is not None and gold is not None and v == gold for v in values]
+    base, base_correct = values[0], correct[0]
     base_lp = None if logprobs is None else float(logprobs[0])
     rows = []
-    for v, (variant, answer, is_correct, text) in enumerate(zip(variants, extracted, correct, texts)):
-        if answer.value is not None or base.value is not None:
-            changed = not answers.same_number(answer.value, base.value)
+    for v, (variant, value, is_correct, text) in enumerate(zip(variants, values, correct, texts)):
+        if value is not None or base is not None:
+            changed = not answers.same_number(value, base)
         else:
             changed = text != texts[0]
+        stated = answers.extract_answer(text)
         lp = None if logprobs is None else float(logprobs[v])
         rows.append({"problem_id": problem["problem_id"], "variant": variant.key, "scheme": variant.scheme,
                      "k": variant.k, "method": variant.method, "site": variant.site, "mode": variant.mode,
-                     "answer_text": text, "answer_value": answer.value, "extraction": answer.extraction,
+                     "answer_text": text, "answer_value": value,
+                     "extraction": "last-number" if value is not None else "none",
+                     "prefix_value": stated.value if stated.extraction == "codi" else None,
+                     "tokens": None if tokens is None else tokens[v],
                      "correct": is_correct, "changed": changed, "flip": is_correct != base_correct,
                      "harm": base_correct and not is_correct, "help": (not base_correct) and is_correct,
                      "gold_logprob": lp, "logprob_drop": None if lp is None else base_lp - lp,
@@ -194,7 +216,7 @@ def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch:
     for b, problem in enumerate(batch):
         part = slice(b * V, (b + 1) * V)
         logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
-        rows += measure(problem, variants, out.texts[part], logprobs, lens[part])
+        rows += measure(problem, variants, out.texts[part], logprobs, lens[part], out.tokens[part])
     return rows
 
 
@@ -256,7 +278,9 @@ class Sweep:
             validation_ids = {p.problem_id for p in chosen}
         variants = ablation.expand(config.schemes, config.methods, config.site, config.mode, reasoner.num_latent)
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
-        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=config.to_json(),
+        # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
+        stored = config.to_json() | {"checkpoint_options": getattr(reasoner, "options", None) or {}}
+        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=stored,
                                   num_latent=reasoner.num_latent, n_variants=len(variants), total=len(problems),
                                   status="stopped", device=config.device)
         store.insert_problems(run_id, [
