@@ -22,7 +22,7 @@ def bench(script: str, *args: str) -> dict:
 def test_throughput_engine_and_old_loop_agree_on_every_answer():
     report = bench("throughput.py", "--problems", "12", "--reference-problems", "3", "--rounds", "1")
     assert report["answers_identical"] is True
-    assert report["seed"]["answers_compared"] == 3 * 7 and report["default"]["answers_compared"] == 3 * 19
+    assert report["seed"]["answers_compared"] == (12 + 3) * 7 and report["default"]["answers_compared"] == (12 + 3) * 19
     assert report["speedup"] > 1 and report["peak_rss_mb"] > 0
     assert report["engine_vs_peer"] > 0 and 0 < report["engine_fraction_of_matmul_peak"] < 1
 
