@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "thoughtsweep_shared_prefix"
 FAMILIES = ("gpt2", "llama")  # attention modules that call the registered function with `layer_idx`
@@ -45,10 +45,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     cache = kwargs.pop("shared_prefix", None)
     layer = cache.layers[module.layer_idx] if cache is not None else None
     q, kv = query.shape[2], key.shape[2]
-    if layer is None or layer.prefix_keys_t is None:
-        mask = causal(attention_mask, query.shape[0], q, kv, query.device)
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False)
+    if layer is None or layer.prefix_keys_t is None:  # exactly transformers' SDPA path, its own mask included
+        mask = sdpa_mask(batch_size=query.shape[0], q_length=q, kv_length=kv, q_offset=kv - q,
+                         attention_mask=attention_mask)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     suffix_mask = None if attention_mask is None else attention_mask[:, layer.prefix_length:]  # (R, S)
     out = merged(query, layer, key, value, causal(suffix_mask, query.shape[0], q, kv, query.device), scale)
@@ -80,6 +80,9 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
     """
     R, H, q, d = query.shape
     P, Hkv, _, L = layer.prefix_keys_t.shape
+    dtype = query.dtype  # bf16/fp16: scores and sums in float32, as SDPA's kernels accumulate them
+    query, suffix_keys, suffix_values = query.float(), suffix_keys.float(), suffix_values.float()
+    prefix_keys_t, prefix_values = layer.prefix_keys_t.float(), layer.prefix_values.float()
     G, V = H // Hkv, layer.variants
     # Prefix: the queries of a problem's V variants (x G query heads per KV head) as one matrix.
     if layer.dense:  # rows are exactly problem-major b*V + v: a view, no scatter
@@ -89,10 +92,10 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
         grouped[layer.problem * V + layer.slot] = query
         grouped = grouped.view(P, V, Hkv, G, q, d)
     grouped = grouped.permute(0, 2, 1, 3, 4, 5).reshape(P, Hkv, V * G * q, d)
-    scores = (grouped @ layer.prefix_keys_t) * scale  # (P, Hkv, VGq, L)
+    scores = (grouped @ prefix_keys_t) * scale  # (P, Hkv, VGq, L)
     scores = scores.masked_fill(~layer.prefix_mask[:, None, None, :], float("-inf"))
     out1, top1, sum1 = (t.view(P, Hkv, V, G, q, -1).permute(0, 2, 1, 3, 4, 5).reshape(P * V, H, q, -1)
-                        for t in partial(scores, layer.prefix_values))
+                        for t in partial(scores, prefix_values))
     if not layer.dense:
         rows = layer.problem * V + layer.slot
         out1, top1, sum1 = out1[rows], top1[rows], sum1[rows]
@@ -105,7 +108,7 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
     out2, top2, sum2 = (t.reshape(R, H, q, -1) for t in partial(scores.view(R, Hkv, G * q, -1), suffix_values))
     top = torch.maximum(top1, top2)
     w1, w2 = (top1 - top).exp(), (top2 - top).exp()
-    return ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).to(query.dtype)
+    return ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).to(dtype)
 
 
 AttentionInterface.register(IMPLEMENTATION, attention)

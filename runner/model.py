@@ -431,6 +431,9 @@ class LatentReasoner:
         answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)  # (R,)
         valid = torch.arange(width, device=self.device)[None] < answer_len[:, None]  # (R, A)
         scores = logits[:, None]  # (R, 1, V'): predicts the first answer token
+        # Only in float32: in bf16 a multi-token forward rounds differently from one-token steps
+        # (test.py decodes one token at a time), so there the draft is scored, cropped, not accepted.
+        draft, length = self.dtype == torch.float32, cache.get_seq_length()
         if width > 1:  # causal: the padding after a short answer changes none of its own logits
             fed = answer_ids[:, :-1]  # (R, A-1)
             position_ids = mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=self.device)
@@ -440,6 +443,11 @@ class LatentReasoner:
         logprobs = scores[..., : self.decode_vocab].float().log_softmax(-1)  # (R, A, V)
         # Padding positions are gathered at id 0 (a padding id need not lie in the slice); masked below.
         picked = logprobs.gather(-1, answer_ids.masked_fill(~valid, 0)[..., None])[..., 0]  # (R, A)
+        gold_logprob = (picked * valid).sum(-1).cpu()
+        if not draft:
+            if width > 1:
+                cache.crop(length - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
+            return gold_logprob, logits, mask, torch.zeros(R, dtype=torch.long, device=self.device)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         agree = (scores[..., : self.decode_vocab].argmax(-1) == answer_ids) & valid & ~torch.isin(answer_ids, eos)
         # The last answer token was not fed: a row that agrees throughout emits it from the loop.
@@ -448,7 +456,7 @@ class LatentReasoner:
         room = min(width - 1, max_new_tokens)
         out[:, :room] = torch.where(drafted, answer_ids[:, :-1], -1)[:, :room]
         mask = torch.cat([mask, drafted.long()], dim=-1)
-        return (picked * valid).sum(-1).cpu(), scores[torch.arange(R, device=self.device), accepted], mask, accepted
+        return gold_logprob, scores[torch.arange(R, device=self.device), accepted], mask, accepted
 
     def _greedy(self, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
         """Batched greedy decoding over `decode_vocab` until EOS into out (R, max_new_tokens), after the
