@@ -6,7 +6,8 @@ in bfloat16, on questions of random token ids with the real length distribution 
 test questions. Decoding is forced to 8 answer tokens (EOS disabled) so that random weights do not
 run to the cap. Prints problems/hour and peak GPU memory of the engine (`--batch-size auto`, the
 product's BatchSizer, capped by --max-gpu-memory-gb) and of the old loop (bench/reference.py) on
-a small subset, and their ratio. `--tiny` runs the same code on a 2-block model on the CPU so
+a small subset, and their ratio, and the engine's model FLOP utilisation (model FLOPs counted as in
+bench/throughput.py, over the device's bf16 matmul rate measured in the same run). `--tiny` runs the same code on a 2-block model on the CPU so
 that this script cannot rot on machines without a GPU.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.reference import reference_answer  # noqa: E402
+from bench.throughput import ModelFlops  # noqa: E402
 from runner import ablation  # noqa: E402
 from runner.model import LatentReasoner  # noqa: E402
 from runner.sweep import BatchSizer  # noqa: E402
@@ -53,7 +55,7 @@ class IdTokenizer:
     def __init__(self, vocab: int):
         self.vocab = vocab
 
-    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+    def decode(self, ids, skip_special_tokens=True, **options):
         return " ".join(f"t{i}" for i in ids)
 
     def batch_decode(self, rows, skip_special_tokens=True):
@@ -100,6 +102,25 @@ def engine(reasoner, questions, variants, sizer: BatchSizer, device: str) -> tup
     return time.perf_counter() - started, sizer.size
 
 
+def matmul_peak_tflops(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """The device's dense matmul rate in `dtype` measured now (torch.matmul, best of square sizes): the
+    denominator of model FLOP utilisation, measured rather than read from a data sheet."""
+    best = 0.0
+    for n in ((1024, 2048) if device == "cpu" else (4096, 8192)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        reps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            reps += 1
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - started) / 1e12)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="2-block model on the CPU (a smoke run)")
@@ -122,8 +143,10 @@ def main() -> None:
     engine(reasoner, questions[:64], variants, sizer, device)  # warm-up, and lets 'auto' find its size
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds, batch = engine(reasoner, questions, variants, sizer, device)
+    with ModelFlops(reasoner) as counted:
+        seconds, batch = engine(reasoner, questions, variants, sizer, device)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    peak_tflops = matmul_peak_tflops(device, dtype)
 
     started = time.perf_counter()
     for question in questions[:n_ref]:
@@ -135,7 +158,9 @@ def main() -> None:
               "engine_problems_per_hour": n / seconds * 3600, "engine_batch_problems": batch,
               "reference_problems_per_hour": n_ref / ref_seconds * 3600,
               "speedup": (n / seconds) / (n_ref / ref_seconds), "peak_gpu_memory_gb": peak_gb,
-              "gpu_memory_cap_gb": args.max_gpu_memory_gb if device == "cuda" else None}
+              "gpu_memory_cap_gb": args.max_gpu_memory_gb if device == "cuda" else None,
+              "engine_model_tflops": counted.flops / seconds / 1e12, "matmul_peak_tflops": peak_tflops,
+              "model_flop_utilisation": counted.flops / seconds / 1e12 / peak_tflops}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -27,10 +27,10 @@ def reference_answer(reasoner: LatentReasoner, question: str | list[int], ablate
             latent = torch.zeros_like(latent)
         out = hf(inputs_embeds=latent, cache=cache, use_cache=True, output_hidden_states=True)
         cache, hidden = out.cache, out.hidden_states[-1][:, -1:]
-    out = hf(input_ids=torch.tensor([[reasoner.eot_id]], device=device), cache=cache, use_cache=True)
+    out = hf(input_ids=torch.tensor([reasoner.answer_start], device=device), cache=cache, use_cache=True)  # EOT [+ EOS]
     tokens = []
     for _ in range(max_new_tokens):
-        token = int(out.logits[0, -1, : reasoner.base_vocab].argmax())
+        token = int(out.logits[0, -1, : reasoner.decode_vocab].argmax())
         if token in reasoner.eos_ids:
             break
         tokens.append(token)

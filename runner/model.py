@@ -291,6 +291,10 @@ class LatentReasoner:
         self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
         self.blocks = next(m for m in hf.modules()
                            if isinstance(m, nn.ModuleList) and len(m) == hf.config.num_hidden_layers)
+        from runner import attention  # imports transformers, as the model itself did
+        # Variants share the prompt's KV cache (runner/attention.py) where the family supports it;
+        # None = whenever a plan has more than one variant, False = always the plain repeated cache.
+        self.shared_prefix = None if attention.install(hf) else False
 
     @property
     def d_model(self) -> int:
@@ -322,9 +326,10 @@ class LatentReasoner:
         return text.strip()
 
     def _forward(self, cache, attention_mask, position_ids, inputs_embeds=None, input_ids=None, keep=1):
+        shared = {"shared_prefix": cache} if hasattr(cache, "share_prefix") else {}  # read by runner/attention.py
         out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
                       attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, logits_to_keep=keep)
+                      output_hidden_states=True, logits_to_keep=keep, **shared)
         return out.logits, out.hidden_states[-1], out.cache
 
     def prompt_ids(self, question: str | list[int]) -> list[int]:
@@ -337,7 +342,7 @@ class LatentReasoner:
         ids = ids + ([] if self.remove_eos else [self.tokenizer.eos_token_id])
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
-    def _encode(self, questions: list[str] | list[list[int]]):
+    def _encode(self, questions: list[str] | list[list[int]], shared: bool = False):
         """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
 
         A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
@@ -347,15 +352,18 @@ class LatentReasoner:
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(self._new_cache(), mask, position_ids, input_ids=input_ids)
+        logits, hidden, cache = self._forward(self._new_cache(shared), mask, position_ids, input_ids=input_ids)
         return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
 
-    def _new_cache(self):
-        """A growing cache where every layer attends over the full sequence; else the model's own (None)."""
+    def _new_cache(self, shared: bool = False):
+        """A prompt cache shared by the variants, or a growing cache where every layer attends over the
+        full sequence; else the model's own (None)."""
+        from runner.cache import GrowingCache, SharedPrefixCache  # transformers is imported on first use
+        if shared:
+            return SharedPrefixCache()
         layer_types = getattr(self.hf.config, "layer_types", None) or ["full_attention"]
         if getattr(self.hf.config, "sliding_window", None) or set(layer_types) != {"full_attention"}:
             return None
-        from runner.cache import GrowingCache  # transformers is imported on first use, as in load()
         return GrowingCache()
 
     @torch.inference_mode()
@@ -367,8 +375,12 @@ class LatentReasoner:
         assert plan.ablate.shape == (R, T), f"plan is {tuple(plan.ablate.shape)}, expected ({R}, {T})"
         plan = plan.to(self.device, self.dtype)
 
-        bot_logits, hidden, cache, mask = self._encode(questions)  # shared by the V variants
-        cache.batch_repeat_interleave(V)
+        shared = self.shared_prefix if self.shared_prefix is not None else V > 1
+        bot_logits, hidden, cache, mask = self._encode(questions, shared)  # one prompt cache for the V variants
+        if shared:
+            cache.share_prefix(V, mask)  # (B, L) stored once; each row's later tokens apart
+        else:
+            cache.batch_repeat_interleave(V)
         mask = mask.repeat_interleave(V, dim=0)  # (R, L)
         hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
         logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
@@ -401,52 +413,75 @@ class LatentReasoner:
         mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
         logits, _, cache = self._forward(cache, mask, position_ids, input_ids=eot)
         logits = logits[:, -1]  # (R, V')
-        gold_logprob = None
+        gold_logprob, filled = None, torch.zeros(R, dtype=torch.long, device=self.device)
+        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
         if golds is not None:
             assert len(golds) == B, f"{len(golds)} golds for {B} questions"
-            gold_logprob = self._gold_logprob(golds, V, logits, cache, mask)
-        tokens = self._greedy(logits, cache, mask, max_new_tokens)
+            gold_logprob, logits, mask, filled = self._gold_logprob(golds, V, logits, cache, mask, out)
+        tokens = self._greedy(logits, cache, mask, out, filled)
         return Rollout(tokens, [self.decode(t) for t in tokens], gold_logprob, latents.float().cpu(),
                        lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
 
-    def _gold_logprob(self, golds: list[str], V: int, logits, cache, mask) -> torch.Tensor:
-        """Sum of log p(`The answer is: {gold}`) after EOT, teacher-forced; the cache is left as it came."""
+    def _gold_logprob(self, golds: list[str], V: int, logits, cache, mask, out: torch.Tensor):
+        """Sum of log p(`The answer is: {gold}`) after EOT, teacher-forced, (R,) on the CPU; and the
+        forced answer as a draft of greedy decoding, accepted while greedy agrees with it (speculative
+        decoding, the gold as the draft): the accepted tokens go into `out` without a forward of their
+        own, the rest of the draft is masked out of later attention instead of cropped. Returns
+        (log-probs, the logits after the accepted tokens (R, V'), the mask, accepted counts (R,))."""
+        R, max_new_tokens = out.shape
         answers = [self.tokenizer(self.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
         width = max(map(len, answers))
         answer_ids = torch.tensor([a + [self.pad_id] * (width - len(a)) for a in answers],
                                   device=self.device).repeat_interleave(V, dim=0)  # (R, A), right-padded
         answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)  # (R,)
+        valid = torch.arange(width, device=self.device)[None] < answer_len[:, None]  # (R, A)
         scores = logits[:, None]  # (R, 1, V'): predicts the first answer token
+        # Only in float32: in bf16 a multi-token forward rounds differently from one-token steps
+        # (test.py decodes one token at a time), so there the draft is scored, cropped, not accepted.
+        draft, length = self.dtype == torch.float32, cache.get_seq_length()
         if width > 1:  # causal: the padding after a short answer changes none of its own logits
             fed = answer_ids[:, :-1]  # (R, A-1)
-            length = cache.get_seq_length()
             position_ids = mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=self.device)
             step_mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
             more, _, cache = self._forward(cache, step_mask, position_ids, input_ids=fed, keep=width - 1)
             scores = torch.cat([scores, more], dim=1)  # (R, A, V')
-            cache.crop(length - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
         logprobs = scores[..., : self.decode_vocab].float().log_softmax(-1)  # (R, A, V)
-        valid = torch.arange(width, device=self.device)[None] < answer_len[:, None]  # (R, A)
         # Padding positions are gathered at id 0 (a padding id need not lie in the slice); masked below.
         picked = logprobs.gather(-1, answer_ids.masked_fill(~valid, 0)[..., None])[..., 0]  # (R, A)
-        return (picked * valid).sum(-1).cpu()
-
-    def _greedy(self, logits, cache, mask, max_new_tokens: int) -> list[list[int]]:
-        """Batched greedy decoding over `decode_vocab` until EOS; finished rows leave the batch."""
-        R = logits.shape[0]
+        gold_logprob = (picked * valid).sum(-1).cpu()
+        if not draft:
+            if width > 1:
+                cache.crop(length - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
+            return gold_logprob, logits, mask, torch.zeros(R, dtype=torch.long, device=self.device)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
+        agree = (scores[..., : self.decode_vocab].argmax(-1) == answer_ids) & valid & ~torch.isin(answer_ids, eos)
+        # The last answer token was not fed: a row that agrees throughout emits it from the loop.
+        accepted = agree.long().cumprod(-1).sum(-1).clamp(max=min(width - 1, max_new_tokens))  # (R,)
+        drafted = torch.arange(width - 1, device=self.device)[None] < accepted[:, None]  # (R, A-1)
+        room = min(width - 1, max_new_tokens)
+        out[:, :room] = torch.where(drafted, answer_ids[:, :-1], -1)[:, :room]
+        mask = torch.cat([mask, drafted.long()], dim=-1)
+        return gold_logprob, scores[torch.arange(R, device=self.device), accepted], mask, accepted
+
+    def _greedy(self, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
+        """Batched greedy decoding over `decode_vocab` until EOS into out (R, max_new_tokens), after the
+        `filled` (R,) tokens already there; finished rows leave the batch."""
+        R, max_new_tokens = out.shape
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         active = torch.arange(R, device=self.device)  # (A,) rows still decoding
-        for t in range(max_new_tokens):
+        while True:
             next_ids = logits[:, : self.decode_vocab].argmax(-1)  # (A,)
-            done = torch.isin(next_ids, eos)
-            out[active, t] = torch.where(done, -1, next_ids)
+            done = torch.isin(next_ids, eos) | (filled >= max_new_tokens)
+            write = (~done).nonzero()[:, 0]
+            out[active[write], filled[write]] = next_ids[write]
+            filled = filled + ~done
+            done |= filled >= max_new_tokens
             if bool(done.all()):
                 break
             if bool(done.any()):  # drop finished rows so later steps cost only what is left
                 keep = (~done).nonzero()[:, 0]
                 cache.batch_select_indices(keep)
-                active, mask, next_ids = active[keep], mask[keep], next_ids[keep]
+                active, mask, next_ids, filled = active[keep], mask[keep], next_ids[keep], filled[keep]
             position_ids = mask.sum(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             logits, _, cache = self._forward(cache, mask, position_ids, input_ids=next_ids[:, None])

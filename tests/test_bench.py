@@ -20,10 +20,11 @@ def bench(script: str, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_throughput_engine_and_old_loop_agree_on_every_answer():
-    report = bench("throughput.py", "--problems", "12", "--reference-problems", "3", "--no-scaling")
+    report = bench("throughput.py", "--problems", "12", "--reference-problems", "3", "--rounds", "1")
     assert report["answers_identical"] is True
-    assert report["seed"]["answers_compared"] == 3 * 7 and report["default"]["answers_compared"] == 3 * 19
+    assert report["seed"]["answers_compared"] == (12 + 3) * 7 and report["default"]["answers_compared"] == (12 + 3) * 19
     assert report["speedup"] > 1 and report["peak_rss_mb"] > 0
+    assert report["engine_vs_peer"] > 0 and 0 < report["engine_fraction_of_matmul_peak"] < 1
 
 
 @pytest.mark.slow
@@ -31,6 +32,7 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_shape():
     report = bench("gpu.py", "--tiny", "--problems", "16", "--reference-problems", "2")
     assert report["device"] == "cpu (tiny shape)" and report["variants"] == 7
     assert report["engine_problems_per_hour"] > report["reference_problems_per_hour"] > 0
+    assert 0 < report["model_flop_utilisation"] < 1 and report["matmul_peak_tflops"] > 0
 
 
 @pytest.mark.slow

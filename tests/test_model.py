@@ -281,9 +281,10 @@ def test_growing_cache_is_bit_identical_to_the_models_own_cache(reasoner, monkey
     variants = [BASELINE, *ablation.expand(["prefix", "exit"], ["zero"], "latent", "frozen", 6)[1:],
                 Variant("single", 2, site="resid:1")]
     plan = plan_for(reasoner, variants, len(QUESTIONS))
+    monkeypatch.setattr(reasoner, "shared_prefix", False)  # the repeated cache; tests/test_attention.py: the shared one
     ours = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert type(reasoner._new_cache()).__name__ == "GrowingCache"
-    monkeypatch.setattr(reasoner, "_new_cache", lambda: None)  # the model creates its own DynamicCache
+    monkeypatch.setattr(reasoner, "_new_cache", lambda shared=False: None)  # the model creates its own DynamicCache
     theirs = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert ours.tokens == theirs.tokens and len({len(t) for t in ours.tokens}) > 1  # rows left the batch
     for name in ("gold_logprob", "latents", "lens_probs"):

@@ -1,0 +1,118 @@
+"""Shared-prefix attention (runner/attention.py, runner/cache.py) computes what the repeated cache computes.
+
+The layer-level test checks the log-sum-exp merge against SDPA over the repeated [prefix; suffix]
+with the same mask (left padding, holes, causal multi-token steps, GQA, rows that left); the
+rollout tests check GPT-2 and Llama end to end against the plain path: tokens equal, log-probs and
+latents to float32 noise (only the summation order differs).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runner import ablation
+from runner.ablation import BASELINE, Variant
+from runner.model import ModelSpec, load
+from tests.checkpoints import GOLDS, QUESTIONS, make_checkpoint
+
+NOISE = dict(atol=1e-5, rtol=1e-5)
+
+
+def plain_attention(query, keys, values, mask, scale):
+    """SDPA over each row's own full keys (R, Hkv, K, d), mask (R, 1, q, K)."""
+    G = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("heads, kv_heads, q", [(4, 4, 1), (4, 4, 5), (4, 2, 1), (8, 2, 3)])
+def test_merge_equals_attention_over_the_repeated_prefix(heads, kv_heads, q):
+    from runner.attention import causal, merged
+    torch.manual_seed(0)
+    P, V, L, S, d = 3, 4, 6, 7, 8  # S includes this step's q tokens
+    R = P * V
+    prefix_k, prefix_v = torch.randn(P, kv_heads, L, d), torch.randn(P, kv_heads, L, d)
+    prefix_mask = torch.ones(P, L, dtype=torch.bool)
+    prefix_mask[0, :2] = prefix_mask[2, :1] = False  # left padding
+    suffix_k, suffix_v = torch.randn(R, kv_heads, S, d), torch.randn(R, kv_heads, S, d)
+    suffix_mask = torch.ones(R, S, dtype=torch.bool)
+    suffix_mask[1, 2] = suffix_mask[5, :S - q] = False  # holes; row 5 sees nothing of its own past
+    query = torch.randn(R, heads, q, d)
+    full_k = torch.cat([prefix_k.repeat_interleave(V, 0), suffix_k], 2)
+    full_v = torch.cat([prefix_v.repeat_interleave(V, 0), suffix_v], 2)
+    full_mask = causal(torch.cat([prefix_mask.repeat_interleave(V, 0), suffix_mask], 1), R, q, L + S, "cpu")
+    expected = plain_attention(query, full_k, full_v, full_mask, 0.3)
+
+    layer = SimpleNamespace(prefix_keys_t=prefix_k.transpose(-1, -2), prefix_values=prefix_v, prefix_mask=prefix_mask,
+                            variants=V, dense=True, problem=torch.arange(R) // V, slot=torch.arange(R) % V)
+    got = merged(query, layer, suffix_k, suffix_v, causal(suffix_mask, R, q, S, "cpu"), 0.3)
+    torch.testing.assert_close(got, expected, **NOISE)
+
+    keep = torch.tensor([0, 2, 3, 9, 11])  # rows that have left: the prefix is indexed per row's problem
+    layer.dense, layer.problem, layer.slot = False, layer.problem[keep], layer.slot[keep]
+    got = merged(query[keep], layer, suffix_k[keep], suffix_v[keep], causal(suffix_mask[keep], 5, q, S, "cpu"), 0.3)
+    torch.testing.assert_close(got, expected[keep], **NOISE)
+
+
+def test_shared_prefix_layer_counts_prefix_and_suffix_and_drops_unread_prefixes():
+    from runner.cache import SharedPrefixLayer
+    layer = SharedPrefixLayer()
+    prompt = torch.randn(4, 2, 5, 3)  # B = 4 problems, 5 prompt tokens
+    layer.update(prompt, -prompt)
+    layer.share_prefix(3, torch.ones(4, 5))
+    assert layer.get_seq_length() == 5 and layer.keys is None and layer.prefix_keys_t.shape == (4, 2, 3, 5)
+    step = torch.randn(12, 2, 1, 3)
+    keys, values = layer.update(step, -step)
+    assert torch.equal(keys, step) and layer.get_seq_length() == 6 and layer.get_mask_sizes(1) == (7, 0)
+    layer.batch_select_indices(torch.tensor([0, 1, 4, 7, 11]))  # every problem still read
+    assert layer.prefix_keys_t.shape[0] == 4 and layer.problem.tolist() == [0, 0, 1, 2, 3]
+    layer.batch_select_indices(torch.tensor([2, 4]))  # only problems 1 and 3: half the prefixes unread
+    assert layer.prefix_keys_t.shape[0] == 2 and layer.problem.tolist() == [0, 1] and layer.slot.tolist() == [1, 2]
+    assert torch.equal(layer.prefix_values[1], -prompt[3]) and torch.equal(layer.keys, step[[4, 11]])
+    with pytest.raises(AssertionError, match="prefix"):
+        layer.crop(-2)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def reasoner(request, tmp_path_factory):
+    return load(ModelSpec(str(make_checkpoint(tmp_path_factory.mktemp(request.param), request.param))))
+
+
+def test_rollouts_with_a_shared_prefix_equal_the_repeated_cache(reasoner, monkeypatch):
+    assert reasoner.hf.config._attn_implementation == "thoughtsweep_shared_prefix" and reasoner.shared_prefix is None
+    variants = [BASELINE, *ablation.expand(["prefix", "single", "exit"], ["zero"], "latent", "recompute", 6)[1:],
+                Variant("suffix", 3, mode="frozen"), Variant("single", 2, site="resid:1")]
+    plan = ablation.make_plan(variants, [f"p{i}" for i in range(len(QUESTIONS))], 6, reasoner.d_model)
+    outs = {}
+    for shared in (True, False):
+        monkeypatch.setattr(reasoner, "shared_prefix", shared)
+        outs[shared] = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
+    ours, theirs = outs[True], outs[False]
+    assert ours.tokens == theirs.tokens
+    assert len({len(t) for t in ours.tokens}) > 1, "all rows decode the same length: finished rows untested"
+    assert len({len(reasoner.prompt_ids(q)) for q in QUESTIONS}) > 1, "no left padding: masks untested"
+    for name in ("gold_logprob", "latents", "lens_probs"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(ours.captured[1], theirs.captured[1], **NOISE)
+    # Without golds (no drafted answer) and with a cap that cuts answers short: the same tokens.
+    for max_new_tokens in (24, 2):
+        monkeypatch.setattr(reasoner, "shared_prefix", True)
+        ours = reasoner.rollout(QUESTIONS, plan, max_new_tokens=max_new_tokens)
+        monkeypatch.setattr(reasoner, "shared_prefix", False)
+        assert ours.tokens == reasoner.rollout(QUESTIONS, plan, max_new_tokens=max_new_tokens).tokens
+
+
+def test_drafted_answer_gives_the_tokens_of_plain_greedy_decoding(reasoner, monkeypatch):
+    """With golds, greedy decoding starts from the forced answer where it agrees: the tokens of a rollout without."""
+    monkeypatch.setattr(reasoner, "shared_prefix", False)
+    variants = [BASELINE, *ablation.expand(["prefix", "exit"], ["zero"], "latent", "recompute", 6)[1:]]
+    plan = ablation.make_plan(variants, [f"p{i}" for i in range(len(QUESTIONS))], 6, reasoner.d_model)
+    # Golds that the model's own answers start with: drafts that are accepted, in part or whole.
+    plain = reasoner.rollout(QUESTIONS, plan, max_new_tokens=24)
+    words = [reasoner.tokenizer.decode(plain.tokens[i * len(variants)][:2]) for i in range(len(QUESTIONS))]
+    golds = [w.removeprefix(reasoner.answer_prompt("")) or "7" for w in words]
+    for max_new_tokens in (24, 1):
+        drafted = reasoner.rollout(QUESTIONS, plan, golds, max_new_tokens)
+        assert drafted.tokens == reasoner.rollout(QUESTIONS, plan, max_new_tokens=max_new_tokens).tokens
