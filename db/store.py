@@ -36,6 +36,13 @@ RUN_FIELDS = {"name", "status", "phase", "done", "total", "started", "finished",
 STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
 
 
+# A database file is data, never code: a view or macro in a copied file must not read local files or the
+# network (read_text, read_csv, httpfs), and opening a foreign file must not fetch an extension.
+CONNECT_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
+                  "autoload_known_extensions": False, "allow_community_extensions": False,
+                  "lock_configuration": True}
+
+
 class StoreError(RuntimeError):
     """A database problem, phrased so that a person can act on it."""
 
@@ -66,7 +73,7 @@ class Store:
         if not read_only and not self.path.parent.exists():
             raise StoreError(f"cannot create database {self.path}: folder {self.path.parent} does not exist")
         try:
-            self._conn = duckdb.connect(str(self.path), read_only=read_only)
+            self._conn = duckdb.connect(str(self.path), read_only=read_only, config=CONNECT_CONFIG)
         except duckdb.IOException as error:
             if "lock" in str(error).lower():
                 raise DatabaseLocked(_locked_message(self.path, error)) from None
