@@ -73,7 +73,8 @@ class Store:
         if not read_only and not self.path.parent.exists():
             raise StoreError(f"cannot create database {self.path}: folder {self.path.parent} does not exist")
         try:
-            self._conn = duckdb.connect(str(self.path), read_only=read_only, config=CONNECT_CONFIG)
+            config = CONNECT_CONFIG
+            self._conn = duckdb.connect(str(self.path), read_only=read_only, config=config)  # enable_external_access=false
         except duckdb.IOException as error:
             if "lock" in str(error).lower():
                 raise DatabaseLocked(_locked_message(self.path, error)) from None
