@@ -39,3 +39,13 @@ def gsm8k_path() -> Path:
             pytest.fail(message + "; CI must provide it")
         pytest.skip(message)
     return GSM8K_TEST
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Millisecond forwards of tiny models: more threads only add contention on a shared CPU."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

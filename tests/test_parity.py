@@ -27,13 +27,7 @@ STYLE = {"gpt2": "gpt2", "llama": "llama3"}
 ALPHA = {"gpt2": 32, "llama": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Millisecond forwards of 32-wide models: more threads only add contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
