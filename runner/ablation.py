@@ -17,13 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.errors import AblationError  # noqa: F401  (raised here; listed in runner/errors.py)
+
 SCHEMES = ("prefix", "single", "suffix", "exit")
 METHODS = ("zero", "mean", "noise", "resample")
 MODES = ("recompute", "frozen")
-
-
-class AblationError(ValueError):
-    """A variant, site or option that does not make sense; the message says which."""
 
 
 def parse_site(site: str, n_layers: int | None = None) -> int | None:

@@ -26,6 +26,7 @@ from torch import nn
 from runner import ablation, checkpoint
 from runner.ablation import Plan
 from runner.checkpoint import CheckpointOptions
+from runner.errors import ModelLoadError  # noqa: F401  (raised here; listed in runner/errors.py)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
@@ -46,10 +47,6 @@ CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 def official_question(question: str) -> str:
     """The question text as CODI's test.py feeds it: stripped, one pass of double spaces -> one."""
     return question.strip().replace("  ", " ")
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint could not be loaded; the message says what to do about it."""
 
 
 @dataclass(frozen=True)
