@@ -22,11 +22,11 @@ import pandas as pd
 import pyarrow
 
 from db import status_file
-from db.migrations import migrate
+from db.migrations import describe_variants, migrate
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
-                  "logprob_drop", "lens", "tokens", "prefix_value"]
+                  "logprob_drop", "lens", "tokens", "prefix_value", "ablated_positions", "latents_fed", "position"]
 PROBLEM_COLUMNS = ["run_id", "problem_id", "ord", "question", "gold", "gold_value", "difficulty", "solution", "phase"]
 METRIC_COLUMNS = ["run_id", "elapsed_s", "phase", "done", "batch_problems", "batch_size", "problems_per_hour",
                   "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb"]
@@ -164,15 +164,17 @@ class Store:
 
     def create_run(self, *, name: str, model: str, dataset: str, config: dict, num_latent: int, n_variants: int,
                    total: int = 0, status: str = "running", source: str = "sweep", device: str | None = None,
-                   batch_size: int | None = None) -> int:
+                   batch_size: int | None = None, positions: str = "latent") -> int:
+        """A new run; `positions`: how its rows number latent positions (runner.ablation.POSITIONS)."""
         self._check_writable()
         with self._errors("creating a run"):
             (run_id,) = self.cursor().execute(
                 "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
-                "device, batch_size, pid, host, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
+                "device, batch_size, pid, host, positions, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
                 [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
-                 batch_size, os.getpid() if status == "running" else None, socket.gethostname()]).fetchone()
+                 batch_size, os.getpid() if status == "running" else None, socket.gethostname(),
+                 positions]).fetchone()
         self.publish_status(run_id)
         return run_id
 
@@ -236,6 +238,7 @@ class Store:
         self._check_writable()
         frame = self._frame(results, run_id, RESULT_COLUMNS)
         with self.transaction(f"storing a batch of run {run_id}") as cursor:
+            frame = self._described(cursor, run_id, frame)
             self._append(cursor, "results", frame, RESULT_COLUMNS)
             if metrics is not None:
                 row = pd.DataFrame([{**metrics, "run_id": run_id}], columns=METRIC_COLUMNS)
@@ -243,6 +246,14 @@ class Store:
             if run_fields:
                 self._update_run(run_id, **run_fields)
         self.publish_status(run_id)  # after COMMIT: the snapshot never shows a batch that could roll back
+
+    @staticmethod
+    def _described(cursor, run_id: int, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows with what their variant ablated (migration 3), from runner.ablation.Variant."""
+        ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
+        keys = [(run_id, key, num_latent) for key in frame["variant"].unique()]
+        described = describe_variants(keys).drop(columns="run_id")
+        return frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")[RESULT_COLUMNS]
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
