@@ -233,14 +233,14 @@ class _progress_bar:
 
 
 def cmd_status(args) -> int:
-    from db import queries, report
+    from db import queries, status_page
     from db.store import DatabaseLocked
     try:
         store = _open(args.db)
     except DatabaseLocked as error:
         return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
-        print(report.status_markdown(store, _run_id(store, args.run)))
+        print(status_page.status_markdown(store, _run_id(store, args.run)))
         return 0
     runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
     _print_runs(args, runs)
@@ -284,9 +284,9 @@ def _status_from_snapshot(args, locked) -> int:
 
 
 def cmd_stats(args) -> int:
-    from db import queries
+    from db import report
     store = _open(args.db)
-    stats = queries.stats_json(store, _run_id(store, args.run), method=args.method, site=args.site, mode=args.mode)
+    stats = report.stats_json(store, _run_id(store, args.run), method=args.method, site=args.site, mode=args.mode)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -300,7 +300,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from db import report, seed
+    from db import exports, report, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -309,9 +309,9 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = report.export_csv(store, run_id, args.out)
+        paths = exports.export_csv(store, run_id, args.out)
     elif args.format == "parquet":
-        paths = report.export_parquet(store, run_id, args.out)
+        paths = exports.export_parquet(store, run_id, args.out)
     else:
         path = os.path.join(args.out, "report.md")
         with open(path, "w") as f:
