@@ -3,7 +3,7 @@ heatmap."""
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import charts, data, safe, state, widgets
 from db.figures import FIGURES
 from db.report import NAMED_HEADER, named_rows
 
@@ -49,11 +49,11 @@ def results() -> None:
     st.dataframe(shown, hide_index=True, column_config={
         column: st.column_config.TextColumn(help=(OLD if i < 3 else LATENT)[1])
         for i, column in enumerate(NAMED_HEADER)})
-    used = {name: widgets.group_label(g) if g else "not in this run" for name, g in named["groups"].items()}
+    used = {name: safe.md(widgets.group_label(g)) if g else "not in this run" for name, g in named["groups"].items()}
     st.caption(f"**{OLD[0]}** ({used['old_script_early_late']}): {OLD[1]}. **{LATENT[0]}** "
                f"({used['per_latent_early_late']}): {LATENT[1]}. Accuracy: 95% Wilson interval.")
 
-    st.markdown(f"##### Early vs late positions of {widgets.group_label(group)}")
+    st.markdown(f"##### Early vs late positions of {safe.md(widgets.group_label(group))}")
     own = pd.DataFrame({
         key if key == "bucket" else "steps": table[key], "problems": table["n"],
         f"early (positions 0–{T // 2 - 1})": [widgets.ci(r.early, r.early_lo, r.early_hi) for r in table.itertuples()],
@@ -63,7 +63,7 @@ def results() -> None:
     st.caption("The chosen group's own positions (a prefix k sits at k−1, the last latent it ablates), 95% "
                "bootstrap intervals over the row's problems: neither named figure unless the group is single.")
 
-    st.markdown(f"##### Difficulty × position · {widgets.group_label(group)}")
+    st.markdown(f"##### Difficulty × position · {safe.md(widgets.group_label(group))}")
     measure = widgets.measure("difficulty_measure")
     matrix = data.difficulty_heatmap(db, version, scope, measure)
     counts = data.difficulty_table(db, version, scope, "steps").set_index("difficulty")["n"].to_dict()
