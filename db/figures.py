@@ -107,9 +107,9 @@ def compare(store, a: Scope, b: Scope, measure: str = "flip", seed: int = 0, n_b
 
 # --- the two named early/late figures -----------------------------------------------------------------------
 def _named_group(store, scope: Scope, scheme: str) -> Scope | None:
-    """The `scheme` group with the scope's method, site and mode, else the run's first `scheme` group."""
-    return queries.first_group(store, scope.group(scheme, scope.method, scope.site, scope.mode)) \
-        or queries.first_group(store, scope.group(scheme))
+    """The run's first `scheme` group with the scope's method, site and mode (None = any); None if it has none:
+    a figure is never silently taken from another method."""
+    return queries.first_group(store, scope.group(scheme, scope.method, scope.site, scope.mode))
 
 
 def old_script_summary(store, scope: Scope) -> dict:

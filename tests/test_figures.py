@@ -79,6 +79,8 @@ def test_page_report_stats_and_exported_summary_agree(database, store, tmp_path)
     columns = [c for c in page.columns if c.startswith(OLD)] + [c for c in page.columns if c.startswith(LATENT)]
     assert len(columns) == 6 and columns == list(page.columns[2:]), page.columns  # each under its own name
     assert OLD in texts(at) and FIGURES["old_script_early_late"][1] in texts(at)
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert list(heatmap["x"]) == ["0", "0–1", "0–2", "0–3", "0–4", "0–5"]  # what each prefix k's rows ablated
 
     text = report.markdown_report(store, demo)
     named = report_table(text, "## Named early/late figures")
