@@ -323,8 +323,9 @@ def _print_runs(args, runs: list[dict]) -> None:
         print(f"{args.db}: no runs yet")
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
+        skipped = f" ({run['skipped']} skipped)" if run.get("skipped") else ""
         print(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/{run['total']:<6} "
-              f"{rate:>10}  {run['name']}")
+              f"{rate:>10}  {run['name']}{skipped}")
 
 
 def _status_from_snapshot(args, locked) -> int:

@@ -183,7 +183,7 @@ class Sweep:
         self.done, self.total = int(row["done"]), int(row["total"])
         self.peak_rss = float(np.nan_to_num(row["peak_rss_mb"]))
         self.phase: str | None = row["phase"]
-        self.skipped = 0
+        self.skipped = len(store.skipped_problems(run_id))
         self.started, self.session_done = time.time(), 0
         self.latest: deque = deque(maxlen=8)
 
@@ -263,6 +263,7 @@ class Sweep:
         if loaded is None:
             self.phase = "reference"
             self.store.update_run(self.run_id, phase="reference")
+            self._emit("running")  # a stop asked now is honoured once the references are stored
             problems = self.store.run_problems(self.run_id)[: self.config.reference_size]
             layer = ablation.parse_site(site, self.executor.shape.n_layers)
             values = self.executor.references([p["question"] for p in problems], layer, self.batch_size)
@@ -336,8 +337,8 @@ class Sweep:
         metrics = {"elapsed_s": elapsed, "phase": self.phase, "done": self.done, "batch_problems": len(batch),
                    "batch_size": self.batch_size,
                    "problems_per_hour": len(batch) / max(result.seconds, 1e-9) * 3600, **resources}
-        self.store.write_batch(self.run_id, result.rows, metrics, done=self.done, elapsed_s=elapsed,
-                               problems_per_hour=rate, peak_rss_mb=self.peak_rss,
+        self.store.write_batch(self.run_id, result.rows, metrics, skipped=result.skipped, done=self.done,
+                               elapsed_s=elapsed, problems_per_hour=rate, peak_rss_mb=self.peak_rss,
                                peak_gpu_mb=resources["gpu_peak_mb"], batch_size=self.batch_size)
         self._checkpoint(before=self.done - len(batch))
         self._emit("running", resources)
