@@ -72,6 +72,8 @@ class Store:
             raise StoreError(f"database {self.path} does not exist")
         if not read_only and not self.path.parent.exists():
             raise StoreError(f"cannot create database {self.path}: folder {self.path.parent} does not exist")
+        from db import trust  # here, not at the top: trust's error class is a StoreError
+        trust.check_file(self.path)
         try:
             config = CONNECT_CONFIG
             self._conn = duckdb.connect(str(self.path), read_only=read_only, config=config)  # enable_external_access=false
@@ -81,6 +83,11 @@ class Store:
             raise StoreError(f"cannot open database {self.path}: {error}") from None
         except duckdb.Error as error:
             raise StoreError(f"cannot open database {self.path}: {error} (is it a DuckDB file?)") from None
+        try:
+            trust.check_catalog(self._conn, self.path)  # before any table is read or migrated
+        except BaseException:
+            self._conn.close()
+            raise
         self._local = threading.local()
         if not read_only:
             with self._errors("migrating the schema"):
@@ -126,15 +133,15 @@ class Store:
         with self._errors("a query"):
             return self.cursor().execute(sql, _params(params)).df()
 
-    def query_arrow(self, sql: str, params: list | tuple = ()) -> pyarrow.Table:
+    def query_arrow(self, sql: str, params: list | tuple | dict = ()) -> pyarrow.Table:
         with self._errors("a query"):
-            return self.cursor().sql(sql, params=list(params)).to_arrow_table()
+            return self.cursor().sql(sql, params=_params(params)).to_arrow_table()
 
-    def query_columns(self, sql: str, params: list | tuple = ()) -> dict[str, list]:
+    def query_columns(self, sql: str, params: list | tuple | dict = ()) -> dict[str, list]:
         """{column: Python values, None for NULL}: twice as fast as fetchall for rows that become Python objects."""
         with self._errors("a query"):
             return {name: values.tolist() for name, values in
-                    self.cursor().execute(sql, list(params)).fetchnumpy().items()}
+                    self.cursor().execute(sql, _params(params)).fetchnumpy().items()}
 
     def close(self) -> None:
         with contextlib.suppress(duckdb.Error):
@@ -189,17 +196,17 @@ class Store:
         assert not unknown, f"unknown run fields {sorted(unknown)}"
         if "status" in fields:
             assert fields["status"] in STATUSES, f"status {fields['status']!r} not in {STATUSES}"
-        sets, params = [], []
+        sets, params = [], {"id": run_id}
         for column, value in fields.items():
             if column == "finished" and value is True:
                 sets.append("finished = current_timestamp")
                 continue
             if column == "config" and not isinstance(value, str):
                 value = json.dumps(value)
-            sets.append(f"{column} = ?")  # column names come from RUN_FIELDS, never from input
-            params.append(value)
+            sets.append(f"{column} = ${column}")  # column names come from RUN_FIELDS, never from input
+            params[column] = value
         with self._errors(f"updating run {run_id}"):
-            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", [*params, run_id])
+            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = $id", params)
 
     def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
         """Mark a run as running in this process (a start or a resume)."""
@@ -215,7 +222,7 @@ class Store:
         self._check_writable()
         with self.transaction(f"deleting run {run_id}") as cursor:
             for table in ("results", "problems", "run_metrics", "reference_latents"):
-                cursor.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # fixed table names
+                cursor.execute(f"DELETE FROM {table} WHERE run_id = $run", {"run": run_id})  # fixed table names
             cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
         self.publish_status()
 
@@ -253,7 +260,8 @@ class Store:
         ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
         keys = [(run_id, key, num_latent) for key in frame["variant"].unique()]
         described = describe_variants(keys).drop(columns="run_id")
-        return frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")[RESULT_COLUMNS]
+        frame = frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")
+        return frame[RESULT_COLUMNS]
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
@@ -272,8 +280,8 @@ class Store:
 
     def run_problems(self, run_id: int) -> list[dict]:
         """The run's problems in run order."""
-        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = ? ORDER BY ord",
-                              [run_id])
+        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = $run ORDER BY ord",
+                              {"run": run_id})
         return frame.to_dict("records")
 
     def run_row(self, run_id: int) -> dict | None:
