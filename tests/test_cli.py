@@ -124,6 +124,28 @@ def test_bad_arguments_give_one_line_and_a_nonzero_exit(argv, message, capsys, s
     assert Store(swept).query("SELECT count(*) FROM results")[0][0] == before
 
 
+def test_a_sweep_reads_its_dataset_once(tmp_path, tiny_model_dir, capsys):
+    """Checked before the model load (a bad file fails at once) and stored from that same read (issue 15)."""
+    from runner import data
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Ann has {n} apples. How many?", "answer": str(n)}) + "\n"
+                            for n in range(3)))
+    reads = []
+
+    def profile(frame, event, arg):  # every call of the one function that reads a dataset source
+        if event == "call" and frame.f_code is data._read.__code__:
+            reads.append(frame.f_locals["source"])
+
+    sys.setprofile(profile)
+    try:
+        code = main(["sweep", "--model", str(tiny_model_dir), "--dataset", str(path), "--db", str(tmp_path / "x.duckdb"),
+                     "--schemes", "prefix", "--quiet"])
+    finally:
+        sys.setprofile(None)
+    assert code == 0 and reads == [str(path)], capsys.readouterr().err
+    assert Store(tmp_path / "x.duckdb").query("SELECT count(*) FROM problems") == [(3,)]
+
+
 def test_stats_on_a_run_with_no_results_is_one_line(tmp_path, tiny_reasoner, tiny_model_dir, capsys):
     from runner.sweep import Sweep, SweepConfig
     store = Store(tmp_path / "empty.duckdb")
