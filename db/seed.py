@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from db import queries
-from db.stats import old_script_early_late
 from db.scope import GROUP, PROBLEMS, Scope, bind
+from db.stats import old_script_early_late
+from runner.errors import ThoughtSweepError
 
 SCORES = "step_importance_scores.json"
 SUMMARY = "step_importance_summary_stats.json"
@@ -46,7 +47,7 @@ ANSWER_PATTERNS = (r"answer is:?\s*(-?\d+(?:\.\d+)?)", r"####\s*(-?\d+(?:\.\d+)?
                    r"(?:answer|total|result)(?:\s+is)?\s*[:=]?\s*\$?\s*(-?\d+(?:\.\d+)?)")
 
 
-class SeedFormatError(ValueError):
+class SeedFormatError(ThoughtSweepError, ValueError):
     """A seed file that cannot be imported; the message names the file and what is wrong."""
 
 
@@ -293,7 +294,7 @@ def import_seed(store, scores_path, validation_path=None, name: str | None = Non
     run is named after the scores file unless `name` is given.
     """
     if not re.fullmatch(r"latent|resid:\d+", site):
-        raise ValueError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
+        raise SeedFormatError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
     scores_path = Path(scores_path)
     records = _load(scores_path, validation=False)
     validation_ids: set[str] = set()

@@ -23,6 +23,7 @@ import pyarrow
 
 from db import status_file
 from db.migrations import describe_variants, migrate
+from runner.errors import ThoughtSweepError
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
@@ -43,7 +44,7 @@ CONNECT_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions
                   "lock_configuration": True}
 
 
-class StoreError(RuntimeError):
+class StoreError(ThoughtSweepError, RuntimeError):
     """A database problem, phrased so that a person can act on it."""
 
 
