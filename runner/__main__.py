@@ -292,14 +292,14 @@ class _progress_bar:
 
 
 def cmd_status(args) -> int:
-    from db import queries, report
+    from db import queries, status_page
     from db.store import DatabaseLocked
     try:
         store = _open(args.db)
     except DatabaseLocked as error:
         return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
-        print(report.status_markdown(store, _run_id(store, args.run)))
+        print(status_page.status_markdown(store, _run_id(store, args.run)))
         return 0
     runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
     _print_runs(args, runs)
@@ -364,16 +364,17 @@ def _summary_group(store, run_id: int, args) -> bool:
 
 
 def cmd_stats(args) -> int:
-    from db import queries
+    from db import queries, report
+    from db.scope import Scope
     store = _open(args.db)
     run_id = _run_id(store, args.run)
-    if queries.baseline_accuracy(store, run_id)["n"] == 0:
+    if queries.baseline_accuracy(store, Scope(run_id))["n"] == 0:
         row = store.run_row(run_id)
         raise CliError(f"run {run_id} has no results yet ({row['status']}, {row['done']}/{row['total']} problems): "
                        f"nothing to summarise" + (f"; resume it with python -m runner sweep --db {args.db} --resume "
                                                   f"{run_id}" if row["source"] == "sweep" else ""))
     has_prefix = _summary_group(store, run_id, args)
-    stats = queries.stats_json(store, run_id, method=args.method, site=args.site, mode=args.mode)
+    stats = report.stats_json(store, run_id, method=args.method, site=args.site, mode=args.mode)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -386,7 +387,7 @@ def cmd_stats(args) -> int:
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
         print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
-              f"early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
+              f"old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
     return 0
 
 
@@ -395,7 +396,7 @@ def _figure(value) -> str:
 
 
 def cmd_export(args) -> int:
-    from db import report, seed
+    from db import exports, report, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -404,9 +405,9 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = report.export_csv(store, run_id, args.out)
+        paths = exports.export_csv(store, run_id, args.out)
     elif args.format == "parquet":
-        paths = report.export_parquet(store, run_id, args.out)
+        paths = exports.export_parquet(store, run_id, args.out)
     else:
         path = os.path.join(args.out, "report.md")
         with open(path, "w") as f:
