@@ -148,6 +148,7 @@ class LatentReasoner:
         if self.static_shapes if self.static_shapes is not None else self.device.type == "cuda":
             capacity = (max(map(len, prompts)) + T + len(self.answer_start) + max_new_tokens
                         + (max(map(len, answers)) if answers else 0))  # every position this rollout can fill
+            capacity = -(-capacity // 64) * 64  # in steps of 64: batches of similar prompts share shapes
         shared = self.shared_prefix if self.shared_prefix is not None else V > 1
         bot_logits, hidden, cache, attended = self._encode(prompts, shared, capacity)  # one prompt cache for V variants
         if shared:
