@@ -23,6 +23,7 @@ import pyarrow
 
 from db import status_file
 from db.migrations import describe_variants, migrate
+from runner.errors import ThoughtSweepError
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
@@ -43,7 +44,7 @@ CONNECT_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions
                   "lock_configuration": True}
 
 
-class StoreError(RuntimeError):
+class StoreError(ThoughtSweepError, RuntimeError):
     """A database problem, phrased so that a person can act on it."""
 
 
@@ -133,15 +134,15 @@ class Store:
         with self._errors("a query"):
             return self.cursor().execute(sql, _params(params)).df()
 
-    def query_arrow(self, sql: str, params: list | tuple = ()) -> pyarrow.Table:
+    def query_arrow(self, sql: str, params: list | tuple | dict = ()) -> pyarrow.Table:
         with self._errors("a query"):
-            return self.cursor().sql(sql, params=list(params)).to_arrow_table()
+            return self.cursor().sql(sql, params=_params(params)).to_arrow_table()
 
-    def query_columns(self, sql: str, params: list | tuple = ()) -> dict[str, list]:
+    def query_columns(self, sql: str, params: list | tuple | dict = ()) -> dict[str, list]:
         """{column: Python values, None for NULL}: twice as fast as fetchall for rows that become Python objects."""
         with self._errors("a query"):
             return {name: values.tolist() for name, values in
-                    self.cursor().execute(sql, list(params)).fetchnumpy().items()}
+                    self.cursor().execute(sql, _params(params)).fetchnumpy().items()}
 
     def close(self) -> None:
         with contextlib.suppress(duckdb.Error):
@@ -177,11 +178,13 @@ class Store:
         with self._errors("creating a run"):
             (run_id,) = self.cursor().execute(
                 "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
-                "device, batch_size, pid, host, positions, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
-                [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
-                 batch_size, os.getpid() if status == "running" else None, socket.gethostname(),
-                 positions]).fetchone()
+                "device, batch_size, pid, host, positions, started) VALUES ($name, $model, $dataset, $config, "
+                "$source, $status, $num_latent, $n_variants, $total, $device, $batch_size, $pid, $host, $positions, "
+                "current_timestamp) RETURNING id",
+                {"name": name, "model": model, "dataset": dataset, "config": json.dumps(config), "source": source,
+                 "status": status, "num_latent": num_latent, "n_variants": n_variants, "total": total,
+                 "device": device, "batch_size": batch_size, "pid": os.getpid() if status == "running" else None,
+                 "host": socket.gethostname(), "positions": positions}).fetchone()
         self.publish_status(run_id)
         return run_id
 
@@ -196,33 +199,34 @@ class Store:
         assert not unknown, f"unknown run fields {sorted(unknown)}"
         if "status" in fields:
             assert fields["status"] in STATUSES, f"status {fields['status']!r} not in {STATUSES}"
-        sets, params = [], []
+        sets, params = [], {"id": run_id}
         for column, value in fields.items():
             if column == "finished" and value is True:
                 sets.append("finished = current_timestamp")
                 continue
             if column == "config" and not isinstance(value, str):
                 value = json.dumps(value)
-            sets.append(f"{column} = ?")  # column names come from RUN_FIELDS, never from input
-            params.append(value)
+            sets.append(f"{column} = ${column}")  # column names come from RUN_FIELDS, never from input
+            params[column] = value
         with self._errors(f"updating run {run_id}"):
-            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", [*params, run_id])
+            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = $id", params)
 
     def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
         """Mark a run as running in this process (a start or a resume)."""
         self._check_writable()
         with self._errors(f"resuming run {run_id}"):
             self.cursor().execute(
-                "UPDATE runs SET status = 'running', pid = ?, host = ?, error = NULL, finished = NULL, "
-                "batch_size = ?, device = ? WHERE id = ?",
-                [os.getpid(), socket.gethostname(), batch_size, device, run_id])
+                "UPDATE runs SET status = 'running', pid = $pid, host = $host, error = NULL, finished = NULL, "
+                "batch_size = $batch_size, device = $device WHERE id = $id",
+                {"pid": os.getpid(), "host": socket.gethostname(), "batch_size": batch_size, "device": device,
+                 "id": run_id})
         self.publish_status(run_id)
 
     def delete_run(self, run_id: int) -> None:
         self._check_writable()
         with self.transaction(f"deleting run {run_id}") as cursor:
             for table in ("results", "problems", "run_metrics", "reference_latents"):
-                cursor.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # fixed table names
+                cursor.execute(f"DELETE FROM {table} WHERE run_id = $run", {"run": run_id})  # fixed table names
             cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
         self.publish_status()
 
@@ -260,7 +264,8 @@ class Store:
         ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
         keys = [(run_id, key, num_latent) for key in frame["variant"].unique()]
         described = describe_variants(keys).drop(columns="run_id")
-        return frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")[RESULT_COLUMNS]
+        frame = frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")
+        return frame[RESULT_COLUMNS]
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
@@ -279,8 +284,8 @@ class Store:
 
     def run_problems(self, run_id: int) -> list[dict]:
         """The run's problems in run order."""
-        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = ? ORDER BY ord",
-                              [run_id])
+        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = $run ORDER BY ord",
+                              {"run": run_id})
         return frame.to_dict("records")
 
     def run_row(self, run_id: int) -> dict | None:
@@ -293,8 +298,10 @@ class Store:
         values = np.ascontiguousarray(values, dtype=np.float32)
         with self.transaction(f"storing reference latents of run {run_id}") as cursor:
             cursor.execute("DELETE FROM reference_latents WHERE run_id = ? AND site = ?", [run_id, site])
-            cursor.execute("INSERT INTO reference_latents VALUES (?, ?, ?, ?, ?)",
-                           [run_id, site, json.dumps(problem_ids), json.dumps(list(values.shape)), values.tobytes()])
+            cursor.execute("INSERT INTO reference_latents (run_id, site, problem_ids, shape, data) "
+                           "VALUES ($run, $site, $ids, $shape, $data)",
+                           {"run": run_id, "site": site, "ids": json.dumps(problem_ids),
+                            "shape": json.dumps(list(values.shape)), "data": values.tobytes()})
 
     def load_reference(self, run_id: int, site: str) -> tuple[list[str], np.ndarray] | None:
         rows = self.query("SELECT problem_ids, shape, data FROM reference_latents WHERE run_id = ? AND site = ?",
