@@ -73,7 +73,8 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID")
+    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID",
+                       help="continue a run with its own options (any other given must equal the run's)")
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
@@ -445,11 +446,15 @@ def cmd_validate_data(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+        print(f"{report.n_problems} problems; difficulty " + (", ".join(
+            f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
-    return 1 if report.rejected and report.n_problems == 0 else 0
+    if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
+        print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "export": cmd_export,
