@@ -100,12 +100,15 @@ def test_no_page_renders_file_text_as_markup(hostile):
     sweep_id, empty_id = hostile[1]
     at = AppTest.from_file(APP, default_timeout=180).run()
     assert not at.exception, [e.message for e in at.exception]
+    charts = []
     for run_id in (empty_id, sweep_id):
         at.sidebar.selectbox(key="run_id").set_value(run_id).run()
         for page in PAGES:
             at.switch_page(page).run()
             assert not at.exception, (page, run_id, [e.message for e in at.exception])
             assert not _leaks(at), (page, run_id, _leaks(at))
+            charts += [text for _, kind, text in rendered(at._tree) if kind == "plotly"]
+    assert any("&lt;img src=http" in spec for spec in charts), "a variant's method name reaches a chart, escaped"
     # every problem's drill-down: its id, question and gold, and the logit lens of each variant
     at.switch_page("pages/problems.py").run()
     problem_ids = list(at.selectbox(key="problem_id").options)
