@@ -73,7 +73,8 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID")
+    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID",
+                       help="continue a run with its own options (any other given must equal the run's)")
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
@@ -155,10 +156,6 @@ def _run_id(store, requested: int | None) -> int:
     return run_id
 
 
-# Options of `sweep` that are not part of a run's stored config: how and where this process runs it.
-NOT_CONFIG = {"command", "db", "resume", "phase", "workers", "ray_address", "quiet", "allow_nonfinite_weights"}
-
-
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else "default" if value is None else str(value)
 
@@ -174,9 +171,9 @@ def _resume_config(store, args):
     if row["source"] != "sweep":
         raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
     config = SweepConfig.from_json(json.loads(row["config"]))
+    stored = config.to_json()  # --db, --workers, --phase, --quiet...: how this process runs it, not the run's config
     differing = [f"--{name.replace('_', '-')} {_shown(value)} (run {args.resume}: {_shown(getattr(config, name))})"
-                 for name, value in args.given.items()
-                 if name not in NOT_CONFIG and value != getattr(config, name)]
+                 for name, value in args.given.items() if name in stored and value != getattr(config, name)]
     if differing:
         raise CliError(f"--resume {args.resume} continues the run as it was configured, but "
                        f"{'; '.join(differing)} differ: drop them, or start a new run")
@@ -446,42 +443,55 @@ def cmd_validate_data(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+        print(f"{report.n_problems} problems; difficulty " + (", ".join(
+            f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
-    return 1 if report.rejected and report.n_problems == 0 else 0
+    if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
+        print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "export": cmd_export,
             "import-seed": cmd_import_seed, "validate-data": cmd_validate_data}
 
 
+# The errors whose message is written for a person: (module, class). Only a module already imported can have
+# raised one, so recognising them imports nothing: a bad argument is refused before torch is imported.
+EXPLAINED = (("db.store", "StoreError"), ("db.seed", "SeedFormatError"), ("db.files", "ExportError"),
+             ("runner.ablation", "AblationError"), ("runner.data", "DatasetError"),
+             ("runner.model", "ModelLoadError"), ("runner.sweep", "SweepError"))
+
+
+def _explained(error: Exception) -> bool:
+    return isinstance(error, CliError) or any(
+        isinstance(error, cls) for module, name in EXPLAINED
+        if (cls := getattr(sys.modules.get(module), name, None)) is not None)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    from db.store import StoreError
-    from runner.ablation import AblationError
-    from runner.data import DatasetError
-    from runner.model import ModelLoadError
-    from runner.sweep import SweepError
-    from db.seed import SeedFormatError
-    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError, SeedFormatError)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "sweep":
             args.given = vars(build_parser(defaults=False).parse_args(argv))  # what --resume must not contradict
         return COMMANDS[args.command](args)
-    except expected as error:
-        if os.environ.get("THOUGHTSWEEP_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
     except Exception as error:
         if os.environ.get("THOUGHTSWEEP_DEBUG"):
             raise
-        print(f"error: {type(error).__name__}: {error} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
+        if _explained(error):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        print(f"error: {type(error).__name__}: {first} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 
