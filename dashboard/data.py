@@ -132,9 +132,10 @@ def to_json(document) -> str:
     return json.dumps(document, indent=2)
 
 
-def results_csv(db: str, run_id: int, filters: Filters) -> bytes:
-    """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV."""
-    return report.results_csv(_store(db), run_id, filters)
+def results_csv(db: str, run_id: int, filters: Filters, raw: bool = False) -> bytes:
+    """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV,
+    formula-like text cells neutralised unless `raw`."""
+    return report.results_csv(_store(db), run_id, filters, raw=raw)
 
 
 def results_parquet(db: str, run_id: int, filters: Filters) -> bytes:

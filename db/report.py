@@ -16,7 +16,7 @@ import pyarrow.compute
 import pyarrow.csv
 import pyarrow.parquet
 
-from db import queries
+from db import files, queries
 from db.queries import Curve, Filters
 from db.seed import export_seed
 
@@ -52,8 +52,10 @@ def results_table(store, run_id: int, filters: Filters = Filters()) -> pyarrow.T
     return table
 
 
-def results_csv(store, run_id: int, filters: Filters = Filters(), sink=None):
+def results_csv(store, run_id: int, filters: Filters = Filters(), sink=None, raw: bool = False):
     """results.csv into `sink` (a path), or as bytes when no sink is given. Booleans are written true/false.
+
+    Text cells a spreadsheet would run as formulas are neutralised (db/files.py) unless `raw`.
 
     pyarrow's writer: pandas' to_csv takes seconds on a 50k-row run.
     """
@@ -61,7 +63,7 @@ def results_csv(store, run_id: int, filters: Filters = Filters(), sink=None):
     # CSV has no lists: the generated ids as one cell of space-separated integers ("" for rows without).
     tokens = pyarrow.compute.binary_join(pyarrow.compute.cast(table["tokens"], pyarrow.list_(pyarrow.string())), " ")
     table = table.set_column(table.column_names.index("tokens"), "tokens", tokens)
-    return _write(pyarrow.csv.write_csv, table, sink)
+    return _write(pyarrow.csv.write_csv, table if raw else files.neutralise_formulas(table), sink)
 
 
 def results_parquet(store, run_id: int, filters: Filters = Filters(), sink=None):
@@ -77,34 +79,30 @@ def _write(writer, table: pyarrow.Table, sink):
     return buffer.getvalue().to_pybytes()
 
 
-def export_csv(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.csv") -> Path:
-    """Write results.csv (columns EXPORT_COLUMNS) into out_dir."""
-    path = _target(out_dir, name)
-    results_csv(store, run_id, filters, path)
-    return path
+def export_csv(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.csv",
+               raw: bool = False) -> Path:
+    """Write results.csv (columns EXPORT_COLUMNS) into out_dir, whole or not at all (db/files.py)."""
+    return files.write_bytes(_target(out_dir, name), results_csv(store, run_id, filters, raw=raw))
 
 
 def export_parquet(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.parquet") -> Path:
     """Write results.parquet (same columns as the CSV) into out_dir."""
-    path = _target(out_dir, name)
-    results_parquet(store, run_id, filters, path)
-    return path
+    return files.write_bytes(_target(out_dir, name), results_parquet(store, run_id, filters))
 
 
 def export_markdown(store, run_id: int, out_dir, name: str = "report.md") -> Path:
     """Write the experiment report into out_dir."""
-    path = _target(out_dir, name)
-    path.write_text(markdown_report(store, run_id))
-    return path
+    return files.write_text(_target(out_dir, name), markdown_report(store, run_id))
 
 
-def export(store, run_id: int, fmt: str, out_dir, filters: Filters = Filters()) -> list[Path]:
+def export(store, run_id: int, fmt: str, out_dir, filters: Filters = Filters(), raw: bool = False) -> list[Path]:
     """`runner export --format FMT`: the files written for one of FORMATS (seed-json: the whole run, no filters)."""
     if fmt == "seed-json":
         return export_seed(store, run_id, out_dir)
-    writers = {"csv": export_csv, "parquet": export_parquet}
-    if fmt in writers:
-        return [writers[fmt](store, run_id, out_dir, filters)]
+    if fmt == "csv":
+        return [export_csv(store, run_id, out_dir, filters, raw=raw)]
+    if fmt == "parquet":
+        return [export_parquet(store, run_id, out_dir, filters)]
     if fmt == "markdown":
         return [export_markdown(store, run_id, out_dir)]
     raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")

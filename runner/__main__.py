@@ -103,6 +103,9 @@ def build_parser() -> Parser:
     export.add_argument("--run", type=int, default=None)
     export.add_argument("--format", required=True, choices=["seed-json", "csv", "parquet", "markdown"])
     export.add_argument("--out", required=True)
+    export.add_argument("--csv-raw", action="store_true",
+                        help="CSV cells as stored: no apostrophe before text starting with = + - @ (for code, "
+                             "not spreadsheets)")
 
     imp = sub.add_parser("import-seed", help="load the old script's JSON results as a run")
     imp.add_argument("--db", default=DEFAULT_DB)
@@ -290,6 +293,9 @@ def cmd_stats(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
+    if not stats["n_problems"]:  # a run with no results yet: nothing to summarise, and no invented zeros
+        print(f"run {stats['extras']['run']['id']}: no results stored yet")
+        return 0
     print(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
     print("position importance (prefix, flip rate): " +
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
@@ -309,14 +315,11 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = report.export_csv(store, run_id, args.out)
+        paths = report.export_csv(store, run_id, args.out, raw=args.csv_raw)
     elif args.format == "parquet":
         paths = report.export_parquet(store, run_id, args.out)
     else:
-        path = os.path.join(args.out, "report.md")
-        with open(path, "w") as f:
-            f.write(report.markdown_report(store, run_id))
-        paths = path
+        paths = report.export_markdown(store, run_id, args.out)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(path)
     return 0
@@ -357,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     from runner.data import DatasetError
     from runner.model import ModelLoadError
     from runner.sweep import SweepError
+    from db.files import ExportError
     from db.seed import SeedFormatError
-    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError, SeedFormatError)
+    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError, SeedFormatError,
+                ExportError)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -280,15 +280,14 @@ class Sweep:
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
         # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
         stored = config.to_json() | {"checkpoint_options": getattr(reasoner, "options", None) or {}}
-        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=stored,
-                                  num_latent=reasoner.num_latent, n_variants=len(variants), total=len(problems),
-                                  status="stopped", device=config.device)
-        store.insert_problems(run_id, [
-            {"problem_id": p.problem_id, "ord": i, "question": p.question, "gold": p.gold,
-             "gold_value": answers.parse_number(p.gold), "difficulty": p.difficulty, "solution": p.solution,
-             "phase": "validation" if p.problem_id in validation_ids else "full"}
-            for i, p in enumerate(problems)])
-        return run_id
+        # One transaction: a crash (or text DuckDB cannot store) leaves no run without its problems.
+        return store.create_run(
+            name=name, model=config.model, dataset=config.dataset, config=stored, num_latent=reasoner.num_latent,
+            n_variants=len(variants), total=len(problems), status="stopped", device=config.device, problems=[
+                {"problem_id": p.problem_id, "ord": i, "question": p.question, "gold": p.gold,
+                 "gold_value": answers.parse_number(p.gold), "difficulty": p.difficulty, "solution": p.solution,
+                 "phase": "validation" if p.problem_id in validation_ids else "full"}
+                for i, p in enumerate(problems)])
 
     def run(self) -> str:
         """Sweep until every requested phase is stored (-> 'finished') or a stop (-> 'stopped')."""

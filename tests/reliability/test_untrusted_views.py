@@ -29,11 +29,12 @@ def _hostile_file(tmp_path):
 
 
 def test_a_view_that_reads_a_local_file_reads_nothing(tmp_path):
-    store = Store(_hostile_file(tmp_path))
+    with pytest.raises(StoreError) as refused:  # a view is not one of our tables: the file is refused at open
+        Store(_hostile_file(tmp_path))
+    message = str(refused.value)
+    assert SECRET not in message and "problems is not a table" in message and "\n" not in message, message
+    store = Store(tmp_path / "plain.duckdb")
     try:
-        with pytest.raises(StoreError) as refused:
-            store.query("SELECT question FROM problems")
-        assert SECRET not in str(refused.value)
         with pytest.raises(StoreError):
             store.query("SELECT content FROM read_text(?)", [str(tmp_path / "secret.txt")])
     finally:
