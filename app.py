@@ -6,7 +6,7 @@ after a reload) and the database file switcher.
 """
 import streamlit as st
 
-from dashboard import state
+from dashboard import safe, state
 from dashboard.widgets import duration, status_badge
 from db import queries
 from db.store import StoreError
@@ -39,7 +39,7 @@ def live_status() -> None:
         st.progress(share, text=f"{shown.done:,} / {shown.total:,} problems")
         if shown.status == "running":
             rate = f" · {shown.problems_per_hour:,.0f} problems/h" if shown.problems_per_hour else ""
-            st.caption(f"{shown.phase or '…'} phase{rate} · ETA {duration(shown.eta_s)}")
+            st.caption(f"{safe.md(shown.phase or '…')} phase{rate} · ETA {duration(shown.eta_s)}")
     progress = svc.status()
     if svc.running and progress is not None and (shown is None or progress.run_id != shown.run_id):
         st.caption(f"Run #{progress.run_id} is sweeping in this dashboard ({progress.done:,} / {progress.total:,}).")
@@ -52,20 +52,20 @@ with st.sidebar:
         runs = queries.runs(svc.store)
     except StoreError as error:
         svc, runs = None, None
-        st.error(str(error))
+        st.error(safe.md(error))
     if runs is not None:
         chosen = state.run_selector(runs)
         if chosen is not None:
             row = runs[runs["id"] == chosen].iloc[0]
-            st.caption(f"{status_badge(str(row.status))} {row.model} on {row.dataset}")
+            st.caption(f"{status_badge(str(row.status))} {safe.md(row.model)} on {safe.md(row.dataset)}")
     live_status()
     with st.expander("Database file", icon=":material/database:"):
-        st.caption(f"`{state.db_path()}`")
+        st.caption(safe.code(state.db_path()))
         st.text_input("Open another .duckdb file", key="db_new_path", placeholder="/path/to/other.duckdb",
                       help="A new name creates an empty database. Refused while a sweep runs.")
         st.button("Open", on_click=state.open_database, disabled=not st.session_state.get("db_new_path"))
         if "db_refusal" in st.session_state:
-            st.error(st.session_state.pop("db_refusal"))
+            st.error(safe.md(st.session_state.pop("db_refusal")))
 
 if svc is None:
     st.title("ThoughtSweep")

@@ -1,18 +1,21 @@
-"""Plotly figure builders for the pages: data frames in, `go.Figure` out, no Streamlit and no queries.
+"""Plotly figure builders for the pages: data frames in, `go.Figure` out, no Streamlit calls and no queries.
 
 Conventions: rates are fractions shown as percentages; every interval is the 95% interval that
 db/queries.py computed (Wilson for rates, bootstrap for log-prob drops), drawn as a shaded band.
 A variant's x position is its k, labelled with the latents it ablates (DESIGN.md section 3).
+Every name that came from a file (a method, a run's model, a logit-lens token) goes through safe.html:
+Plotly renders an HTML subset, links included, in legends, ticks and hover text.
 """
 from __future__ import annotations
 
-import html
 import math
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from dashboard.safe import html as plain
 
 COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
 MEASURE_LABELS = {"flip": "Flip rate", "harm": "Harm rate (right → wrong)", "help": "Help rate (wrong → right)",
@@ -84,7 +87,7 @@ def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: 
     part = curve[curve["scheme"] == scheme]
     several = part[["site", "mode"]].drop_duplicates().shape[0] > 1
     for i, ((method, site, mode), group) in enumerate(part.groupby(["method", "site", "mode"], sort=False)):
-        color, name = COLORS[i % len(COLORS)], f"{method} · {site} · {mode}" if several else method
+        color, name = COLORS[i % len(COLORS)], plain(f"{method} · {site} · {mode}" if several else method)
         group = group.sort_values("k")
         _band(fig, group["k"], group["value_lo"], group["value_hi"], color, name)
         labels = [ablated(scheme, int(k), num_latent) for k in group["k"]]
@@ -123,11 +126,6 @@ def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str
     _layout(fig, max(260, 60 + 36 * len(rows)), SCHEME_AXES.get(scheme, "k"))
     fig.update_yaxes(title="Difficulty (reasoning steps)")
     return fig
-
-
-def plain(text: str) -> str:
-    """Text from a file (a run's model, dataset, name) as Plotly shows it: its tags escaped, never markup."""
-    return html.escape(str(text), quote=False)
 
 
 def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str, pd.DataFrame]], scheme: str,
@@ -204,7 +202,7 @@ def logprob_figure(variants: pd.DataFrame, labels: list[str]) -> go.Figure:
     base = variants.loc[variants["scheme"] == "baseline", "gold_logprob"]
     colors = ["#4b5563" if s == "baseline" else ("#dc2626" if f else COLORS[0])
               for s, f in zip(variants["scheme"], variants["flip"])]
-    fig = go.Figure(go.Scatter(x=labels, y=variants["gold_logprob"], mode="markers",
+    fig = go.Figure(go.Scatter(x=[plain(label) for label in labels], y=variants["gold_logprob"], mode="markers",
                                marker=dict(color=colors, size=10, line=dict(width=1, color="white")),
                                hovertemplate="%{x}<br>log p(gold) = %{y:.3f}<extra></extra>"))
     if len(base) and not pd.isna(base.iloc[0]):
@@ -222,11 +220,11 @@ def lens_figure(lens: list[list[list]], ablated: set[int] = frozenset(), how: st
     """
     depth = max((len(row) for row in lens), default=0)
     probs = [[row[j][1] if j < len(row) else math.nan for j in range(depth)] for row in lens]
-    tokens = [[repr(row[j][0])[1:-1] if j < len(row) else "" for j in range(depth)] for row in lens]
+    tokens = [[plain(repr(row[j][0])[1:-1]) if j < len(row) else "" for j in range(depth)] for row in lens]
     text = [[f"{t}<br>{p:.0%}" if t else "" for t, p in zip(tr, pr)] for tr, pr in zip(tokens, probs)]
     fig = go.Figure(go.Heatmap(
         z=probs, x=[f"top {j + 1}" for j in range(depth)],
-        y=[f"latent {i} · {how}" if i in ablated else f"latent {i}" for i in range(len(lens))],
+        y=[f"latent {i} · {plain(how)}" if i in ablated else f"latent {i}" for i in range(len(lens))],
         text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, xgap=2, ygap=2,
         zmax=max(0.05, max((p for row in probs for p in row if not math.isnan(p)), default=1.0)),
         colorbar=dict(title=dict(text="prob", side="right"), tickformat=".0%"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
-from dashboard import uploads
+from dashboard import safe, uploads
 from db import queries
 from db.store import Store, StoreError
 from runner.ablation import AblationError
@@ -213,7 +213,8 @@ def require_results(svc: SweepService) -> dict:
         empty_database(svc)
         st.stop()
     if int(run["done"]) == 0:
-        st.info(f"Run #{run['id']} ({run['name']}) has no stored results yet: it is **{run['status']}**. "
+        st.info(f"Run #{run['id']} ({safe.md(run['name'])}) has no stored results yet: it is "
+                f"**{safe.md(run['status'])}**. "
                 "Results appear here as soon as its first batch is written.", icon=":material/hourglass_empty:")
         st.page_link("pages/progress.py", label="Follow it on Progress", icon=":material/monitoring:")
         st.stop()
@@ -284,10 +285,10 @@ def stop_sweep() -> None:
 
 
 def show_feedback() -> None:
-    """The outcome of the last Start / Resume / Stop, shown once."""
+    """The outcome of the last Start / Resume / Stop, shown once: plain text (it quotes names and errors)."""
     kind, text = st.session_state.pop("sweep_feedback", (None, None))
     if kind is not None:
-        getattr(st, kind)(text)
+        getattr(st, kind)(safe.md(text))
 
 
 def empty_database(svc: SweepService) -> None:
@@ -295,7 +296,7 @@ def empty_database(svc: SweepService) -> None:
     config = demo_config()
     with st.container(border=True):
         st.subheader("No runs yet")
-        st.markdown(f"`{svc.store.path}` holds no sweeps. The demo runs the embedded model on "
+        st.markdown(f"{safe.code(svc.store.path)} holds no sweeps. The demo runs the embedded model on "
                     f"{config.limit} built-in problems ({config.validation} of them as a validation subset) "
                     f"with the prefix, single and suffix zero-ablations: a few minutes on a laptop CPU, "
                     f"followed live on the Progress page.")

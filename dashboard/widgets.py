@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard import data
+from dashboard import data, safe
 from dashboard.charts import MEASURE_HELP, MEASURE_LABELS
 from db.queries import MEASURES, Filters
 
@@ -74,7 +74,7 @@ def run_caption(run: dict) -> None:
     """Which run a page shows, and whether its numbers may still move."""
     live = " · **still running**: numbers cover the problems stored so far" if run["status"] == "running" else ""
     source = " · imported from the old script's files" if run["source"] == "import" else ""
-    st.caption(f"Run #{run['id']} · {run['name']} · {run['model']} on {run['dataset']} · "
+    st.caption(f"Run #{run['id']} · {safe.md(run['name'])} · {safe.md(run['model'])} on {safe.md(run['dataset'])} · "
                f"{int(run['done'])}/{int(run['total'])} problems{source}{live}")
 
 
@@ -93,4 +93,5 @@ STATUS_COLORS = {"running": "blue", "finished": "green", "stopped": "orange", "i
 
 
 def status_badge(status: str) -> str:
-    return f":{STATUS_COLORS.get(status, 'gray')}-badge[{status}]"
+    """A Markdown badge; the status is the file's text, so it is escaped inside the directive."""
+    return f":{STATUS_COLORS.get(status, 'gray')}-badge[{safe.md(status)}]"

@@ -15,6 +15,7 @@ import functools
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 
@@ -31,9 +32,49 @@ def _generated_tokens(cursor: duckdb.DuckDBPyConnection) -> None:
     cursor.execute("ALTER TABLE results ADD COLUMN prefix_value DOUBLE")
 
 
+def _self_describing_rows(cursor: duckdb.DuckDBPyConnection) -> None:
+    # What each row ablated (latent positions, latents fed before EOT) and where it is plotted,
+    # written by Store.write_batch from runner.ablation.Variant, so that no reader derives them from
+    # scheme and k; and how the run numbers positions (runner.ablation.POSITIONS): the imported old
+    # script's runs are 'old-script'. Rows stored before this migration are described here, once.
+    cursor.execute("ALTER TABLE results ADD COLUMN ablated_positions INTEGER[]")
+    cursor.execute("ALTER TABLE results ADD COLUMN latents_fed INTEGER")
+    cursor.execute("ALTER TABLE results ADD COLUMN position INTEGER")
+    cursor.execute("ALTER TABLE runs ADD COLUMN positions TEXT DEFAULT 'latent'")
+    cursor.execute("UPDATE runs SET positions = CASE WHEN source = 'import' THEN 'old-script' ELSE 'latent' END")
+    variants = cursor.execute("SELECT DISTINCT r.run_id, r.variant, u.num_latent FROM results r "
+                              "JOIN runs u ON u.id = r.run_id").fetchall()
+    if variants:
+        described = describe_variants(variants)
+        cursor.register("_described", described)
+        try:
+            cursor.execute("UPDATE results SET ablated_positions = d.ablated_positions, latents_fed = d.latents_fed, "
+                           "position = d.position FROM _described d "
+                           "WHERE results.run_id = d.run_id AND results.variant = d.variant")
+        finally:
+            cursor.unregister("_described")
+
+
+def describe_variants(variants) -> pd.DataFrame:
+    """(run_id, variant key, num_latent) triples -> what each variant ablated, from runner.ablation.Variant."""
+    from runner.ablation import Variant  # torch: only a writer needs it, and only here
+
+    rows = []
+    for run_id, key, num_latent in variants:
+        try:
+            variant = Variant.from_key(key)
+        except ValueError:  # not a key ThoughtSweep wrote: the row stays undescribed (NULL), never guessed
+            rows.append({"run_id": run_id, "variant": key})
+            continue
+        rows.append({"run_id": run_id, "variant": key, **variant.describe(int(num_latent))})
+    frame = pd.DataFrame(rows, columns=["run_id", "variant", "ablated_positions", "latents_fed", "position"])
+    return frame.astype({"position": "Int64", "latents_fed": "Int64"})
+
+
 MIGRATIONS = [
     (1, "initial schema", _initial_schema),
     (2, "results.tokens and results.prefix_value", _generated_tokens),
+    (3, "self-describing result rows: ablated_positions, latents_fed, position; runs.positions", _self_describing_rows),
 ]
 
 

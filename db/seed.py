@@ -11,6 +11,9 @@ Mapping to the database: position 0 <-> the baseline row, position p <-> variant
 `prefix:p/<method>/<site>/<mode>` (an import uses method zero, mode recompute, site 'latent' unless told;
 the seed itself zeroed the residual stream at block 8, `resid:8`). Exports write positions 0..T when
 the run has prefix k = 1..T (the seed stopped at 5; readers of the old files index positions by key).
+The old script numbered its positions its own way (runner.ablation.POSITIONS['old-script']: BOT fed as
+its first "latent", the zeroing hook also on the last question token): an imported run is stored with
+`positions = 'old-script'`, and figures that overlay it on a sweep of ours say so.
 Round trip caveats: problem ids are stored as text, and an expected_answer given as numeric text
 ("18") is exported as a number (18), the type the seed itself wrote.
 """
@@ -266,18 +269,18 @@ def _load(path: Path, validation: bool) -> list[dict]:
 
 def _rows(record: dict, site: str) -> list[dict]:
     """The baseline row and one prefix row per position p >= 1 of a seed record."""
+    from runner.ablation import BASELINE, Variant  # torch: only an import needs it
     baseline_correct = record["baseline_correct"]
     baseline_value, _ = _answer_value(record["baseline_answer"])
     rows = []
     for result in sorted(record["position_results"], key=lambda r: r["position"]):
         p, correct = result["position"], result["ablated_correct"]
         value, extraction = _answer_value(result["ablated_answer"])
-        scheme, k, method = ("baseline", 0, "none") if p == 0 else ("prefix", p, "zero")
-        site_p = "latent" if p == 0 else site
+        variant = BASELINE if p == 0 else Variant("prefix", p, "zero", site, "recompute")
         changed = (value != baseline_value) if value is not None and baseline_value is not None \
             else result["ablated_answer"] != record["baseline_answer"]
-        rows.append({"problem_id": str(record["problem_id"]), "variant": f"{scheme}:{k}/{method}/{site_p}/recompute",
-                     "scheme": scheme, "k": k, "method": method, "site": site_p, "mode": "recompute",
+        rows.append({"problem_id": str(record["problem_id"]), "variant": variant.key, "scheme": variant.scheme,
+                     "k": variant.k, "method": variant.method, "site": variant.site, "mode": variant.mode,
                      "answer_text": result["ablated_answer"], "answer_value": value, "extraction": extraction,
                      "correct": correct, "changed": bool(changed and p > 0), "flip": correct != baseline_correct,
                      "harm": baseline_correct and not correct, "help": correct and not baseline_correct,
@@ -325,7 +328,7 @@ def import_seed(store, scores_path, validation_path=None, name: str | None = Non
         run_id = store.create_run(name=name or f"old script: {Path(scores_name).name}", model=IMPORTED_MODEL,
                                   dataset=Path(scores_name).name, config=config, num_latent=max(6, positions[-1]),
                                   n_variants=len(positions), total=len(problems), status="finished",
-                                  source="import", problems=problems)
+                                  source="import", positions="old-script", problems=problems)
         store.write_batch(run_id, results, done=len(problems), phase="full", finished=True)
     store.publish_status(run_id)
     return run_id

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow
 
 from db import status_file
-from db.migrations import SchemaError, migrate
+from db.migrations import SchemaError, describe_variants, migrate
 
 # Runs that a thread of this process claimed, per database file: {(path, run_id): thread}. DuckDB gives one
 # process the file, so while we hold it a 'running' row is live only if it is in here and its thread is
@@ -34,7 +34,7 @@ _claimed_lock = threading.Lock()
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
-                  "logprob_drop", "lens", "tokens", "prefix_value"]
+                  "logprob_drop", "lens", "tokens", "prefix_value", "ablated_positions", "latents_fed", "position"]
 PROBLEM_COLUMNS = ["run_id", "problem_id", "ord", "question", "gold", "gold_value", "difficulty", "solution", "phase"]
 METRIC_COLUMNS = ["run_id", "elapsed_s", "phase", "done", "batch_problems", "batch_size", "problems_per_hour",
                   "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb"]
@@ -229,17 +229,22 @@ class Store:
 
     def create_run(self, *, name: str, model: str, dataset: str, config: dict, num_latent: int, n_variants: int,
                    total: int = 0, status: str = "running", source: str = "sweep", device: str | None = None,
-                   batch_size: int | None = None, problems: list[dict] | pd.DataFrame | None = None) -> int:
-        """A new runs row and, when given, its problems (PROBLEM_COLUMNS), in one transaction."""
+                   batch_size: int | None = None, positions: str = "latent",
+                   problems: list[dict] | pd.DataFrame | None = None) -> int:
+        """A new runs row and, when given, its problems (PROBLEM_COLUMNS), in one transaction.
+
+        `positions`: how its rows number latent positions (runner.ablation.POSITIONS).
+        """
         self._check_writable()
         frame = None if problems is None else self._frame(problems, 0, PROBLEM_COLUMNS)
         with self.transaction("creating a run") as cursor:
             (run_id,) = cursor.execute(
                 "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
-                "device, batch_size, pid, host, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
+                "device, batch_size, pid, host, positions, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
                 [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
-                 batch_size, os.getpid() if status == "running" else None, socket.gethostname()]).fetchone()
+                 batch_size, os.getpid() if status == "running" else None, socket.gethostname(),
+                 positions]).fetchone()
             if frame is not None:
                 self._append(cursor, "problems", frame.assign(run_id=run_id), PROBLEM_COLUMNS)
         if status == "running":
@@ -314,6 +319,7 @@ class Store:
         self._check_writable()
         frame = self._frame(results, run_id, RESULT_COLUMNS)
         with self.transaction(f"storing a batch of run {run_id}") as cursor:
+            frame = self._described(cursor, run_id, frame)
             self._append(cursor, "results", frame, RESULT_COLUMNS)
             if metrics is not None:
                 row = pd.DataFrame([{**metrics, "run_id": run_id}], columns=METRIC_COLUMNS)
@@ -321,6 +327,14 @@ class Store:
             if run_fields:
                 self._update_run(run_id, **run_fields)
         self.publish_status(run_id)  # after COMMIT: the snapshot never shows a batch that could roll back
+
+    @staticmethod
+    def _described(cursor, run_id: int, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows with what their variant ablated (migration 3), from runner.ablation.Variant."""
+        ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
+        keys = [(run_id, key, num_latent) for key in frame["variant"].unique()]
+        described = describe_variants(keys).drop(columns="run_id")
+        return frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")[RESULT_COLUMNS]
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import charts, data, safe, state, widgets
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -34,7 +34,7 @@ def results() -> None:
         st.info("No stored problem passes these filters.", icon=":material/filter_alt_off:")
         return
 
-    st.markdown(f"##### Early vs late flip rate · {widgets.group_label(group)}")
+    st.markdown(f"##### Early vs late flip rate · {safe.md(widgets.group_label(group))}")
     label = "difficulty" if by == "per step count" else "bucket"
     shown = pd.DataFrame({
         "steps" if label == "difficulty" else "bucket": table[label],
@@ -50,7 +50,7 @@ def results() -> None:
                "late and their ratio. A variant's position is the last latent it ablates (prefix k → k−1). "
                "'early ≥ late' is the old script's pattern_validated.")
 
-    st.markdown(f"##### Difficulty × position · {widgets.group_label(group)}")
+    st.markdown(f"##### Difficulty × position · {safe.md(widgets.group_label(group))}")
     measure = widgets.measure("difficulty_measure")
     matrix = data.difficulty_heatmap(db, run_id, version, filters, measure, *keys)
     counts = data.difficulty_table(db, run_id, version, filters, "steps", *keys).set_index("difficulty")["n"].to_dict()

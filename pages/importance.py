@@ -1,7 +1,7 @@
 """Importance: per-position curves of each scheme x method, with 95% intervals, for a chosen measure and filters."""
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import charts, data, safe, state, widgets
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -35,7 +35,7 @@ def results() -> None:
         st.metric("Baseline accuracy", widgets.ci(accuracy["accuracy"]), width="content", border=True,
                   help=f"95% Wilson interval {widgets.ci(accuracy['accuracy'], accuracy['lo'], accuracy['hi'])}")
         if split.get("n") and not widgets.missing(split.get("early")):
-            where = f"{split['scheme']} · {split['method']} · {split['site']} · {split['mode']}"
+            where = safe.md(f"{split['scheme']} · {split['method']} · {split['site']} · {split['mode']}")
             for part, span in (("early", f"0–{T // 2 - 1}"), ("late", f"{T // 2}–{T - 1}")):
                 st.metric(f"{name}, {part} latents ({span})", widgets.ci(split[part], percent=pct), width="content",
                           border=True, help=f"{where}: mean {name.lower()} over the {part} latent positions, 95% "

@@ -3,7 +3,7 @@ from functools import partial
 
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import charts, data, safe, state, widgets
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -62,18 +62,18 @@ def answer(row) -> str:
 
 
 steps = int(problem["difficulty"])
-st.subheader(f"{problem_id} · {steps} step{'s' if steps != 1 else ''} · {problem['phase']} phase")
+st.subheader(f"{safe.md(problem_id)} · {steps} step{'s' if steps != 1 else ''} · {safe.md(problem['phase'])} phase")
 left, right = st.columns([3, 2])
 with left.container(border=True):
-    st.markdown(problem["question"])
+    safe.text(problem["question"])
     if problem["solution"]:
         with st.expander("Worked solution"):
             st.text(problem["solution"])
 gold, baseline = right.columns(2)
-gold.metric("Gold answer", problem["gold"])
-baseline.metric("Baseline answer", answer(base), delta="right" if base["correct"] else "wrong",
+gold.metric("Gold answer", safe.md(problem["gold"]))
+baseline.metric("Baseline answer", safe.md(answer(base)), delta="right" if base["correct"] else "wrong",
                 delta_color="normal" if base["correct"] else "inverse", delta_arrow="off")
-right.caption(f"Baseline output: “{base['answer_text']}”")
+right.caption(f"Baseline output: “{safe.md(base['answer_text'])}”")
 
 
 def column(row) -> str:

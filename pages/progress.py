@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, state
+from dashboard import charts, data, safe, state
 from dashboard.widgets import duration, missing, status_badge
 
 svc = state.open_page()
@@ -40,19 +40,19 @@ def live_view() -> None:
     st.markdown(f"#### Run #{run_id} {status_badge(status)}")
     st.text(row["name"])
     if status == "running":
-        st.caption(f"Sweeping the **{row['phase'] or '…'}** phase; this page updates itself every second.")
+        st.caption(f"Sweeping the **{safe.md(row['phase'] or '…')}** phase; this page updates itself every second.")
     elif status in ENDINGS:
         message = {"finished": f"Finished: all {total} problems are stored.",
                    "stopped": f"Stopped after {done} of {total} problems. Resume continues where it stopped.",
                    "interrupted": f"Interrupted after {done} of {total} problems: the process sweeping it ended "
                                   "(a crash, a kill or a closed terminal). Resume continues where it stopped.",
                    "failed": f"Failed after {done} of {total} problems: {row['error']}"}[status]
-        ENDINGS[status](message)
+        ENDINGS[status](safe.md(message))  # a failed run's message quotes its stored error
 
     rate = shown.problems_per_hour
     with st.container(horizontal=True):  # cards as wide as their values; they wrap on a narrow window
         for label, value, help in (
-                ("Phase", row["phase"] or "–", None),
+                ("Phase", safe.md(row["phase"] or "–"), None),
                 ("Problems", f"{done:,} / {total:,}", None),
                 ("Throughput", "–" if not rate else f"{rate:,.0f} /h", "problems per hour"),
                 ("ETA", duration(shown.eta_s) if status == "running" else "–", "at the current throughput"),
@@ -73,7 +73,7 @@ def live_view() -> None:
             if name in figures:
                 st.plotly_chart(figures[name], key=f"chart_{name}")
         if "gpu" not in figures:
-            st.info(f"No GPU memory to chart: this run sweeps on {row['device'] or 'the CPU'}.",
+            st.info(f"No GPU memory to chart: this run sweeps on {safe.md(row['device'] or 'the CPU')}.",
                           icon=":material/memory:")
 
     st.markdown("##### Latest problems")

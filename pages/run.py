@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, runs_table, state, uploads
+from dashboard import data, runs_table, safe, state, uploads
 from dashboard.charts import difficulty_histogram
 from dashboard.sweep_form import (SEED_PRESET, SEED_PRESET_HELP, apply_seed_preset, load_model, options_caption,
                                   sweep_form)
@@ -65,9 +65,9 @@ with st.container(horizontal=True, vertical_alignment="center"):
 st.caption(f"*{SEED_PRESET}*: the old script's configuration — prefix scheme, zeroing, residual stream after "
            "block 8 of Llama's 16 (mid-depth otherwise), recompute.")
 if plan.model is not None:
-    st.caption(f"Model loaded: {plan.model.hf.config.model_type}, {plan.model.n_layers} blocks, "
+    st.caption(f"Model loaded: {safe.md(plan.model.hf.config.model_type)}, {plan.model.n_layers} blocks, "
                f"{plan.model.num_latent} latents, width {plan.model.d_model}.")
-    st.caption(f"Checkpoint options: {plan.model.options_line}", help="Each value with where it came from")
+    st.caption(f"Checkpoint options: {safe.md(plan.model.options_line)}", help="Each value with where it came from")
 
 if plan.dataset is not None:
     with st.expander(f"Dataset check: {plan.dataset['n_problems']} usable problems, "
@@ -79,9 +79,9 @@ if plan.dataset is not None:
         else:
             st.success("Every record is usable.")
 for issue in plan.issues:
-    st.error(issue, icon=":material/block:")
+    st.error(safe.md(issue), icon=":material/block:")  # issues quote file and field names
 for warning in plan.warnings:
-    st.warning(warning)
+    st.warning(safe.md(warning))
 
 if plan.n_variants and plan.dataset and plan.dataset["n_problems"]:
     n = min(plan.config.limit or plan.dataset["n_problems"], plan.dataset["n_problems"])
@@ -103,7 +103,8 @@ with st.container(horizontal=True):
               help="Continues the run selected in the sidebar where it stopped")
 state.show_feedback()
 if run is not None and run["source"] == "sweep":
-    st.caption(f"Run #{run['id']} checkpoint options: {options_caption(svc.store.run_row(int(run['id']))['config'])}")
+    st.caption(f"Run #{run['id']} checkpoint options: "
+               f"{safe.md(options_caption(svc.store.run_row(int(run['id']))['config']))}")
 
 st.subheader("Runs in this database")
 if runs.empty:

@@ -34,11 +34,22 @@ def _positive_or_auto(text: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def build_parser() -> Parser:
+def build_parser(defaults: bool = True) -> Parser:
+    """The CLI; `defaults=False`: a `sweep` namespace holds only the options given (what --resume checks)."""
     parser = Parser(prog="python -m runner", description="ThoughtSweep: ablation sweeps over a CODI model's latent thoughts.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -79,9 +90,14 @@ def build_parser() -> Parser:
                       help="--no-use-prj: latent = last hidden state (trained without prj)")
     ckpt.add_argument("--prj-no-ln", action=argparse.BooleanOptionalAction, default=None,
                       help="prj without its LayerNorm (trained with prj_no_ln)")
-    sweep.add_argument("--workers", type=int, default=1, help="Ray actors (needs requirements-distributed.txt)")
+    sweep.add_argument("--allow-nonfinite-weights", action="store_true",
+                       help="sweep a checkpoint whose weights hold NaN or inf (every answer will be garbage)")
+    sweep.add_argument("--workers", type=_positive, default=1, help="Ray actors (needs requirements-distributed.txt)")
     sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not defaults:
+        for action in sweep._actions:
+            action.default = argparse.SUPPRESS
 
     status = sub.add_parser("status", help="runs in the database, newest first")
     status.add_argument("--db", default=DEFAULT_DB)
@@ -142,25 +158,62 @@ def _run_id(store, requested: int | None) -> int:
     return run_id
 
 
+# Options of `sweep` that are not part of a run's stored config: how and where this process runs it.
+NOT_CONFIG = {"command", "db", "resume", "phase", "workers", "ray_address", "quiet", "allow_nonfinite_weights"}
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else "default" if value is None else str(value)
+
+
+def _resume_config(store, args):
+    """The stored config of run `args.resume`, refusing options given now that differ from it."""
+    from runner.sweep import SweepConfig
+    row = store.run_row(args.resume)
+    if row is None:
+        raise CliError(f"no run {args.resume} in {args.db} to resume")
+    if row["status"] == "running":
+        raise CliError(f"run {args.resume} is already running")
+    if row["source"] != "sweep":
+        raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
+    config = SweepConfig.from_json(json.loads(row["config"]))
+    differing = [f"--{name.replace('_', '-')} {_shown(value)} (run {args.resume}: {_shown(getattr(config, name))})"
+                 for name, value in args.given.items()
+                 if name not in NOT_CONFIG and value != getattr(config, name)]
+    if differing:
+        raise CliError(f"--resume {args.resume} continues the run as it was configured, but "
+                       f"{'; '.join(differing)} differ: drop them, or start a new run")
+    phases = PHASES_OF[args.phase]
+    return SweepConfig.from_json({**config.to_json(), "phases": phases}) if phases else config
+
+
+def _nothing_to_resume(store, run_id: int, phases: tuple[str, ...]) -> bool:
+    """Whether every problem of the phases a resume would run is stored already."""
+    stored = store.stored_problem_ids(run_id)
+    return all(p["problem_id"] in stored for p in store.run_problems(run_id)
+               if "full" in phases or p["phase"] == "validation")
+
+
+PHASES_OF = {"all": ("validation", "full"), "validation": ("validation",), "full": ("full",), None: None}
+
+
 def cmd_sweep(args) -> int:
+    from runner import checkpoint, data
     from runner.model import load
-    from runner.sweep import Sweep, SweepConfig, SweepError
+    from runner.sweep import Sweep, SweepConfig
     store = _open(args.db, must_exist=False)
-    phases = {"all": ("validation", "full"), "validation": ("validation",), "full": ("full",), None: None}[args.phase]
     if args.resume is not None:
-        row = store.run_row(args.resume)
-        if row is None:
-            raise CliError(f"no run {args.resume} in {args.db} to resume")
-        if row["status"] == "running":
-            raise CliError(f"run {args.resume} is already running")
-        if row["source"] != "sweep":
-            raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
-        config = SweepConfig.from_json({**json.loads(row["config"]), **({"phases": phases} if phases else {})})
+        config = _resume_config(store, args)
         run_id = args.resume
+        if store.run_row(run_id)["status"] == "finished" and _nothing_to_resume(store, run_id, config.phases):
+            # Nothing to sweep: the run (and its problems_per_hour) stays as it is.
+            print(f"run {run_id} is finished: every problem of {', '.join(config.phases)} is stored, nothing to "
+                  f"resume", file=sys.stderr)
+            return 0
     else:
         config = SweepConfig(model=args.model, base_model=args.base_model, dataset=args.dataset,
                              run_name=args.run_name, limit=args.limit, shuffle=args.shuffle,
-                             validation=args.validation, phases=phases or ("validation", "full"),
+                             validation=args.validation, phases=PHASES_OF[args.phase] or ("validation", "full"),
                              schemes=args.schemes, methods=args.methods, site=args.site, mode=args.mode,
                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
@@ -168,13 +221,19 @@ def cmd_sweep(args) -> int:
                              num_latent=args.num_latent, lora_alpha=args.lora_alpha, merge_lora=args.merge_lora,
                              remove_eos=args.remove_eos, use_prj=args.use_prj, prj_no_ln=args.prj_no_ln)
         config.check()
-        from runner import data
-        data.load_problems(config.dataset, limit=config.limit)  # a bad dataset fails now, not after a model load
+        # A bad dataset fails now, not after a model load; Sweep.create's read of it is then a cache hit.
+        data.load_problems(config.dataset, limit=config.limit, seed=config.seed if config.shuffle else None)
     if args.workers > 1 or args.ray_address:
         from runner import distributed
         return distributed.main(store, config, run_id=args.resume, workers=args.workers,
                                 address=args.ray_address, quiet=args.quiet)
     reasoner = load(config.model_spec())
+    unusable = checkpoint.unusable(reasoner, allow_nonfinite=args.allow_nonfinite_weights,
+                                   override=" (--allow-nonfinite-weights sweeps it anyway)")
+    if unusable:
+        raise CliError(unusable)
+    if args.allow_nonfinite_weights and (nonfinite := checkpoint.nonfinite_weights(reasoner)):
+        print(f"warning: {nonfinite}; sweeping it as --allow-nonfinite-weights asks", file=sys.stderr)
     if args.resume is None:
         run_id = Sweep.create(store, reasoner, config)
     # stdout: stderr carries progress and, on failure, the one-line error
@@ -286,10 +345,38 @@ def _status_from_snapshot(args, locked) -> int:
     return 0
 
 
+def _summary_group(store, run_id: int, args) -> bool:
+    """Whether the run has a prefix group for the summary; refuses a --method/--site/--mode it does not have."""
+    from db import queries
+    groups = queries.variant_groups(store, run_id)
+    prefix = groups[groups["scheme"] == "prefix"]
+    asked = {name: getattr(args, name) for name in ("method", "site", "mode") if getattr(args, name) is not None}
+    if not asked:
+        return not prefix.empty
+    matching = prefix
+    for name, value in asked.items():
+        matching = matching[matching[name] == value]
+    if matching.empty:
+        given = " ".join(f"--{name} {value}" for name, value in asked.items())
+        if prefix.empty:
+            schemes = ", ".join(dict.fromkeys(groups["scheme"])) or "none"
+            raise CliError(f"stats {given}: run {run_id} has no prefix-scheme results (its schemes: {schemes})")
+        have = "; ".join(f"{name} {' or '.join(map(repr, dict.fromkeys(prefix[name])))}" for name in asked)
+        raise CliError(f"stats {given}: run {run_id} has no such prefix results; it has {have}")
+    return True
+
+
 def cmd_stats(args) -> int:
     from db import queries
     store = _open(args.db)
-    stats = queries.stats_json(store, _run_id(store, args.run), method=args.method, site=args.site, mode=args.mode)
+    run_id = _run_id(store, args.run)
+    if queries.baseline_accuracy(store, run_id)["n"] == 0:
+        row = store.run_row(run_id)
+        raise CliError(f"run {run_id} has no results yet ({row['status']}, {row['done']}/{row['total']} problems): "
+                       f"nothing to summarise" + (f"; resume it with python -m runner sweep --db {args.db} --resume "
+                                                  f"{run_id}" if row["source"] == "sweep" else ""))
+    has_prefix = _summary_group(store, run_id, args)
+    stats = queries.stats_json(store, run_id, method=args.method, site=args.site, mode=args.mode)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -297,12 +384,20 @@ def cmd_stats(args) -> int:
         print(f"run {stats['extras']['run']['id']}: no results stored yet")
         return 0
     print(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
+    if not has_prefix:
+        print(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
+              f"scheme's (stats --json lists its other groups under extras)")
+        return 0
     print("position importance (prefix, flip rate): " +
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
         print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
-              f"early={row['early_importance']:.3f} late={row['late_importance']:.3f}")
+              f"early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
     return 0
+
+
+def _figure(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def cmd_export(args) -> int:
@@ -366,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                 ExportError)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "sweep":
+            args.given = vars(build_parser(defaults=False).parse_args(argv))  # what --resume must not contradict
         return COMMANDS[args.command](args)
     except expected as error:
         if os.environ.get("THOUGHTSWEEP_DEBUG"):

@@ -4,7 +4,8 @@ A *variant* is (scheme, k) expanded to a set of ablated latent positions, plus a
 replaces the vector), a site (where: the latent fed back as input embedding, or the residual
 stream output of block L) and a mode (later latents recomputed from the ablated state, or
 frozen at their baseline values). DESIGN.md section 3 is the contract; `ablated_positions`
-is its table.
+is its table, and `Variant.describe` writes it down with every result row (db migration 3):
+readers take what a row ablated from the row, never from its scheme and k.
 
 A *plan* is the tensor form of (problems x variants) for one batch: which row ablates which
 latent step, with what replacement vector. The engine (`runner.model`) calls `apply(plan, ...)`
@@ -20,6 +21,17 @@ import torch
 SCHEMES = ("prefix", "single", "suffix", "exit")
 METHODS = ("zero", "mean", "noise", "resample")
 MODES = ("recompute", "frozen")
+
+
+# How a run numbers its positions, stored with the run (runs.positions). The old script's loop
+# (its step_importance_*.json files, imported by db/seed.py) is not ours: its position k does not
+# ablate our latent k, so a figure must not put the two on one axis as if equal.
+POSITIONS = {
+    "latent": "position i is latent i, the i-th continuous thought fed after BOT (T of them)",
+    "old-script": "the old script's numbering: it encoded the question without BOT, fed BOT as its first "
+                  "'latent' (position 0) and five latents after it (positions 1-5), and its zeroing hook also "
+                  "hit the last question token",
+}
 
 
 class AblationError(ValueError):
@@ -66,6 +78,18 @@ class Variant:
     def latents_fed(self, num_latent: int) -> int:
         """How many latents are fed before EOT: all of them, except for early exit."""
         return self.k if self.scheme == "exit" else num_latent
+
+    def position(self) -> int | None:
+        """Where the variant is plotted and counted early or late: the last latent a prefix removes
+        (k-1), the latent k of the other schemes; None for the baseline."""
+        if self.is_baseline:
+            return None
+        return self.k - 1 if self.scheme == "prefix" else self.k
+
+    def describe(self, num_latent: int) -> dict:
+        """What a result row stores about its variant (db migration 3): every reader uses these."""
+        return {"ablated_positions": sorted(self.ablated_positions(num_latent)),
+                "latents_fed": self.latents_fed(num_latent), "position": self.position()}
 
     @property
     def is_baseline(self) -> bool:

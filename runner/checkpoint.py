@@ -8,9 +8,17 @@ and after EOT). Each value comes from the first of: the user (CLI flag or Run pa
 saves; LoRA alpha is a model argument and is not in it), else the released models' value
 (zen-E/CODI-*), marked "assumed". Every value and its source is printed when a sweep starts and
 stored in the run's config, so a wrong assumption is visible, never silent.
+
+`num_latent` 0 is a legal checkpoint option and means "no latent thoughts": the question, BOT, then
+EOT at once (what the exit scheme's k = 0 variant measures). A sweep refuses such a model because it
+has nothing to ablate (`unusable`). Checks that need the files or the loaded weights live here too,
+so that the CLI and the dashboard refuse a broken checkpoint with the same one line: tokenizer files
+that are not what their names say (`resolve` screens them: it is where loading first reads the
+folder), and weights holding NaN or inf (`unusable`: every answer would be garbage).
 """
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +27,9 @@ from pathlib import Path
 # The released models' values (scripts/test_*.sh of zhenyi4/codi): what is assumed when nothing says otherwise.
 RELEASED = {"num_latent": 6, "lora_alpha": 32.0, "use_prj": True, "prj_no_ln": False, "remove_eos": True}
 TRAINING_ARGS = "training_args.bin"
+# The tokenizer files transformers reads as JSON objects; tokenizer.json must also parse as a tokenizer.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
 ASSUMED = "assumed: released CODI models"
 
 
@@ -86,8 +97,60 @@ def read_training_args(path: Path) -> dict:
     return {k: state[k] for k in ("num_latent", "use_prj", "prj_no_ln", "remove_eos") if k in state}
 
 
+def screen_tokenizer(folder: Path) -> None:
+    """Refuse, in one line naming the file, tokenizer files in `folder` that transformers could not read."""
+    for name in TOKENIZER_JSON:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+            value = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            cut = isinstance(error, json.JSONDecodeError) and error.pos >= len(error.doc.rstrip())
+            raise OptionsError(f"{path}: not a tokenizer file: {'truncated' if cut else 'not JSON'} ({error})") from None
+        if not isinstance(value, dict):
+            raise OptionsError(f"{path}: not a tokenizer file: a JSON {type(value).__name__}, not an object")
+        if name == "tokenizer.json":
+            from tokenizers import Tokenizer
+            try:
+                Tokenizer.from_str(text)
+            except Exception as error:  # the Rust library's own message, e.g. "missing field `model`"
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise OptionsError(f"{path}: not a tokenizer file ({reason})") from None
+
+
+def nonfinite_weights(reasoner) -> str | None:
+    """Which weight tensors of a loaded model hold NaN or inf (one line), or None when all are finite."""
+    seen, bad, total = set(), [], 0
+    for prefix, module in (("", reasoner.hf), ("prj.", reasoner.prj)):
+        for name, weight in module.named_parameters():
+            if id(weight) in seen:  # tied embeddings: one tensor, counted once
+                continue
+            seen.add(id(weight))
+            total += 1
+            if weight.is_floating_point() and not bool(weight.isfinite().all()):
+                bad.append(prefix + name)
+    if not bad:
+        return None
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"{reasoner.name}: {len(bad)} of {total} weight tensors hold NaN or infinite values ({shown}): every "
+            f"answer would be garbage")
+
+
+def unusable(reasoner, allow_nonfinite: bool = False, override: str = "") -> str | None:
+    """Why a loaded model cannot be swept (one line), or None. `override`: how to sweep NaN weights anyway."""
+    if reasoner.num_latent == 0:
+        source = (getattr(reasoner, "options", {}).get("num_latent") or {}).get("source", "given")
+        return (f"{reasoner.name}: num_latent is 0 ({source}), which means no latent thoughts (BOT, then EOT at "
+                f"once): a sweep has nothing to ablate; give 1 or more (the released models use 6)")
+    nonfinite = None if allow_nonfinite else nonfinite_weights(reasoner)
+    return None if nonfinite is None else nonfinite + override
+
+
 def resolve(folder: Path, given: dict, codi_config: dict) -> CheckpointOptions:
     """Each option from `given` (non-None), codi_config.json, training_args.bin, else RELEASED."""
+    screen_tokenizer(folder)
     layers = [("given", {k: v for k, v in given.items() if v is not None}),
               ("codi_config.json", {k: v for k, v in codi_config.items() if k in RELEASED})]
     notes = ()

@@ -11,6 +11,7 @@ goes through the same `_problem` so gold, difficulty and id rules are identical 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -300,16 +301,61 @@ def _hf_records(dataset, id_prefix: str) -> list[_Record]:
     return [_Record(index + 1, f"{id_prefix}-{index:04d}", dict(row)) for index, row in enumerate(dataset)]
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (DNS, refused, no route), or None; a few seconds at most.
+
+    huggingface_hub retries an unreachable host five times over ~25 s, logging two lines per try:
+    knowing first, the load runs in offline mode (the cache only) and fails, if it does, in one line.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # reached through a proxy: a direct connection says nothing
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as error:
+        return f"{url.hostname} is unreachable: {error.strerror or error}"
+    return None
+
+
+@contextlib.contextmanager
+def _offline(datasets, reason: str | None):
+    """Offline mode (HF_HUB_OFFLINE) for the duration, when `reason` says the Hub is unreachable."""
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if reason:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _from_hub(name: str):
     """A data set of CODI's test.py from the Hugging Face Hub (or its cache), its splits concatenated."""
     repository, config, splits, _, _ = HUB[name]
+    unreachable = None
     try:
         import datasets
+        from huggingface_hub.utils import logging as hub_logging
 
-        loaded = [datasets.load_dataset(repository, config, split=split) for split in splits]
+        unreachable = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
+        verbosity = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()  # its retry warnings would add lines to the CLI's one-line error
+        try:
+            with _offline(datasets, unreachable):
+                loaded = [datasets.load_dataset(repository, config, split=split) for split in splits]
+        finally:
+            hub_logging.set_verbosity(verbosity)
         return loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
     except Exception as error:  # offline, `datasets` raises anything from ConnectionError to ValueError
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = unreachable or (str(error).strip().splitlines() or [type(error).__name__])[0]
         where = f"{repository} ({', '.join(filter(None, (config, *splits)))})"
         raise DatasetError(f"{name}: cannot load {where} from the Hugging Face Hub or its cache ({reason}); "
                            f"without network, pass a file instead, e.g. --dataset ../shared/data/gsm8k/test.jsonl "
@@ -368,12 +414,46 @@ def _accept_all(source: _Source, question_field: str, answer_field: str) -> list
     return problems
 
 
+class _LastRead:
+    """The problems of the last file read, while it is unchanged: the CLI reads a dataset to fail fast before
+    a model load, the sweep reads it again to store it, and this makes those one parse."""
+
+    def __init__(self):
+        self.last = (None, ())  # (key, problems): one attribute, so a thread never sees one's key, another's rows
+
+    @staticmethod
+    def key_of(source: str, question_field: str, answer_field: str):
+        if source in HUB:
+            return None  # the Hub's own cache holds it
+        if source == "builtin":
+            from runner.toy.problems import BUILTIN_PATH as path
+        else:
+            path = Path(source)
+        if not path.is_file():
+            return None  # missing: _read says so
+        stat = path.stat()
+        return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, question_field, answer_field
+
+    def problems_of(self, source: str, question_field: str, answer_field: str) -> tuple[Problem, ...]:
+        key = self.key_of(source, question_field, answer_field)
+        last_key, last_problems = self.last
+        if key is not None and key == last_key:
+            return last_problems
+        problems = tuple(_accept_all(_read(source, question_field, answer_field), question_field, answer_field))
+        if key is not None:
+            self.last = (key, problems)
+        return problems
+
+
+_LAST_READ = _LastRead()
+
+
 def load_problems(source: str, *, limit: int | None = None, seed: int | None = None,
                   question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
     """Every problem of `source`, shuffled by `seed` when given, then the first `limit`."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    problems = _accept_all(_read(source, question_field, answer_field), question_field, answer_field)
+    problems = list(_LAST_READ.problems_of(source, question_field, answer_field))
     if seed is not None:
         random.Random(seed).shuffle(problems)
     return problems if limit is None else problems[:limit]

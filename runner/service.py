@@ -24,6 +24,7 @@ import numpy  # noqa: F401  imported here, on the caller's thread, before the sw
 import pandas  # noqa: F401
 
 from db.store import Store
+from runner import checkpoint
 from runner.model import LatentReasoner, ModelSpec, load
 from runner.sweep import Progress, Sweep, SweepConfig, SweepError
 
@@ -53,10 +54,15 @@ class SweepService:
             return self._progress
 
     def model(self, spec: ModelSpec) -> LatentReasoner:
-        """Load once per spec; every later sweep and page reuses it."""
+        """Load once per spec; every later sweep and page reuses it. A model no sweep can use (NaN weights,
+        no latents) is refused with the CLI's line and not kept."""
         with self._model_lock:
             if spec not in self._models:
-                self._models[spec] = self._loader(spec)
+                reasoner = self._loader(spec)
+                unusable = checkpoint.unusable(reasoner)
+                if unusable:
+                    raise SweepError(unusable)
+                self._models[spec] = reasoner
             return self._models[spec]
 
     # --- commands ---------------------------------------------------------------------------------

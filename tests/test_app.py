@@ -21,6 +21,7 @@ from db.queries import Filters
 from db.seed import SCORES, VALIDATION, import_seed
 from db.store import Store
 from runner.sweep import Sweep, SweepConfig
+from tests.displayed import displayed
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 SEED_FILES = Path(__file__).parent / "fixtures" / "seed"
@@ -86,7 +87,7 @@ def array(value) -> list:
 
 
 def texts(at: AppTest) -> str:
-    return "\n".join(str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
+    return "\n".join(displayed(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
                      for e in getattr(at, kind))
 
 
@@ -158,7 +159,7 @@ def test_problems_filters_search_and_drill_down(database):
 
     problem_id = narrowed["problem_id"].iloc[-1]
     at.selectbox(key="problem_id").set_value(problem_id).run()
-    assert any(problem_id in h.value for h in at.subheader)
+    assert any(problem_id in displayed(h.value) for h in at.subheader)
     grids = [d.value for d in at.dataframe[1:4]]
     assert [g.shape[1] for g in grids] == [6, 6, 6]  # prefix, single, suffix: one column per k
     kinds = [f["data"][0]["type"] for f in figures(at)]
@@ -232,10 +233,10 @@ def test_export_summary_follows_the_filters(database):
 def test_progress_of_a_finished_run(database):
     at = open_app(database.sweep_id, "pages/progress.py")
     assert metric(at, "Problems") == "24 / 24"
-    assert any("Finished" in s.value for s in at.success)
+    assert any("Finished" in displayed(s.value) for s in at.success)
     titles = {f["layout"]["title"]["text"] for f in figures(at)}
     assert {"Throughput per batch", "Process memory (RSS)", "CPU"} <= titles
-    assert any("No GPU memory" in i.value for i in at.info)
+    assert any("No GPU memory" in displayed(i.value) for i in at.info)
 
 
 @pytest.mark.parametrize("status, shown", [("failed", "Failed after 0 of 5 problems: CUDA out of memory (test)"),
@@ -249,10 +250,11 @@ def test_progress_explains_how_a_run_ended_and_empty_runs_say_so(database, tiny_
     store.update_run(run_id, status=status, error="CUDA out of memory (test)" if status == "failed" else None)
     try:
         at = open_app(run_id, "pages/progress.py")
-        assert any(shown in e.value for e in [*at.error, *at.warning]), [e.value for e in [*at.error, *at.warning]]
+        ended = [displayed(e.value) for e in [*at.error, *at.warning]]
+        assert any(shown in e for e in ended), ended
         assert not next(b for b in at.button if b.label == f"Resume run #{run_id}").disabled
         at.switch_page("pages/importance.py").run()
-        assert any("no stored results yet" in i.value for i in at.info) and not at.get("plotly_chart")
+        assert any("no stored results yet" in displayed(i.value) for i in at.info) and not at.get("plotly_chart")
     finally:
         store.delete_run(run_id)
 
@@ -276,19 +278,19 @@ def test_invalid_options_are_explained_and_start_nothing(database):
     at = open_app(database.sweep_id)
     before = len(at.data_editor[0].value)
     at.multiselect(key="methods").set_value([]).run()
-    errors = [e.value for e in at.error]
+    errors = [displayed(e.value) for e in at.error]
     assert any("method" in e for e in errors), errors
     start = next(b for b in at.button if b.label == "Start")
     assert start.disabled
     at.multiselect(key="methods").set_value(["zero"]).run()
     at.radio(key="dataset_choice").set_value("GSM8K .jsonl file").run()
     at.text_input(key="dataset_path").input(str(database.path.parent / "missing.jsonl")).run()
-    assert any("no such file" in e.value for e in at.error)
+    assert any("no such file" in displayed(e.value) for e in at.error)
     assert next(b for b in at.button if b.label == "Start").disabled
     at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
     at.text_input(key="model_path").input(str(database.path.parent)).run()  # a folder, but no checkpoint
     next(b for b in at.button if b.label == "Load model").click().run()
-    assert any(e.value.startswith("Model not loaded:") for e in at.error) and not at.exception
+    assert any(displayed(e.value).startswith("Model not loaded:") for e in at.error) and not at.exception
     assert len(at.data_editor[0].value) == before
 
 
@@ -302,8 +304,9 @@ def test_the_seed_preset_sets_prefix_zero_at_mid_depth(database):
     assert not at.exception
     assert at.multiselect(key="schemes").value == ["prefix"] and at.multiselect(key="methods").value == ["zero"]
     assert (at.radio(key="site_kind").value, at.number_input(key="site_layer").value) == ("residual stream", 1)
-    assert any("resid:1" in i.value for i in at.info)  # the tiny GPT-2 has 2 blocks: not Llama, so the middle
-    assert any(c.value.startswith("Model loaded: gpt2, 2 blocks") for c in at.caption)
+    # the tiny GPT-2 has 2 blocks: not Llama, so the middle
+    assert any("resid:1" in displayed(i.value) for i in at.info)
+    assert any(displayed(c.value).startswith("Model loaded: gpt2, 2 blocks") for c in at.caption)
 
 
 def test_a_second_start_while_a_sweep_runs_is_refused(database):
@@ -384,7 +387,7 @@ def test_a_dataset_upload_is_validated_before_start(database, tmp_path, monkeypa
     assert list(rejected["line"]) == [3] and rejected["reason"].iloc[0]
     start = next(b for b in at.button if b.label == "Start")
     assert start.disabled  # a sweep reads every record: refused now, not after the run exists
-    assert any("1 record(s) rejected" in e.value for e in at.error)
+    assert any("1 record(s) rejected" in displayed(e.value) for e in at.error)
     at.file_uploader[0].set_value(("mine.jsonl", "\n".join(lines[:2]).encode(), "application/json")).run()
     assert not next(b for b in at.button if b.label == "Start").disabled  # two usable problems can run
     repo = Path(__file__).resolve().parents[1]
@@ -395,7 +398,8 @@ def test_a_dataset_upload_is_validated_before_start(database, tmp_path, monkeypa
     try:
         next(b for b in at.button if b.label == "Start").click().run()
         service.join(timeout=120)
-        assert any("started" in m.value for m in at.success), [m.value for m in [*at.error, *at.warning]]
+        assert any("started" in displayed(m.value) for m in at.success), \
+            [displayed(m.value) for m in [*at.error, *at.warning]]
         run_id = at.sidebar.selectbox(key="run_id").value
         row = service.store.run_row(run_id)
         assert row["name"] == "my upload" and row["total"] == 2
@@ -413,7 +417,7 @@ def test_an_upload_maps_its_fields_and_one_without_problems_is_refused(database)
     at.radio(key="dataset_choice").set_value("Upload a file").run()
     rows = "prompt,target\nAnn has 2 apples and buys 3. How many?,5\nBo has 4 pens and loses 1. How many?,3\n"
     at.file_uploader[0].set_value(("exam.csv", rows.encode(), "text/csv")).run()
-    errors = [e.value for e in at.error]
+    errors = [displayed(e.value) for e in at.error]
     assert any("exam.csv has no field named 'question' or 'answer' (its fields: prompt, target)" in e
                and "Question field" in e for e in errors), errors
     assert not any("thoughtsweep-staging" in e or "/tmp" in e for e in errors)  # no internal path
@@ -425,7 +429,7 @@ def test_an_upload_maps_its_fields_and_one_without_problems_is_refused(database)
         "Dataset check: 2 usable problems, 0 rejected"
     nothing = b'{"question": "How many?", "answer": "none"}\n{"question": "", "answer": "#### 3"}\n'
     at.file_uploader[0].set_value(("empty.jsonl", nothing, "application/json")).run()
-    assert any("no usable problem" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("no usable problem" in displayed(e.value) for e in at.error), [displayed(e.value) for e in at.error]
     assert next(b for b in at.button if b.label == "Start").disabled  # refused before a run exists
     assert len(state.open_service(str(database.path.resolve())).store.query("SELECT id FROM runs")) == runs_before
 
@@ -438,7 +442,7 @@ def test_importing_the_old_scripts_files_from_the_run_page(database):
     at.file_uploader(key="seed_files").set_value(uploads).run()
     next(b for b in at.button if b.label == "Import").click().run()
     assert not at.exception
-    assert any("Imported as run" in s.value for s in at.success)
+    assert any("Imported as run" in displayed(s.value) for s in at.success)
     new_id = at.sidebar.selectbox(key="run_id").value
     assert new_id not in (database.sweep_id, database.seed_id)
     row = store.run_row(new_id)
@@ -463,7 +467,7 @@ def test_switching_the_database_file(database, tmp_path):
         assert "No runs yet" in [h.value for h in at.subheader]
         at.sidebar.text_input(key="db_new_path").input(str(tmp_path / "notes.txt")).run()
         next(b for b in at.sidebar.button if b.label == "Open").click().run()
-        assert any("not a DuckDB file name" in e.value for e in at.sidebar.error)
+        assert any("not a DuckDB file name" in displayed(e.value) for e in at.sidebar.error)
     finally:
         assert state.switch_database(str(database.path)) is None
     assert state.db_path() == str(database.path.resolve())
@@ -562,7 +566,7 @@ def test_the_demo_button_goes_to_progress(tmp_path, monkeypatch):
 def test_checkpoint_options_on_the_run_page_reach_the_loaded_model(database):
     """The Run page's checkpoint options go into the model spec; the loaded model and the selected run show theirs."""
     at = open_app(database.sweep_id)
-    captions = [str(c.value) for c in at.caption]
+    captions = [displayed(c.value) for c in at.caption]
     assert any(c.startswith(f"Run #{database.sweep_id} checkpoint options: num_latent=6 (codi_config.json)")
                for c in captions), captions
     at.radio(key="model_choice").set_value("Local CODI checkpoint").run()
@@ -572,7 +576,7 @@ def test_checkpoint_options_on_the_run_page_reach_the_loaded_model(database):
     at.selectbox(key="remove_eos").set_value("no").run()
     next(b for b in at.button if b.label == "Load model").click().run()
     assert not at.exception, [e.message for e in at.exception]
-    loaded = [str(c.value) for c in at.caption if str(c.value).startswith("Checkpoint options:")]
+    loaded = [displayed(c.value) for c in at.caption if displayed(c.value).startswith("Checkpoint options:")]
     assert loaded and "num_latent=3 (given)" in loaded[0] and "remove_eos=False (given)" in loaded[0], loaded
     assert "merge_lora=False (given)" in loaded[0] and "lora_alpha=32.0 (codi_config.json)" in loaded[0]
-    assert any("3 latents" in str(c.value) for c in at.caption)
+    assert any("3 latents" in displayed(c.value) for c in at.caption)

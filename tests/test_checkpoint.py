@@ -186,3 +186,101 @@ def test_bad_declared_options_are_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match=r"codi_config.json: num_latent should be a whole number >= 0, got 'six'"):
         load(ModelSpec(str(folder)))
     assert main(["sweep", "--model", str(folder), "--db", str(tmp_path / "x.duckdb"), "--lora-alpha", "-1"]) == 2
+
+
+# --- a copy of models/default, broken one way at a time: one line in the CLI, the same in the dashboard ---
+
+def _set_option(folder, **values) -> None:
+    path = folder / "codi_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | values))
+
+
+def _poison(folder, key: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = value
+    save_file(state, path)
+
+
+def _write(name: str, content: bytes | None = None, cut: int | None = None):
+    def write(folder):
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:cut] if cut is not None else content)
+    return write
+
+
+BROKEN = {  # name -> (how a copy of models/default is broken, text its one line must hold)
+    "num_latent -1": (lambda f: _set_option(f, num_latent=-1),
+                      "codi_config.json: num_latent should be a whole number >= 0, got -1"),
+    "num_latent six": (lambda f: _set_option(f, num_latent="six"),
+                       "codi_config.json: num_latent should be a whole number >= 0, got 'six'"),
+    "num_latent 0": (lambda f: _set_option(f, num_latent=0),
+                     "num_latent is 0 (codi_config.json), which means no latent thoughts (BOT, then EOT at once): "
+                     "a sweep has nothing to ablate"),
+    "tokenizer.json random bytes": (_write("tokenizer.json", bytes(range(256)) * 4),
+                                    "tokenizer.json: not a tokenizer file: not JSON"),
+    "tokenizer.json truncated": (_write("tokenizer.json", cut=2000), "tokenizer.json: not a tokenizer file: truncated"),
+    "tokenizer.json not a tokenizer": (_write("tokenizer.json", b'{"version": "1.0"}'),
+                                       "tokenizer.json: not a tokenizer file (Model missing"),
+    "tokenizer_config.json garbage": (_write("tokenizer_config.json", b"garbage\n"),
+                                      "tokenizer_config.json: not a tokenizer file: not JSON"),
+    "NaN in a weight": (lambda f: _poison(f, "codi.base_model.model.transformer.h.0.attn.c_attn.weight", float("nan")),
+                        "1 of 58 weight tensors hold NaN or infinite values (transformer.h.0.attn.c_attn.weight): "
+                        "every answer would be garbage"),
+    "inf in prj": (lambda f: _poison(f, "prj.1.weight", float("inf")),
+                   "hold NaN or infinite values (prj.1.weight): every answer would be garbage"),
+}
+
+
+def broken_default(folder, name: str):
+    """A copy of the embedded default checkpoint at `folder`, broken as BROKEN[name] says."""
+    import shutil
+
+    from runner.model import DEFAULT_MODEL
+    shutil.copytree(DEFAULT_MODEL, folder)
+    BROKEN[name][0](folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_default_checkpoint_is_one_line_in_the_cli_and_on_the_run_page(name, tmp_path, capsys):
+    from db.store import Store
+    from runner.service import SweepService
+    from runner.sweep import SweepConfig
+    folder = broken_default(tmp_path / "model", name)
+    code = main(["sweep", "--model", str(folder), "--db", str(tmp_path / "cli.duckdb"), "--limit", "2", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and BROKEN[name][1] in lines[0], lines
+    store = Store(tmp_path / "dashboard.duckdb")
+    with pytest.raises(Exception) as refused:  # what the Run page's Start shows: "Not started: {error}"
+        SweepService(store).start(SweepConfig(model=str(folder), limit=2))
+    assert lines[0].startswith(f"error: {refused.value}"), (lines[0], str(refused.value))
+    assert store.query("SELECT count(*) FROM runs") == [(0,)]
+    assert Store(tmp_path / "cli.duckdb").query("SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_nonfinite_weights_are_swept_only_when_allowed_and_then_with_a_warning(tmp_path, capsys):
+    folder = broken_default(tmp_path / "model", "NaN in a weight")
+    db = tmp_path / "x.duckdb"
+    code = main(["sweep", "--model", str(folder), "--db", str(db), "--limit", "2", "--schemes", "prefix", "--quiet",
+                 "--allow-nonfinite-weights"])
+    err = capsys.readouterr().err
+    assert code == 0 and err.startswith("warning: ") and BROKEN["NaN in a weight"][1] in err.splitlines()[0]
+    assert "run 1 finished" in err.splitlines()[-1]
+
+
+def test_a_zero_latent_checkpoint_loads_as_no_latent_thoughts(tmp_path):
+    """num_latent 0 is legal for the loader: BOT, then EOT at once, the exit scheme's k = 0 variant."""
+    from runner import ablation
+    from runner.checkpoint import unusable
+    zero = load(ModelSpec(str(broken_default(tmp_path / "model", "num_latent 0"))))
+    six = load(ModelSpec())
+    question = ["Tom has 3 apples and gets 4 more. How many apples does he have?"]
+    exit_0 = ablation.Variant("exit", 0, "none", "latent", "recompute")
+    ran = zero.rollout(question, ablation.make_plan([ablation.BASELINE], ["q"], 0, zero.d_model), max_new_tokens=12)
+    early = six.rollout(question, ablation.make_plan([ablation.BASELINE, exit_0], ["q"], 6, six.d_model),
+                        max_new_tokens=12)
+    assert zero.num_latent == 0 and ran.tokens == early.tokens[1:]
+    assert "nothing to ablate" in unusable(zero)

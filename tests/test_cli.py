@@ -101,6 +101,10 @@ def test_validate_data_json_on_the_builtin_set(capsys):
     (["sweep", "--limit", "x"], "invalid int"),
     (["sweep", "--schemes", "prefix,sideways"], "sideways"),
     (["sweep", "--batch-size", "0"], "--batch-size"),
+    (["sweep", "--workers", "0"], "argument --workers: expected a positive integer, got 0"),
+    (["sweep", "--workers", "-2"], "argument --workers: expected a positive integer, got -2"),
+    (["stats", "--method", "typo"], "stats --method typo: run 1 has no such prefix results; it has method 'zero'"),
+    (["stats", "--method", "zero", "--mode", "frozen"], "it has method 'zero'; mode 'recompute'"),
     (["sweep", "--site", "resid:x"], "resid"),
     (["sweep", "--model", "/no/such/folder"], "/no/such/folder"),
     (["sweep", "--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
@@ -116,6 +120,38 @@ def test_bad_arguments_give_one_line_and_a_nonzero_exit(argv, message, capsys, s
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert "Traceback" not in err
     assert Store(swept).query("SELECT count(*) FROM results")[0][0] == before
+
+
+def test_stats_on_a_run_with_no_results_is_one_line(tmp_path, tiny_reasoner, tiny_model_dir, capsys):
+    from runner.sweep import Sweep, SweepConfig
+    store = Store(tmp_path / "empty.duckdb")
+    run_id = Sweep.create(store, tiny_reasoner, SweepConfig(model=str(tiny_model_dir), limit=3))
+    store.close()
+    for extra in ([], ["--json"]):
+        code, out, err = cli(capsys, "stats", "--db", tmp_path / "empty.duckdb", *extra)
+        assert code == 2 and out == "" and err.splitlines() == [
+            f"error: run {run_id} has no results yet (stopped, 0/3 problems): nothing to summarise; resume it with "
+            f"python -m runner sweep --db {tmp_path / 'empty.duckdb'} --resume {run_id}"]
+
+
+def test_resuming_a_finished_run_changes_nothing(swept, capsys, tiny_model_dir):
+    _, before, _ = cli(capsys, "status", "--db", swept, "--json")
+    code, out, err = cli(capsys, "sweep", "--db", swept, "--resume", 1, "--model", tiny_model_dir, "--limit", 12)
+    assert code == 0 and out == ""  # the options given are the run's own: accepted
+    assert err.splitlines() == ["run 1 is finished: every problem of validation, full is stored, nothing to resume"]
+    _, after, _ = cli(capsys, "status", "--db", swept, "--json")
+    assert json.loads(after) == json.loads(before) and json.loads(after)[0]["problems_per_hour"] > 0
+
+
+def test_resume_refuses_options_that_differ_from_the_run(swept, capsys):
+    before = Store(swept).query("SELECT * FROM runs")
+    code, out, err = cli(capsys, "sweep", "--db", swept, "--resume", 1, "--limit", 5, "--schemes", "prefix",
+                         "--batch-size", "auto", "--shuffle", "--quiet")
+    assert code == 2 and err.splitlines() == [
+        "error: --resume 1 continues the run as it was configured, but --limit 5 (run 1: 12); --schemes prefix "
+        "(run 1: prefix,single,suffix); --batch-size auto (run 1: 4); --shuffle True (run 1: False) differ: drop "
+        "them, or start a new run"]
+    assert Store(swept).query("SELECT * FROM runs") == before
 
 
 def test_a_second_process_on_a_held_database_gets_one_line_with_the_pid(swept):

@@ -107,6 +107,28 @@ def test_gsm8k_from_the_hub_offline_says_what_to_do(tmp_path):
     assert "--dataset ../shared/data/gsm8k/test.jsonl" in last_line
 
 
+def test_gsm8k_with_the_hub_unreachable_is_one_line(tmp_path):
+    """The real offline case (no HF_HUB_OFFLINE): the host does not answer; one line at once, not 5 retries."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "PROXY" not in k.upper()}
+    env |= {"HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9: nothing listens
+    done = subprocess.run([sys.executable, "-m", "runner", "sweep", "--dataset", "gsm8k", "--db",
+                           str(tmp_path / "x.duckdb"), "--quiet"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: gsm8k: cannot load openai/gsm8k (main, test) from the Hugging Face Hub or "
+                                  "its cache (127.0.0.1 is unreachable: Connection refused)"), done.stderr
+
+
+def test_a_file_is_parsed_once_while_it_is_unchanged(tmp_path):
+    """The CLI reads a dataset before the model load (to fail fast) and the sweep reads it again: one parse."""
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"question": "One?", "answer": "1"}\n{"question": "Two?", "answer": "2"}\n')
+    first, again = load_problems(str(path)), load_problems(str(path), limit=1)
+    assert again[0] is first[0]  # the same objects: not parsed again
+    path.write_text('{"question": "Three?", "answer": "3"}\n')
+    changed = load_problems(str(path))
+    assert [p.question for p in changed] == ["Three?"] and load_problems(str(path))[0] is changed[0]
+
+
 def test_data_module_does_not_import_torch():
     code = "import sys, runner.data\nassert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -308,3 +308,48 @@ def test_bootstrap_over_repeated_rows_draws_like_resampling_each_problem():
     assert np.allclose(by_row.std(axis=0), by_problem.std(axis=0), rtol=0.1)  # Monte Carlo error ~2%
     assert np.allclose(by_row.std(axis=0), np.nanstd(discrete, axis=0) / np.sqrt(3600), rtol=0.1)
     assert np.array_equal(bootstrap_means(discrete, 0, 2000), by_row)  # seeded
+
+
+def test_migration_3_describes_the_rows_of_an_older_file(tmp_path):
+    """A schema-2 file (a sweep of ours and an imported old run) gains what each row ablated, from Variant."""
+    import duckdb
+
+    from db import migrations
+    path = tmp_path / "v2.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                    "applied TIMESTAMP DEFAULT current_timestamp)")
+        for version, name, step in migrations.MIGRATIONS[:2]:
+            step(con)
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+        for run_id, source in ((1, "sweep"), (2, "import")):
+            con.execute("INSERT INTO runs (id, name, model, dataset, config, source, status, num_latent) "
+                        "VALUES (?, 'r', 'm', 'd', '{}', ?, 'finished', 6)", [run_id, source])
+        keys = ["baseline:0/none/latent/recompute", "prefix:3/zero/latent/recompute", "single:2/mean/resid:8/frozen",
+                "suffix:4/zero/latent/recompute", "exit:2/none/latent/recompute"]
+        for key in keys:
+            scheme, k = key.split("/")[0].split(":")
+            con.execute("INSERT INTO results (run_id, problem_id, variant, scheme, k, method, site, mode, correct, "
+                        "changed, flip, harm, help) VALUES (1, 'p', ?, ?, ?, 'zero', 'latent', 'recompute', true, "
+                        "false, false, false, false)", [key, scheme, int(k)])
+    store = Store(path)
+    try:
+        rows = store.query("SELECT variant, ablated_positions, latents_fed, position FROM results ORDER BY variant")
+        assert rows == [("baseline:0/none/latent/recompute", [], 6, None), ("exit:2/none/latent/recompute", [], 2, 2),
+                        ("prefix:3/zero/latent/recompute", [0, 1, 2], 6, 2),
+                        ("single:2/mean/resid:8/frozen", [2], 6, 2), ("suffix:4/zero/latent/recompute", [4, 5], 6, 4)]
+        assert store.query("SELECT id, positions FROM runs ORDER BY id") == [(1, "latent"), (2, "old-script")]
+        assert store.query("SELECT max(version) FROM schema_migrations")[0][0] == 3
+    finally:
+        store.close()
+
+
+def test_rows_are_described_when_stored(store, run_id):
+    """write_batch stores each row's ablated positions, latents fed and position from runner.ablation.Variant."""
+    from runner.ablation import Variant
+    rows = store.query("SELECT DISTINCT variant, ablated_positions, latents_fed, position FROM results "
+                       "WHERE run_id = ?", [run_id])
+    assert len(rows) == 19
+    for key, ablated, fed, position in rows:
+        assert {"ablated_positions": ablated, "latents_fed": fed, "position": position} == Variant.from_key(key).describe(T)
+    assert ("prefix:4/zero/latent/recompute", [0, 1, 2, 3], 6, 3) in rows

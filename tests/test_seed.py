@@ -235,3 +235,12 @@ def test_missing_and_wrong_validation_file(store, tmp_path):
     copy = tmp_path / "v.json"
     shutil.copy(FIXTURES / seed.VALIDATION, copy)
     assert import_seed(store, FIXTURES / seed.SCORES, copy)
+
+
+def test_an_imported_run_keeps_the_old_scripts_positions(store):
+    """The old loop fed BOT as its first "latent": the run says so, its rows say what each position ablated."""
+    run_id = import_seed(store, FIXTURES / seed.SCORES)
+    assert store.run_row(run_id)["positions"] == "old-script"
+    rows = dict(store.query("SELECT k, ablated_positions FROM results WHERE run_id = ? AND scheme = 'prefix' "
+                            "GROUP BY ALL", [run_id]))
+    assert rows == {k: list(range(k)) for k in range(1, 6)}

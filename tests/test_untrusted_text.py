@@ -1,0 +1,120 @@
+"""Text from a file is shown as text: every page of the real app, on a database whose every text is a payload.
+
+The database (tests/hostile.py) carries Markdown images, HTML tags, links, autolinks and Streamlit
+directives in its run names, notes, tags, model and dataset names, stored error, problem ids,
+questions and golds. Every element the browser would render as Markdown (bodies, labels, help,
+metric values, expander and popover labels, radio and segmented-control options) or Plotly's HTML
+subset must hold no raw payload; the plain-text ones (st.text, st.code, dataframes, selectbox and
+multiselect options, input values and placeholders) may, and the question must reach one of them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+from streamlit.testing.v1 import AppTest
+
+from tests.hostile import hostile_text_database, raw_fragments, text_payloads
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+HOST = "127.0.0.1:9"
+PAGES = ["pages/run.py", "pages/progress.py", "pages/importance.py", "pages/difficulty.py", "pages/problems.py",
+         "pages/compare.py", "pages/export.py"]
+# Elements whose every string is shown as typed: the frontend never parses them as Markdown.
+PLAIN_ELEMENTS = {"Text", "Code", "Arrow", "Json"}
+# Fields shown as typed inside elements whose label and help are Markdown.
+PLAIN_FIELDS = {"Selectbox": {"options", "default", "placeholder", "raw_value", "value"},
+                "MultiSelect": {"options", "default", "placeholder", "raw_values", "value"},
+                "TextInput": {"value", "default", "placeholder"}, "TextArea": {"value", "default", "placeholder"},
+                "DownloadButton": {"url"}}
+
+
+ESCAPED = re.compile(r"\\[!-/:-@\[-`{-~]")
+
+
+def _strings(message: Message, skip: set[str] = frozenset()):
+    """Every string inside a protobuf message, with its field name, except the fields in `skip`."""
+    for field, value in message.ListFields():
+        if field.name in skip:
+            continue
+        repeated = not isinstance(value, (str, bytes, Message)) and hasattr(value, "__iter__")
+        values = value if repeated else [value]
+        for item in values:
+            if isinstance(item, str):
+                yield field.name, item
+            elif isinstance(item, Message):
+                yield from _strings(item)
+
+
+def rendered(node, where: str = ""):
+    """(where, kind, text) for every string of the page the browser renders as Markdown or as Plotly HTML."""
+    proto = getattr(node, "proto", None)
+    if isinstance(proto, Message):
+        kind = proto.DESCRIPTOR.name
+        if kind == "PlotlyChart":
+            yield where, "plotly", proto.spec
+        elif kind not in PLAIN_ELEMENTS:
+            for name, text in _strings(proto, PLAIN_FIELDS.get(kind, set())):
+                yield f"{where}/{kind}.{name}", "markdown", text
+    for key, child in getattr(node, "children", {}).items():
+        yield from rendered(child, f"{where}/{key}")
+
+
+def plain_texts(at: AppTest) -> str:
+    return "\n".join(e.value for e in at.text)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, tiny_model_dir, tiny_reasoner):
+    path = tmp_path_factory.mktemp("hostile") / "hostile.duckdb"
+    ids = hostile_text_database(path, tiny_model_dir, tiny_reasoner, HOST)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THOUGHTSWEEP_DB", str(path))
+        yield ids
+
+
+def _leaks(at: AppTest) -> list[str]:
+    fragments = raw_fragments(HOST)
+    found = []
+    for where, kind, text in rendered(at._tree):
+        if kind == "plotly":  # no Markdown there, only Plotly's HTML subset: the tag payloads are the danger
+            checked = [f for f in fragments if f.startswith("<")]
+        else:  # a backslash-escaped character is a literal one (CommonMark 2.4): it starts no markup
+            checked, text = fragments, ESCAPED.sub("\0", text)
+        found += [f"{where}: {text[:160]!r}" for f in checked if f in text]
+    return found
+
+
+def test_the_walk_would_catch_a_raw_payload(hostile):
+    """The check itself: a page that printed a payload through st.markdown is caught; st.text is not."""
+    payload = text_payloads(HOST)["image"]
+    script = f"import streamlit as st\nst.text({payload!r})\nst.caption('x')\nst.markdown({payload!r})\n"
+    at = AppTest.from_string(script).run()
+    leaks = _leaks(at)
+    assert len(leaks) == 1 and "Markdown.body" in leaks[0], leaks
+
+
+def test_no_page_renders_file_text_as_markup(hostile):
+    sweep_id, empty_id = hostile
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert not at.exception, [e.message for e in at.exception]
+    for run_id in (empty_id, sweep_id):
+        at.sidebar.selectbox(key="run_id").set_value(run_id).run()
+        for page in PAGES:
+            at.switch_page(page).run()
+            assert not at.exception, (page, run_id, [e.message for e in at.exception])
+            assert not _leaks(at), (page, run_id, _leaks(at))
+    # every problem's drill-down: its id, question and gold, and the logit lens of each variant
+    at.switch_page("pages/problems.py").run()
+    problem_ids = list(at.selectbox(key="problem_id").options)
+    assert len(problem_ids) == 6
+    for problem_id in problem_ids:
+        at.selectbox(key="problem_id").set_value(problem_id).run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert not _leaks(at), (problem_id, _leaks(at))
+    question = [t for t in plain_texts(at).splitlines() if "apples" in t]
+    assert question and any(p in question[0] for p in text_payloads(HOST).values()), \
+        "the question is shown, as the characters it is"
+    assert any("run" in c.value and "image" in c.value for c in at.caption), "the run's name is in its caption"
