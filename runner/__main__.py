@@ -380,9 +380,6 @@ def cmd_stats(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    if not stats["n_problems"]:  # a run with no results yet: nothing to summarise, and no invented zeros
-        print(f"run {stats['extras']['run']['id']}: no results stored yet")
-        return 0
     print(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
     if not has_prefix:
         print(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
