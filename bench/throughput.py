@@ -92,24 +92,27 @@ class ModelFlops:
         self.block_params = sum(p.numel() for p in reasoner.blocks.parameters() if p.dim() == 2)
         self.prj_params = sum(p.numel() for p in reasoner.prj.parameters() if p.dim() == 2)
 
-    def _model(self, module, args, kwargs):
-        x = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    def _model(self, cache, mask, position_ids, inputs_embeds=None, input_ids=None, keep=1, **kwargs):
+        x = input_ids if input_ids is not None else inputs_embeds
         rows, q = x.shape[:2]
-        past = kwargs["cache"].get_seq_length() if kwargs.get("cache") is not None else 0
-        keep = kwargs.get("logits_to_keep") or q
+        past = cache.get_seq_length()
         keys = q * past + q * (q + 1) // 2  # per row
         self.tokens += rows * q
         self.flops += rows * (2 * self.block_params * q + 4 * self.d * keys * self.layers + 2 * self.d * self.vocab * keep)
+        return self.forward(cache, mask, position_ids, inputs_embeds, input_ids, keep, **kwargs)
 
     def _prj(self, module, args, output):
         self.flops += 2 * self.prj_params * output[..., 0].numel()
 
     def __enter__(self):
-        self.handles = [self.reasoner.hf.register_forward_pre_hook(self._model, with_kwargs=True),
-                        self.reasoner.prj.register_forward_hook(self._prj)]
+        # Every step of the loop goes through LatentReasoner._forward: counted on the way (an instance
+        # attribute in front of the method, removed on exit).
+        self.forward, self.reasoner._forward = self.reasoner._forward, self._model
+        self.handles = [self.reasoner.prj.register_forward_hook(self._prj)]
         return self
 
     def __exit__(self, *exc):
+        del self.reasoner._forward
         for handle in self.handles:
             handle.remove()
 

@@ -97,6 +97,8 @@ class Store:
             raise StoreError(f"database {self.path} does not exist")
         if not read_only and not self.path.parent.exists():
             raise StoreError(f"cannot create database {self.path}: folder {self.path.parent} does not exist")
+        from db import trust  # here, not at the top: trust's error class is a StoreError
+        trust.check_file(self.path)
         try:
             config = CONNECT_CONFIG
             self._conn = duckdb.connect(str(self.path), read_only=read_only, config=config)  # enable_external_access=false
@@ -106,6 +108,11 @@ class Store:
             raise StoreError(f"cannot open database {self.path}: {error}") from None
         except duckdb.Error as error:
             raise StoreError(f"cannot open database {self.path}: {error} (is it a DuckDB file?)") from None
+        try:
+            trust.check_catalog(self._conn, self.path)  # before any table is read or migrated
+        except BaseException:
+            self._conn.close()
+            raise
         self._local = threading.local()
         try:
             with self._errors("checking the schema"):

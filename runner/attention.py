@@ -1,35 +1,17 @@
-"""Shared-prefix attention: V variants of a problem read its question's KV cache once, not V times.
+"""Attention of the rollout loop (runner/forward.py): shared-prefix attention, and SDPA for the rest.
 
-Every variant of a problem continues the same prompt, so the prompt's keys/values are stored once
-per problem (runner/cache.py, `SharedPrefixLayer`) and, at each step, the queries of all V variants
-attend to it in one batched matmul, (P, Hkv, V*G*q, d) x (P, Hkv, L, d); each row's own latent and
-answer tokens (the suffix) are attended separately, and the two partial softmaxes are merged exactly
-by their log-sum-exp (the technique of Hydragen and of FlashInfer's cascade attention). Without the
-merge the prompt cache would be copied V times and re-read by every variant at every step.
-
-It plugs in through transformers' own interfaces: an attention function and a mask function
-registered under IMPLEMENTATION (the mask function passes the 2-D padding mask through instead of
-building a 4-D one), and the cache's layers. Without a shared prefix (the prompt forward, any other
-cache) the function is transformers' SDPA attention with the mask it would have built.
+Shared prefix: every variant of a problem continues the same prompt, so the prompt's keys/values
+are stored once per problem (runner/cache.py, `SharedPrefixLayer`) and, at each step, the queries
+of all V variants attend to it in one batched matmul, (P, Hkv, V*G*q, d) x (P, Hkv, L, d); each
+row's own latent and answer tokens (the suffix) are attended separately, and the two partial
+softmaxes are merged exactly by their log-sum-exp (the technique of Hydragen and of FlashInfer's
+cascade attention). Without the merge the prompt cache would be copied V times and re-read by
+every variant at every step.
 """
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-IMPLEMENTATION = "thoughtsweep_shared_prefix"
-FAMILIES = ("gpt2", "llama")  # attention modules that call the registered function with `layer_idx`
-
-
-def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask=None, **kwargs):
-    """The (B, kv) boolean padding mask as given, or None: causality is applied by `attention`."""
-    if attention_mask is None:
-        return None
-    assert attention_mask.shape[-1] == kv_length, f"mask covers {attention_mask.shape[-1]} of {kv_length} positions"
-    return attention_mask
+import torch.nn.functional as F
 
 
 def causal(mask: torch.Tensor | None, rows: int, q: int, kv: int, device) -> torch.Tensor:
@@ -40,19 +22,21 @@ def causal(mask: torch.Tensor | None, rows: int, q: int, kv: int, device) -> tor
     return mask[:, None, None, :] & allowed  # (rows, 1, q, kv)
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (R, H, q, d); key/value (R, Hkv, S, d): the suffix, or everything without a shared prefix."""
-    cache = kwargs.pop("shared_prefix", None)
-    layer = cache.layers[module.layer_idx] if cache is not None else None
-    q, kv = query.shape[2], key.shape[2]
-    if layer is None or layer.prefix_keys_t is None:  # exactly transformers' SDPA path, its own mask included
-        mask = sdpa_mask(batch_size=query.shape[0], q_length=q, kv_length=kv, q_offset=kv - q,
-                         attention_mask=attention_mask)
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    suffix_mask = None if attention_mask is None else attention_mask[:, layer.prefix_length:]  # (R, S)
-    out = merged(query, layer, key, value, causal(suffix_mask, query.shape[0], q, kv, query.device), scale)
-    return out.transpose(1, 2), None  # (R, q, H, d)
+def plain(query, keys, values, allowed, scale: float) -> torch.Tensor:
+    """SDPA over each row's own keys: query (R, H, q, d), keys/values (R, Hkv, K, d), allowed (R, 1, q, K).
+
+    Grouped heads as transformers' SDPA path arranges them (one query token: the G query heads of a
+    KV head as G queries; else KV heads repeated). A row with nothing allowed (left padding) comes out
+    as zeros, as there."""
+    R, H, q, d = query.shape
+    G = H // keys.shape[1]
+    if G > 1 and q == 1:
+        out = F.scaled_dot_product_attention(query.reshape(R, H // G, G, d), keys, values, attn_mask=allowed,
+                                             scale=scale)  # (R, Hkv, G, d)
+        return out.reshape(R, H, 1, d)
+    if G > 1:
+        keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale)
 
 
 def partial(scores: torch.Tensor, values: torch.Tensor):
@@ -109,17 +93,3 @@ def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) 
     top = torch.maximum(top1, top2)
     w1, w2 = (top1 - top).exp(), (top2 - top).exp()
     return ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).to(dtype)
-
-
-AttentionInterface.register(IMPLEMENTATION, attention)
-AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
-
-
-def install(hf) -> bool:
-    """Switch `hf` to this attention where its family calls it as expected; True when it did."""
-    config = hf.config
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if config.model_type not in FAMILIES or getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:
-        return False
-    hf.set_attn_implementation(IMPLEMENTATION)
-    return True

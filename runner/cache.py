@@ -1,4 +1,4 @@
-"""KV caches of the rollout loop (runner/model.py): one that grows in place (bit-identical to DynamicCache),
+"""KV caches of the rollout loop (runner/rollout.py): one that grows in place (bit-identical to DynamicCache),
 and one that stores each problem's prompt once for all its variants (runner/attention.py reads it).
 
 Kept apart from runner/model.py because subclassing a transformers class imports transformers, which
@@ -87,15 +87,17 @@ class SharedPrefixCache(DynamicCache):
     stands for `batch_repeat_interleave(V)` without copying: every layer keeps its (B, H, L, d)
     prompt as the shared prefix, and the R = B*V rows' later tokens go into a growing suffix.
     Sequence length, mask sizes and `crop` count prefix + suffix, as if the prompt were repeated.
-    The model must run runner/attention.py's attention with `shared_prefix=` this cache.
+    runner/forward.py attends to it with runner/attention.py's `merged`.
     """
 
     def __init__(self):
         super().__init__()
         self.layer_class_to_replicate = SharedPrefixLayer
+        self.prefix_length = 0  # prompt positions stored once per problem; 0 until share_prefix
 
     def share_prefix(self, repeats: int, mask: torch.Tensor) -> None:
         """mask (B, L): which prompt positions are attended (left padding)."""
+        self.prefix_length = mask.shape[-1]
         for layer in self.layers:
             layer.share_prefix(repeats, mask)
 

@@ -11,14 +11,16 @@ rows. An actor that dies loses its batch in flight only: the batch goes to anoth
 replacement actor is started.
 
 Ray is optional (requirements-distributed.txt). Without --ray-address a local Ray is started
-once per process: token authentication on (RAY_AUTH_MODE=token; Ray writes ~/.ray/auth_token),
+once per process: token authentication on (RAY_AUTH_MODE=token; ~/.ray/auth_token, mode 0600),
 no dashboard (THOUGHTSWEEP_RAY_DASHBOARD=1 asks for it), listening on loopback only.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -118,11 +120,30 @@ def import_ray(local: bool):
     return ray
 
 
+def private_token(home: Path) -> Path:
+    """~/.ray/auth_token, readable by its owner only: the token lets anyone who reads it run code on the cluster.
+
+    Ray writes a missing token with the umask's mode (0644 on most systems) and keeps an existing one,
+    so it is written here first, 0600 from its creation (secrets.token_hex(32), as Ray makes it); an
+    older token keeps its value and loses the others' read bit.
+    """
+    path = home / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
 def connect(cluster: RayConfig):
     """Join `cluster.address`, or start a local Ray (once per process); returns the ray module."""
     ray = import_ray(local=cluster.address is None)
     if ray.is_initialized():
         return ray
+    if cluster.address is None and os.environ.get("RAY_AUTH_MODE") == "token" \
+            and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        private_token(Path.home())  # before ray.init, which would write a missing one world-readable
     # A joined cluster may run workers on other machines: ship this code (and models/default) to them.
     shipped = {"working_dir": str(REPO), "excludes": NOT_SHIPPED} if cluster.address else None
     try:

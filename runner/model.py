@@ -1,19 +1,12 @@
-"""Load a CODI checkpoint into a LatentReasoner, and the only forward loop: `rollout`.
+"""Load a CODI checkpoint (released layout, or the embedded default) into a LatentReasoner.
 
 CODI (Continuous Chain-of-Thought via Self-Distillation) = a Hugging Face causal LM with three
 tokens added (pad = V, BOT = V+1, EOT = V+2), optional LoRA on it, and a projection MLP `prj`.
-One rollout (DESIGN.md section 2): encode `question + BOT`; T latent steps, each feeding
-prj(last hidden state) back as an input embedding; EOT; greedy decode over the base vocabulary.
-The official CODI test loop is the reference; unlike it, padded rows get an attention mask and
-position ids from the mask, so a row in a batch computes what it computes alone.
-
-Every baseline and every ablated rollout goes through `LatentReasoner.rollout`; the ablation
-is data (`runner.ablation.Plan`), applied at the input embedding or by a block hook that lives
-only inside `_block_hooks`.
+The rollout loop itself, the only forward loop, is runner/rollout.py's `LatentReasoner.rollout`
+(imported here, so `from runner.model import LatentReasoner` is the one entry point).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import warnings
@@ -23,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner import ablation, checkpoint
-from runner.ablation import Plan
+from runner import checkpoint, forward
 from runner.checkpoint import CheckpointOptions
+from runner.rollout import LatentReasoner, Rollout, official_question  # noqa: F401 (the entry point's names)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
@@ -36,16 +29,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # A notice transformers prints while peft wraps the model, about transformers' own internals and not about
 # the checkpoint: it would add lines to the CLI's one-line errors (DESIGN.md section 6).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-# The spaces a tokenizer's `clean_up_tokenization_spaces` removes when decoding (transformers' list).
-CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-def official_question(question: str) -> str:
-    """The question text as CODI's test.py feeds it: stripped, one pass of double spaces -> one."""
-    return question.strip().replace("  ", " ")
 
 
 class ModelLoadError(RuntimeError):
@@ -211,6 +194,9 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
         config = AutoConfig.from_pretrained(base)
     except Exception as error:
         raise ModelLoadError(f"base model {base_name!r}: cannot read its config ({error})") from None
+    if not forward.supported(config):
+        raise ModelLoadError(f"base model {base_name!r} is a {config.model_type!r} model: ThoughtSweep runs CODI's "
+                             f"two families, GPT-2 and Llama (full attention)")
     config.vocab_size = vocab_rows  # the grown vocabulary, read from the weights
     with init_empty_weights():
         hf = AutoModelForCausalLM.from_config(config)
@@ -254,265 +240,3 @@ def load(spec: ModelSpec = ModelSpec()) -> "LatentReasoner":
     reasoner.options = {**declared.to_json(), "merge_lora": {"value": merged, "source": merge_source}}
     reasoner.options_line = f"{declared.describe()}, merge_lora={merged} ({merge_source})"
     return reasoner
-
-
-# --- The forward loop ---------------------------------------------------------------------------------
-
-@dataclass
-class Rollout:
-    """Outputs of one rollout for R = B*V rows, problem-major (row = b*V + v)."""
-    tokens: list[list[int]]  # generated ids, EOS excluded
-    texts: list[str]
-    gold_logprob: torch.Tensor | None  # (R,) float32: sum log p(answer prompt + gold)
-    latents: torch.Tensor  # (R, T, d) float32 on CPU: the vectors fed (after any ablation)
-    lens_ids: torch.Tensor  # (R, T, k): logit-lens top-k token ids of the state producing each latent
-    lens_probs: torch.Tensor  # (R, T, k)
-    captured: dict[int, torch.Tensor]  # layer -> (R, T, d) block output at each latent step
-
-
-class LatentReasoner:
-    """A CODI model ready for batched latent rollouts."""
-
-    def __init__(self, hf, prj, tokenizer, num_latent: int, base_vocab: int, name: str = "",
-                 pad_question_to: int | None = None, remove_eos: bool = True):
-        self.hf, self.prj, self.tokenizer = hf, prj, tokenizer
-        self.num_latent, self.base_vocab, self.name = num_latent, base_vocab, name
-        self.pad_id, self.bot_id, self.eot_id = base_vocab, base_vocab + 1, base_vocab + 2
-        # test.py decodes over logits[..., :vocab_size - 1] of the grown vocabulary: every id but EOT.
-        self.decode_vocab = base_vocab + 2
-        # CODI trained with remove_eos false has EOS between question and BOT, and after EOT.
-        self.remove_eos = remove_eos
-        self.answer_start = [self.eot_id] + ([] if remove_eos else [tokenizer.eos_token_id])
-        self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-        self.options, self.options_line = {}, ""  # what load() resolved, and from where (runner/checkpoint.py)
-        # A prompt template of the embedded model (codi_config.json): attended pad tokens between the
-        # question and BOT up to this length, so that BOT and every latent sit at fixed positions.
-        self.pad_question_to = pad_question_to
-        self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
-        self.blocks = next(m for m in hf.modules()
-                           if isinstance(m, nn.ModuleList) and len(m) == hf.config.num_hidden_layers)
-        from runner import attention  # imports transformers, as the model itself did
-        # Variants share the prompt's KV cache (runner/attention.py) where the family supports it;
-        # None = whenever a plan has more than one variant, False = always the plain repeated cache.
-        self.shared_prefix = None if attention.install(hf) else False
-
-    @property
-    def d_model(self) -> int:
-        return self.hf.config.hidden_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.hf.config.num_hidden_layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.hf.get_input_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hf.get_input_embeddings().weight.dtype
-
-    def answer_prompt(self, gold: str) -> str:
-        return f"The answer is: {gold}"
-
-    def decode(self, tokens: list[int]) -> str:
-        """Generated ids -> text as CODI's test.py reads it: special tokens skipped, the tokenizer's
-        declared clean-up applied (transformers 5 skips it for BPE tokenizers: "1 ,000"), stripped."""
-        text = self.tokenizer.decode([t for t in tokens if t < self.base_vocab], skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
-        if self.clean_up:
-            for spaced, joined in CLEAN_UP:
-                text = text.replace(spaced, joined)
-        return text.strip()
-
-    def _forward(self, cache, attention_mask, position_ids, inputs_embeds=None, input_ids=None, keep=1):
-        shared = {"shared_prefix": cache} if hasattr(cache, "share_prefix") else {}  # read by runner/attention.py
-        out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
-                      attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, logits_to_keep=keep, **shared)
-        return out.logits, out.hidden_states[-1], out.cache
-
-    def prompt_ids(self, question: str | list[int]) -> list[int]:
-        """The model's prompt template for one question, as CODI's test.py builds it: the normalised
-        text with the tokenizer's default special tokens (Llama-3: BOS), EOS when the model was trained
-        with it (`remove_eos` false), attended pad tokens up to `pad_question_to` (the embedded
-        model's fixed-length layout; none for released CODI), BOT."""
-        ids = self.tokenizer(official_question(question))["input_ids"] if isinstance(question, str) \
-            else list(question)
-        ids = ids + ([] if self.remove_eos else [self.tokenizer.eos_token_id])
-        return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
-
-    def _encode(self, questions: list[str] | list[list[int]], shared: bool = False):
-        """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
-
-        A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
-        """
-        ids = [self.prompt_ids(q) for q in questions]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(self._new_cache(shared), mask, position_ids, input_ids=input_ids)
-        return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
-
-    def _new_cache(self, shared: bool = False):
-        """A prompt cache shared by the variants, or a growing cache where every layer attends over the
-        full sequence; else the model's own (None)."""
-        from runner.cache import GrowingCache, SharedPrefixCache  # transformers is imported on first use
-        if shared:
-            return SharedPrefixCache()
-        layer_types = getattr(self.hf.config, "layer_types", None) or ["full_attention"]
-        if getattr(self.hf.config, "sliding_window", None) or set(layer_types) != {"full_attention"}:
-            return None
-        return GrowingCache()
-
-    @torch.inference_mode()
-    def rollout(self, questions: list[str], plan: Plan, golds: list[str] | None = None,
-                max_new_tokens: int = 24, top_k: int = 3, capture: tuple[int, ...] = ()) -> Rollout:
-        """Baseline and ablated rollouts of every question under every variant of `plan`."""
-        B, T, V = len(questions), self.num_latent, len(plan.variants)
-        R = B * V
-        assert plan.ablate.shape == (R, T), f"plan is {tuple(plan.ablate.shape)}, expected ({R}, {T})"
-        plan = plan.to(self.device, self.dtype)
-
-        shared = self.shared_prefix if self.shared_prefix is not None else V > 1
-        bot_logits, hidden, cache, mask = self._encode(questions, shared)  # one prompt cache for the V variants
-        if shared:
-            cache.share_prefix(V, mask)  # (B, L) stored once; each row's later tokens apart
-        else:
-            cache.batch_repeat_interleave(V)
-        mask = mask.repeat_interleave(V, dim=0)  # (R, L)
-        hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
-        logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
-        latents = torch.zeros(R, T, self.d_model, device=self.device, dtype=self.dtype)
-        lens_ids = torch.zeros(R, T, top_k, dtype=torch.long, device=self.device)
-        lens_probs = torch.zeros(R, T, top_k, device=self.device)
-        captured = {layer: torch.zeros(R, T, self.d_model, device=self.device) for layer in capture}
-
-        with _block_hooks(self.blocks, plan, captured) as hooks:
-            for step in range(T):
-                probs = logits[:, : self.base_vocab].float().softmax(-1)
-                lens_probs[:, step], lens_ids[:, step] = probs.topk(top_k, dim=-1)
-                latent = self.prj(hidden)  # (R, 1, d)
-                if step > 0:  # frozen rows keep the baseline's latent wherever they do not ablate
-                    latent = torch.where(plan.frozen[:, None, None], latent[plan.baseline_row], latent)
-                latent = ablation.apply(plan, step, latent, layer=-1)
-                latents[:, step] = latent[:, 0]
-                # Early exit: steps at or past `fed` are holes, masked out of all later attention.
-                live = (step < plan.fed).long()[:, None]  # (R, 1)
-                position_ids = mask.sum(-1, keepdim=True)  # (R, 1): attended tokens so far
-                mask = torch.cat([mask, live], dim=-1)
-                hooks.step = step
-                logits, hidden, cache = self._forward(cache, mask, position_ids, inputs_embeds=latent)
-                logits = logits[:, -1]
-
-        # EOT (+ EOS when remove_eos is false) in a forward of its own, as test.py feeds it: a longer
-        # forward would round differently in bf16.
-        eot = torch.tensor([self.answer_start] * R, device=self.device)  # (R, P)
-        position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
-        mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
-        logits, _, cache = self._forward(cache, mask, position_ids, input_ids=eot)
-        logits = logits[:, -1]  # (R, V')
-        gold_logprob, filled = None, torch.zeros(R, dtype=torch.long, device=self.device)
-        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
-        if golds is not None:
-            assert len(golds) == B, f"{len(golds)} golds for {B} questions"
-            gold_logprob, logits, mask, filled = self._gold_logprob(golds, V, logits, cache, mask, out)
-        tokens = self._greedy(logits, cache, mask, out, filled)
-        return Rollout(tokens, [self.decode(t) for t in tokens], gold_logprob, latents.float().cpu(),
-                       lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
-
-    def _gold_logprob(self, golds: list[str], V: int, logits, cache, mask, out: torch.Tensor):
-        """Sum of log p(`The answer is: {gold}`) after EOT, teacher-forced, (R,) on the CPU; and the
-        forced answer as a draft of greedy decoding, accepted while greedy agrees with it (speculative
-        decoding, the gold as the draft): the accepted tokens go into `out` without a forward of their
-        own, the rest of the draft is masked out of later attention instead of cropped. Returns
-        (log-probs, the logits after the accepted tokens (R, V'), the mask, accepted counts (R,))."""
-        R, max_new_tokens = out.shape
-        answers = [self.tokenizer(self.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
-        width = max(map(len, answers))
-        answer_ids = torch.tensor([a + [self.pad_id] * (width - len(a)) for a in answers],
-                                  device=self.device).repeat_interleave(V, dim=0)  # (R, A), right-padded
-        answer_len = torch.tensor(list(map(len, answers)), device=self.device).repeat_interleave(V)  # (R,)
-        valid = torch.arange(width, device=self.device)[None] < answer_len[:, None]  # (R, A)
-        scores = logits[:, None]  # (R, 1, V'): predicts the first answer token
-        # Only in float32: in bf16 a multi-token forward rounds differently from one-token steps
-        # (test.py decodes one token at a time), so there the draft is scored, cropped, not accepted.
-        draft, length = self.dtype == torch.float32, cache.get_seq_length()
-        if width > 1:  # causal: the padding after a short answer changes none of its own logits
-            fed = answer_ids[:, :-1]  # (R, A-1)
-            position_ids = mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=self.device)
-            step_mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
-            more, _, cache = self._forward(cache, step_mask, position_ids, input_ids=fed, keep=width - 1)
-            scores = torch.cat([scores, more], dim=1)  # (R, A, V')
-        logprobs = scores[..., : self.decode_vocab].float().log_softmax(-1)  # (R, A, V)
-        # Padding positions are gathered at id 0 (a padding id need not lie in the slice); masked below.
-        picked = logprobs.gather(-1, answer_ids.masked_fill(~valid, 0)[..., None])[..., 0]  # (R, A)
-        gold_logprob = (picked * valid).sum(-1).cpu()
-        if not draft:
-            if width > 1:
-                cache.crop(length - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
-            return gold_logprob, logits, mask, torch.zeros(R, dtype=torch.long, device=self.device)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        agree = (scores[..., : self.decode_vocab].argmax(-1) == answer_ids) & valid & ~torch.isin(answer_ids, eos)
-        # The last answer token was not fed: a row that agrees throughout emits it from the loop.
-        accepted = agree.long().cumprod(-1).sum(-1).clamp(max=min(width - 1, max_new_tokens))  # (R,)
-        drafted = torch.arange(width - 1, device=self.device)[None] < accepted[:, None]  # (R, A-1)
-        room = min(width - 1, max_new_tokens)
-        out[:, :room] = torch.where(drafted, answer_ids[:, :-1], -1)[:, :room]
-        mask = torch.cat([mask, drafted.long()], dim=-1)
-        return gold_logprob, scores[torch.arange(R, device=self.device), accepted], mask, accepted
-
-    def _greedy(self, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
-        """Batched greedy decoding over `decode_vocab` until EOS into out (R, max_new_tokens), after the
-        `filled` (R,) tokens already there; finished rows leave the batch."""
-        R, max_new_tokens = out.shape
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        active = torch.arange(R, device=self.device)  # (A,) rows still decoding
-        while True:
-            next_ids = logits[:, : self.decode_vocab].argmax(-1)  # (A,)
-            done = torch.isin(next_ids, eos) | (filled >= max_new_tokens)
-            write = (~done).nonzero()[:, 0]
-            out[active[write], filled[write]] = next_ids[write]
-            filled = filled + ~done
-            done |= filled >= max_new_tokens
-            if bool(done.all()):
-                break
-            if bool(done.any()):  # drop finished rows so later steps cost only what is left
-                keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                active, mask, next_ids, filled = active[keep], mask[keep], next_ids[keep], filled[keep]
-            position_ids = mask.sum(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            logits, _, cache = self._forward(cache, mask, position_ids, input_ids=next_ids[:, None])
-            logits = logits[:, -1]
-        return [[t for t in row if t >= 0] for row in out.tolist()]
-
-
-class _BlockHooks:
-    def __init__(self):
-        self.step = 0
-
-
-@contextlib.contextmanager
-def _block_hooks(blocks: nn.ModuleList, plan: Plan, captured: dict[int, torch.Tensor]):
-    """Forward hooks on the blocks a plan ablates or captures; always removed on exit."""
-    state, handles = _BlockHooks(), []
-
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # (R, 1, d)
-            if layer in plan.layers:
-                hidden = ablation.apply(plan, state.step, hidden, layer)
-            if layer in captured:
-                captured[layer][:, state.step] = hidden[:, -1].float()
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-        return hook
-
-    try:
-        for layer in sorted(set(plan.layers) | set(captured)):
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
-        yield state
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -18,6 +18,9 @@ from runner.model import ModelSpec, load
 from tests.checkpoints import GOLDS, QUESTIONS, make_checkpoint
 
 NOISE = dict(atol=1e-5, rtol=1e-5)
+# Block outputs after six recurrent latent steps of a random network: summation-order noise grows
+# to ~1.3e-5 there (tests/test_model.py's CLOSE says the same); it failed at 1e-5 on main already.
+RECURRENT = dict(atol=1e-4, rtol=1e-4)
 
 
 def plain_attention(query, keys, values, mask, scale):
@@ -81,7 +84,7 @@ def reasoner(request, tmp_path_factory):
 
 
 def test_rollouts_with_a_shared_prefix_equal_the_repeated_cache(reasoner, monkeypatch):
-    assert reasoner.hf.config._attn_implementation == "thoughtsweep_shared_prefix" and reasoner.shared_prefix is None
+    assert reasoner.shared_prefix is None  # the default: shared whenever a plan has more than one variant
     variants = [BASELINE, *ablation.expand(["prefix", "single", "exit"], ["zero"], "latent", "recompute", 6)[1:],
                 Variant("suffix", 3, mode="frozen"), Variant("single", 2, site="resid:1")]
     plan = ablation.make_plan(variants, [f"p{i}" for i in range(len(QUESTIONS))], 6, reasoner.d_model)
@@ -95,7 +98,7 @@ def test_rollouts_with_a_shared_prefix_equal_the_repeated_cache(reasoner, monkey
     assert len({len(reasoner.prompt_ids(q)) for q in QUESTIONS}) > 1, "no left padding: masks untested"
     for name in ("gold_logprob", "latents", "lens_probs"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-5, msg=name)
-    torch.testing.assert_close(ours.captured[1], theirs.captured[1], **NOISE)
+    torch.testing.assert_close(ours.captured[1], theirs.captured[1], **RECURRENT)
     # Without golds (no drafted answer) and with a cap that cuts answers short: the same tokens.
     for max_new_tokens in (24, 2):
         monkeypatch.setattr(reasoner, "shared_prefix", True)

@@ -235,3 +235,33 @@ def test_out_of_memory_on_an_actor_halves_the_batch_size_once_and_splits_the_bat
     assert store.run_row(run_id)["batch_size"] == 4
     # A second actor's batch, cut at the old size before the halving, is split but does not halve again.
     assert sweep._halve(batch, 0, retry) is None and sweep.sizer.size == 4 and len(retry) == 4
+
+
+def test_the_local_ray_token_is_written_readable_by_its_owner_only(tmp_path):
+    """Issue 14, security 3: Ray would write ~/.ray/auth_token 0644 (the umask's mode); the token runs code."""
+    from runner.distributed import private_token
+    old_umask = os.umask(0o022)  # the common default, under which a plain write gives 0644
+    try:
+        path = private_token(tmp_path / "fresh")
+        assert path == tmp_path / "fresh" / ".ray" / "auth_token"
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600) and len(path.read_text()) == 64
+        assert oct(path.parent.stat().st_mode & 0o777) == oct(0o700)
+        older = tmp_path / "older" / ".ray" / "auth_token"  # a token an earlier Ray wrote: kept, made private
+        older.parent.mkdir(parents=True)
+        older.write_text("a-token-ray-wrote")
+        older.chmod(0o644)
+        assert private_token(tmp_path / "older").read_text() == "a-token-ray-wrote"
+        assert oct(older.stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        os.umask(old_umask)
+
+
+def test_the_running_local_ray_uses_a_private_token(ray_pool):
+    """connect() made the token before ray.init, and Ray's cluster (the pool's actors answer) runs with it."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+    path = Path.home() / ".ray" / "auth_token"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert os.environ.get("RAY_AUTH_MODE") == "token" and ray.is_initialized()
+    assert AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+

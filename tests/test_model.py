@@ -284,7 +284,8 @@ def test_growing_cache_is_bit_identical_to_the_models_own_cache(reasoner, monkey
     monkeypatch.setattr(reasoner, "shared_prefix", False)  # the repeated cache; tests/test_attention.py: the shared one
     ours = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert type(reasoner._new_cache()).__name__ == "GrowingCache"
-    monkeypatch.setattr(reasoner, "_new_cache", lambda shared=False: None)  # the model creates its own DynamicCache
+    from transformers.cache_utils import DynamicCache
+    monkeypatch.setattr(reasoner, "_new_cache", lambda shared=False: DynamicCache())  # transformers' own
     theirs = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert ours.tokens == theirs.tokens and len({len(t) for t in ours.tokens}) > 1  # rows left the batch
     for name in ("gold_logprob", "latents", "lens_probs"):
@@ -313,26 +314,11 @@ def test_growing_layer_grows_crops_and_selects_like_a_dynamic_layer():
         ours.crop(3)
 
 
-def test_hooks_are_removed_when_the_forward_raises(reasoner):
-    plan = plan_for(reasoner, [BASELINE, Variant("single", 1, site="resid:0")], len(QUESTIONS))
-    before = reasoner.rollout(QUESTIONS, plan, GOLDS, STEPS, capture=(0, 1))
-    calls = []
-
-    def fail_on_first_latent_step(module, args, output):
-        calls.append(1)
-        if len(calls) == 2:  # call 1 encodes the questions, call 2 is latent step 0
-            raise RuntimeError("boom")
-
+def test_a_rollout_leaves_no_hook_on_the_model(reasoner):
+    """resid ablations and captures act inside runner/forward.py's loop: the shared model keeps its hooks as they were."""
     blocks = blocks_of(reasoner.hf)
     own = [dict(block._forward_hooks) for block in blocks]  # transformers' output-capturing hooks
-    handle = blocks[1].register_forward_hook(fail_on_first_latent_step)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            reasoner.rollout(QUESTIONS, plan, GOLDS, STEPS, capture=(0, 1))
-        assert dict(blocks[0]._forward_hooks) == own[0], "a rollout hook outlived its rollout"
-        assert list(blocks[1]._forward_hooks) == [*own[1], handle.id], "a rollout hook outlived its rollout"
-    finally:
-        handle.remove()
+    plan = plan_for(reasoner, [BASELINE, Variant("single", 1, site="resid:0")], len(QUESTIONS))
+    out = reasoner.rollout(QUESTIONS, plan, GOLDS, STEPS, capture=(0, 1))
+    assert out.captured[0][1::2, 1].abs().max() == 0 and out.captured[0][0::2, 1].abs().max() > 0
     assert [dict(block._forward_hooks) for block in blocks] == own
-    after = reasoner.rollout(QUESTIONS, plan, GOLDS, STEPS, capture=(0, 1))
-    assert after.tokens == before.tokens and torch.equal(after.gold_logprob, before.gold_logprob)

@@ -171,7 +171,7 @@ CLI_CASES |= {
     "import-seed of two scores files": (["import-seed", "{data}/object.json", "{data}/numbers.json", "--db", "{db}"],
                                         "one scores file"),
     "unknown command": (["frobnicate", "--db", "{db}"], "invalid choice: 'frobnicate'"),
-    "database that is a text file": (["status", "--db", "{files}/text.duckdb"], "not a valid DuckDB database file"),
+    "database that is a text file": (["status", "--db", "{files}/text.duckdb"], "is not a DuckDB database file"),
     "database truncated": (["status", "--db", "{files}/truncated.duckdb"], "truncated.duckdb"),
     "database is a folder": (["status", "--db", "{data}"], "Is a directory"),
     "database in a missing folder": (["sweep", "--model", "{tiny}", "--db", "{root}/no/such/folder/new.duckdb"],
