@@ -46,9 +46,9 @@ def one_sweep(name: str, config: SweepConfig, store: Store, reasoner, pools: dic
     if name == "local":
         run_id = Sweep.create(store, reasoner, config)
         return timed(store, Sweep(store, reasoner, config, run_id), run_id)
-    pool, shape = pools[name]
-    run_id = Sweep.create(store, shape, config)
-    return timed(store, distributed.DistributedSweep(store, shape, config, run_id, pool), run_id)
+    executor = distributed.RayExecutor(pools[name][0])
+    run_id = Sweep.create(store, executor.shape, config)
+    return timed(store, Sweep(store, executor, config, run_id), run_id)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ A randomly initialised CODI model of Llama-3.2-1B's shape (16 blocks, hidden 204
 in bfloat16, on questions of random token ids with the real length distribution of the GSM8K
 test questions. Decoding is forced to 8 answer tokens (EOS disabled) so that random weights do not
 run to the cap. Prints problems/hour and peak GPU memory of the engine (`--batch-size auto`, the
-product's BatchSizer, capped by --max-gpu-memory-gb) and of the old loop (bench/reference.py) on
+product's memory estimate, runner/memory.py, capped by --max-gpu-memory-gb) and of the old loop (bench/reference.py) on
 a small subset, and their ratio, and the engine's model FLOP utilisation (model FLOPs counted as in
 bench/throughput.py, over the device's bf16 matmul rate measured in the same run). `--tiny` runs the same code on a 2-block model on the CPU so
 that this script cannot rot on machines without a GPU.
@@ -28,7 +28,8 @@ from bench.reference import reference_answer  # noqa: E402
 from bench.throughput import ModelFlops  # noqa: E402
 from runner import ablation  # noqa: E402
 from runner.model import LatentReasoner  # noqa: E402
-from runner.sweep import BatchSizer  # noqa: E402
+from runner import memory  # noqa: E402
+from runner.executor import ModelShape  # noqa: E402
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 # GSM8K test questions measured with the Llama-3 tokenizer average ~62 tokens (min ~15, max ~210);
@@ -82,24 +83,23 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> LatentReasoner:
     return reasoner
 
 
-def engine(reasoner, questions, variants, sizer: BatchSizer, device: str) -> tuple[float, int]:
-    """Every question x variant through the engine with the product's batch sizing; (seconds, final batch)."""
+def engine(reasoner, questions, variants, size: int, device: str) -> tuple[float, int]:
+    """Every question x variant through the engine, `size` problems a batch, halved on out-of-memory as a
+    sweep does; (seconds, final batch)."""
     started, index = time.perf_counter(), 0
     while index < len(questions):
-        chunk = questions[index : index + sizer.size]
+        chunk = questions[index : index + size]
         plan = ablation.make_plan(variants, [str(index + i) for i in range(len(chunk))], 6, reasoner.d_model)
-        batch_started = time.perf_counter()
         try:
             reasoner.rollout(chunk, plan, max_new_tokens=8)
         except torch.OutOfMemoryError:
-            sizer.out_of_memory()
+            size = max(1, size // 2)
             torch.cuda.empty_cache()
             continue
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        sizer.succeeded(len(chunk), time.perf_counter() - batch_started)
         index += len(chunk)
-    return time.perf_counter() - started, sizer.size
+    return time.perf_counter() - started, size
 
 
 def matmul_peak_tflops(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -139,12 +139,14 @@ def main() -> None:
     questions = [rng.integers(0, reasoner.base_vocab, size=length).tolist() for length in question_lengths(n, rng)]
     variants = ablation.expand(tuple(args.schemes.split(",")), ("zero",), "latent", "recompute", 6)
 
-    sizer = BatchSizer("auto", len(variants), device, args.max_gpu_memory_gb)
-    engine(reasoner, questions[:64], variants, sizer, device)  # warm-up, and lets 'auto' find its size
+    # The sweep's `auto`: as many problems as the row cap and the memory estimate allow (runner/memory.py).
+    budget = memory.device_budget(device, args.max_gpu_memory_gb)
+    size = memory.auto_batch_size(ModelShape.of(reasoner), len(variants), max(map(len, questions)), 8, device, budget)
+    size = engine(reasoner, questions[:64], variants, size, device)[1]  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with ModelFlops(reasoner) as counted:
-        seconds, batch = engine(reasoner, questions, variants, sizer, device)
+        seconds, batch = engine(reasoner, questions, variants, size, device)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     peak_tflops = matmul_peak_tflops(device, dtype)
 

@@ -23,8 +23,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from db import queries, report, seed  # noqa: E402
-from db.queries import Curve, Filters  # noqa: E402
+from db import exports, figures, queries, report, seed  # noqa: E402
+from db.scope import Scope  # noqa: E402
 from db.store import Store  # noqa: E402
 
 T = 6
@@ -60,41 +60,44 @@ def synthetic_run(store: Store, n_problems: int, rng: np.random.Generator) -> in
 
 def page_queries(store: Store, run_id: int, other: int) -> dict:
     """The calls the dashboard pages make for one run, named by page."""
-    hard, f = Filters(difficulties=(5, 6, 7, 8)), Filters()
+    f = Scope(run_id)
+    hard, prefix = f.replace(difficulties=(5, 6, 7, 8)), f.replace(scheme="prefix")
     return {
         "run.runs": lambda: queries.runs(store),
         "sidebar.latest_run_id": lambda: queries.latest_run_id(store),
         "importance.variant_groups": lambda: queries.variant_groups(store, run_id),
-        "importance.baseline_accuracy": lambda: queries.baseline_accuracy(store, run_id, f),
-        "importance.flip_curve": lambda: queries.position_curve(store, run_id, f, "flip"),
-        "importance.flip_curve_filtered": lambda: queries.position_curve(store, run_id, hard, "flip"),
-        "importance.logprob_drop_curve": lambda: queries.position_curve(store, run_id, f, "logprob_drop"),
-        "importance.early_late": lambda: queries.early_late(store, run_id, f),
-        "difficulty.by_steps": lambda: queries.difficulty_table(store, run_id, f, by="steps"),
-        "difficulty.by_bucket": lambda: queries.difficulty_table(store, run_id, f, by="bucket"),
-        "difficulty.heatmap": lambda: queries.difficulty_heatmap(store, run_id, f, "prefix", measure="flip"),
-        "problems.table": lambda: queries.problems_table(store, run_id, f, any_flip=True, search="apples"),
-        "problems.table_sql_fragment": lambda: queries.problems_table(store, run_id, f, search="'; DROP TABLE x --"),
+        "importance.baseline_accuracy": lambda: queries.baseline_accuracy(store, f),
+        "importance.flip_curve": lambda: figures.position_curve(store, f, "flip"),
+        "importance.flip_curve_filtered": lambda: figures.position_curve(store, hard, "flip"),
+        "importance.logprob_drop_curve": lambda: figures.position_curve(store, f, "logprob_drop"),
+        "importance.early_late": lambda: figures.early_late(store, prefix),
+        "difficulty.by_steps": lambda: figures.difficulty_table(store, prefix, by="steps"),
+        "difficulty.by_bucket": lambda: figures.difficulty_table(store, prefix, by="bucket"),
+        "difficulty.named_figures": lambda: figures.named_figures(store, prefix, by="steps"),
+        "difficulty.heatmap": lambda: figures.difficulty_heatmap(store, prefix, "flip"),
+        "problems.table": lambda: queries.problems_table(store, f, any_flip=True, search="apples"),
+        "problems.table_sql_fragment": lambda: queries.problems_table(store, f, search="'; DROP TABLE x --"),
         "problems.detail": lambda: queries.problem_detail(store, run_id, "p00042"),
         "progress.metrics": lambda: queries.metrics(store, run_id),
         "progress.latest_results": lambda: queries.latest_results(store, run_id, 20),
-        "compare.two_runs": lambda: queries.compare(store, Curve(run_id), Curve(other)),
-        "compare.phases": lambda: queries.compare(store, Curve(run_id, Filters(phase="validation")), Curve(run_id)),
-        "export.seed_summary": lambda: (queries.seed_keys(store, run_id, ("zero", "latent", "recompute"), f),
-                                        queries.baseline_accuracy(store, run_id, Filters(phase="validation"))),
+        "compare.two_runs": lambda: figures.compare(store, prefix, Scope(other, scheme="prefix")),
+        "compare.phases": lambda: figures.compare(store, prefix.replace(phase="validation"), prefix),
+        "export.seed_summary": lambda: (figures.old_script_summary(store, prefix.group("prefix", "zero", "latent",
+                                                                                       "recompute")),
+                                        queries.baseline_accuracy(store, f.replace(phase="validation"))),
     }
 
 
 def download_builders(store: Store, run_id: int) -> dict:
     """What the export page builds when a download button is clicked (never on page load)."""
-    group = ("zero", "latent", "recompute")
+    scope = Scope(run_id, scheme="prefix", method="zero", site="latent", mode="recompute")
     return {
         "download.seed_scores_json": lambda: json.dumps(seed.seed_documents(
-            store, run_id, *group, names=(seed.SCORES,))[seed.SCORES], indent=2),
-        "download.results_csv": lambda: report.results_csv(store, run_id),
-        "download.results_parquet": lambda: report.results_parquet(store, run_id),
+            store, scope, names=(seed.SCORES,))[seed.SCORES], indent=2),
+        "download.results_csv": lambda: exports.results_csv(store, Scope(run_id)),
+        "download.results_parquet": lambda: exports.results_parquet(store, Scope(run_id)),
         "download.report_md": lambda: report.markdown_report(store, run_id),
-        "download.stats_json": lambda: json.dumps(queries.stats_json(store, run_id), indent=2),
+        "download.stats_json": lambda: json.dumps(report.stats_json(store, run_id), indent=2),
     }
 
 

@@ -2,7 +2,7 @@
 
 Conventions: rates are fractions shown as percentages; every interval is the 95% interval that
 db/queries.py computed (Wilson for rates, bootstrap for log-prob drops), drawn as a shaded band.
-A variant's x position is its k, labelled with the latents it ablates (DESIGN.md section 3).
+A variant's x position is its k, labelled with the latents it ablates as its rows say (db migration 3).
 Every name that came from a file (a method, a run's model, a logit-lens token) goes through safe.html:
 Plotly renders an HTML subset, links included, in legends, ticks and hover text.
 """
@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.safe import html as plain
+from db.figures import ablated_label
 
 COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
 MEASURE_LABELS = {"flip": "Flip rate", "harm": "Harm rate (right → wrong)", "help": "Help rate (wrong → right)",
@@ -33,19 +34,16 @@ SCHEME_AXES = {"prefix": "Latents ablated (prefix k: latents 0…k−1)", "singl
                "suffix": "Latents ablated (suffix k: latents k…T−1)", "exit": "Latents fed before the answer"}
 
 
-def ablated(scheme: str, k: int, num_latent: int) -> str:
-    """Which latents a variant replaces, as a tick label."""
-    if scheme == "prefix":
-        return "0" if k == 1 else f"0–{k - 1}"
-    if scheme == "suffix":
-        return str(k) if k == num_latent - 1 else f"{k}–{num_latent - 1}"
-    return str(k)  # single: the latent; exit: how many are fed
+def ticks(curve: pd.DataFrame, num_latent: int) -> dict[int, str]:
+    """{k: what the variant ablated} as the rows say themselves (db migration 3), for tick labels."""
+    rows = curve.drop_duplicates("k").sort_values("k")
+    return {int(r.k): ablated_label(r.ablated_positions, int(r.latents_fed), num_latent, short=True)
+            for r in rows.itertuples()}
 
 
-def ablated_positions(scheme: str, k: int, num_latent: int) -> set[int]:
-    """The latent positions a variant replaces (exit: the ones it never feeds); DESIGN.md section 3."""
-    return {"prefix": set(range(k)), "single": {k}, "suffix": set(range(k, num_latent)),
-            "exit": set(range(k, num_latent))}.get(scheme, set())
+def lens_marks(ablated, latents_fed: int, num_latent: int) -> set[int]:
+    """The latents a row replaced or never fed (early exit), as it says itself: framed in the lens."""
+    return {int(p) for p in ablated} | set(range(int(latents_fed), num_latent))
 
 
 def is_rate(measure: str) -> bool:
@@ -90,7 +88,7 @@ def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: 
         color, name = COLORS[i % len(COLORS)], plain(f"{method} · {site} · {mode}" if several else method)
         group = group.sort_values("k")
         _band(fig, group["k"], group["value_lo"], group["value_hi"], color, name)
-        labels = [ablated(scheme, int(k), num_latent) for k in group["k"]]
+        labels = [ticks(group, num_latent)[int(k)] for k in group["k"]]
         fig.add_trace(go.Scatter(
             x=group["k"], y=group["value"], mode="lines+markers", name=name, legendgroup=name,
             line=dict(color=color, width=2.5), marker=dict(size=7),
@@ -98,8 +96,8 @@ def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: 
             hovertemplate=(f"<b>{name}</b><br>ablated %{{customdata[0]}}<br>value %{{y:{_fmt(measure)}}} "
                            f"[%{{customdata[1]:{_fmt(measure)}}}, %{{customdata[2]:{_fmt(measure)}}}]"
                            "<br>n = %{customdata[3]}<extra></extra>")))
-    ks = sorted(part["k"].unique())
-    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, int(k), num_latent) for k in ks])
+    labels = ticks(part, num_latent)
+    fig.update_xaxes(tickmode="array", tickvals=list(labels), ticktext=list(labels.values()))
     _layout(fig, height, SCHEME_AXES.get(scheme, "k"), MEASURE_LABELS[measure])
     fig.update_yaxes(tickformat=".0%" if is_rate(measure) else ".2f", range=y_range)
     fig.update_layout(showlegend=True)
@@ -112,9 +110,14 @@ def _fmt(measure: str) -> str:
 
 def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str, measure: str,
                        num_latent: int) -> go.Figure:
-    """Step count (rows) x k (columns), colour = the measure, each cell labelled with its value."""
+    """Step count (rows) x k (columns), colour = the measure, each cell labelled with its value.
+
+    `matrix.attrs['ablated']` (db.figures.difficulty_heatmap): {k: (ablated positions, latents fed)}.
+    """
     rows = [f"{d} step{'s' if d != 1 else ''} (n={counts.get(int(d), '?')})" for d in matrix.index]
-    columns = [ablated(scheme, int(k), num_latent) for k in matrix.columns]
+    what = matrix.attrs.get("ablated", {})
+    columns = [ablated_label(*what[int(k)], num_latent, short=True) if int(k) in what else str(k)
+               for k in matrix.columns]
     rate = is_rate(measure)
     fig = go.Figure(go.Heatmap(
         z=matrix.to_numpy(dtype=float), x=columns, y=rows, colorscale="Reds" if rate else "Purples",
@@ -134,6 +137,7 @@ def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str
 
     A curve is drawn only where it has values, so a run with fewer positions ends early instead of
     pulling a band into a sliver; a difference is drawn only where the two sides share problems.
+    Ticks name what the first curve's k ablated; the page leaves out pairs whose positions differ in meaning.
     """
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36], vertical_spacing=0.1)
     for i, (label, curve) in enumerate(curves):
@@ -155,7 +159,8 @@ def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str
             row=2, col=1)
     fig.add_hline(y=0, line_color="#9ca3af", row=2, col=1)
     ks = sorted({int(k) for _, curve in curves for k in curve["k"]})
-    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[ablated(scheme, k, num_latent) for k in ks])
+    labels = ticks(curves[0][1], num_latent) if len(curves[0][1]) else {}
+    fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[labels.get(k, str(k)) for k in ks])
     _layout(fig, 500)
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
     fig.update_xaxes(title=SCHEME_AXES.get(scheme, "k"), row=2, col=1)

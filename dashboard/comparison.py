@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from db.queries import Curve, Filters
+from db.scope import Scope
 
 PHASES = {"all": None, "validation": "validation"}
 # Settings in legend order; the run's own settings come from queries.run_settings.
-SHOWN = ("model", "dataset", "scheme", "method", "site", "mode", "problems", "limit", "validation", "seed", "dtype",
-         "device", "batch_size")
+SHOWN = ("model", "dataset", "positions", "scheme", "method", "site", "mode", "problems", "limit", "validation",
+         "seed", "dtype", "device", "batch_size")
+POSITIONS = {"latent": "latent positions", "old-script": "the old script's positions"}
 BARE = {"scheme", "method", "site", "mode"}  # their values say what they are: "frozen", "resid:8"
 
 
@@ -21,8 +22,9 @@ class Side:
     mode: str
     phase: str = "all"  # all | validation
 
-    def curve(self) -> Curve:
-        return Curve(self.run_id, Filters(phase=PHASES[self.phase]), self.scheme, self.method, self.site, self.mode)
+    def scope(self) -> Scope:
+        return Scope(self.run_id, PHASES[self.phase], scheme=self.scheme, method=self.method, site=self.site,
+                     mode=self.mode)
 
     def option(self) -> str:
         problems = " · validation subset" if self.phase == "validation" else ""
@@ -37,6 +39,8 @@ def settings(side: Side, run: dict) -> dict:
 
 
 def _text(key: str, value) -> str:
+    if key == "positions":
+        return POSITIONS.get(value, str(value))
     value = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else "not recorded" if value is None \
         else value
     return str(value) if key in BARE or key == "problems" else f"{key.replace('_', ' ')} {value}"
@@ -51,3 +55,9 @@ def labels(sides: list[Side], runs: dict[int, dict]) -> tuple[list[str], list[st
     tied = {n for n in names if names.count(n) > 1}
     names = [f"{n} · run #{s.run_id}" if n and n in tied else n or f"run #{s.run_id}" for n, s in zip(names, sides)]
     return names, differ
+
+
+def mixed_positions(sides: list[Side], runs: dict[int, dict]) -> list[int]:
+    """The runs among `sides` that number positions otherwise than the first side (runner.ablation.POSITIONS)."""
+    first = runs.get(sides[0].run_id, {}).get("positions", "latent")
+    return sorted({s.run_id for s in sides if runs.get(s.run_id, {}).get("positions", "latent") != first})

@@ -2,22 +2,22 @@
 
 Every function is keyed by plain arguments: the database path, the run id, the run's `version`
 (its done count and status, see state.version, so a sweep that writes a batch never leaves a
-page on stale numbers) and the query's own arguments (`Filters` and `Curve` are frozen
-dataclasses of plain values). The Store itself comes from the path via `state.open_service`.
+page on stale numbers) and the query's own arguments: the page's `Scope` (a frozen dataclass of
+plain values, built once per page) and the measure. The Store itself comes from the path via `state.open_service`.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
 
 from dashboard.state import open_service
-from db import queries, report, seed
+from db import exports, figures, queries, report, seed
 from db.paired import paired_difference
-from db.queries import Curve, Filters
+from db.scope import Scope
 from runner import data as datasets
+from runner.ablation import POSITIONS
 
 CACHE = dict(show_spinner=False, max_entries=128)
 
@@ -34,53 +34,56 @@ def variant_groups(db: str, run_id: int, version: tuple) -> pd.DataFrame:
 @st.cache_data(**CACHE)
 def difficulties(db: str, run_id: int, version: tuple) -> list[int]:
     """The step counts of the run's stored problems, for the difficulty filter."""
-    table = queries.problems_table(_store(db), run_id, Filters(), limit=1_000_000)
+    table = queries.accuracy_by(_store(db), Scope(run_id), "steps")
     return sorted(int(d) for d in table["difficulty"].unique())
 
 
 @st.cache_data(**CACHE)
 def has_validation(db: str, run_id: int, version: tuple) -> bool:
-    return queries.baseline_accuracy(_store(db), run_id, Filters(phase="validation"))["n"] > 0
+    return queries.baseline_accuracy(_store(db), Scope(run_id, phase="validation"))["n"] > 0
 
 
 @st.cache_data(**CACHE)
-def baseline_accuracy(db: str, run_id: int, version: tuple, filters: Filters) -> dict:
-    return queries.baseline_accuracy(_store(db), run_id, filters)
+def positions(db: str, run_id: int) -> tuple[str, str]:
+    """How the run numbers positions, and what that means (runner.ablation.POSITIONS): fixed at creation."""
+    name = queries.positions(_store(db), run_id)
+    return name, POSITIONS.get(name, name)
 
 
 @st.cache_data(**CACHE)
-def position_curves(db: str, run_id: int, version: tuple, filters: Filters, measure: str) -> pd.DataFrame:
-    """Every variant group's per-k curve of one measure (position_curve with no group named)."""
-    return queries.position_curve(_store(db), run_id, filters, measure)
+def baseline_accuracy(db: str, version: tuple, scope: Scope) -> dict:
+    return queries.baseline_accuracy(_store(db), scope)
 
 
 @st.cache_data(**CACHE)
-def early_late(db: str, run_id: int, version: tuple, filters: Filters, scheme: str, method: str, site: str,
-               mode: str) -> dict:
-    return queries.early_late(_store(db), run_id, filters, scheme, method, site, mode)
+def position_curve(db: str, version: tuple, scope: Scope, measure: str) -> pd.DataFrame:
+    """Per-k curves of one measure: every variant group the scope leaves open (all, or one group)."""
+    return figures.position_curve(_store(db), scope, measure)
 
 
 @st.cache_data(**CACHE)
-def difficulty_table(db: str, run_id: int, version: tuple, filters: Filters, by: str, scheme: str, method: str,
-                     site: str, mode: str) -> pd.DataFrame:
-    return queries.difficulty_table(_store(db), run_id, filters, scheme, method, site, mode, by=by)
+def early_late(db: str, version: tuple, scope: Scope, measure: str) -> dict:
+    return figures.early_late(_store(db), scope, measure)
 
 
 @st.cache_data(**CACHE)
-def difficulty_heatmap(db: str, run_id: int, version: tuple, filters: Filters, measure: str, scheme: str,
-                       method: str, site: str, mode: str) -> pd.DataFrame:
-    return queries.difficulty_heatmap(_store(db), run_id, filters, scheme, method, site, mode, measure)
+def difficulty_table(db: str, version: tuple, scope: Scope, by: str) -> pd.DataFrame:
+    return figures.difficulty_table(_store(db), scope, by)
 
 
 @st.cache_data(**CACHE)
-def curve(db: str, version: tuple, curve: Curve, measure: str) -> pd.DataFrame:
-    """One compared curve: its per-k values with intervals (position_curve of one group)."""
-    return queries.position_curve(_store(db), curve.run_id, curve.filters, measure, curve.scheme, curve.method,
-                                  curve.site, curve.mode)
+def named_figures(db: str, version: tuple, scope: Scope, by: str) -> dict:
+    """The old script's and the per-latent early/late per step count or bucket (db.figures.FIGURES)."""
+    return figures.named_figures(_store(db), scope, by)
 
 
 @st.cache_data(**CACHE)
-def paired(db: str, versions: tuple, a: Curve, b: Curve, measure: str) -> pd.DataFrame:
+def difficulty_heatmap(db: str, version: tuple, scope: Scope, measure: str) -> pd.DataFrame:
+    return figures.difficulty_heatmap(_store(db), scope, measure)
+
+
+@st.cache_data(**CACHE)
+def paired(db: str, versions: tuple, a: Scope, b: Scope, measure: str) -> pd.DataFrame:
     """a − b per k on the problems both share, with the paired bootstrap interval (db/paired.py)."""
     store = _store(db)
     return paired_difference(queries.curve_values(store, a, measure), queries.curve_values(store, b, measure))
@@ -92,9 +95,9 @@ def run_settings(db: str, run_ids: tuple) -> dict:
 
 
 @st.cache_data(**CACHE)
-def problems_table(db: str, run_id: int, version: tuple, filters: Filters, any_flip: bool | None, search: str,
+def problems_table(db: str, version: tuple, scope: Scope, any_flip: bool | None, search: str,
                    order_by: str) -> pd.DataFrame:
-    return queries.problems_table(_store(db), run_id, filters, any_flip, search or None, order_by, limit=5000)
+    return queries.problems_table(_store(db), scope, any_flip, search or None, order_by, limit=5000)
 
 
 @st.cache_data(**CACHE)
@@ -114,17 +117,16 @@ def latest_results(db: str, run_id: int, version: tuple) -> pd.DataFrame:
 
 # --- exports (the old script's JSON schema, tables, report) -----------------------------------------
 @st.cache_data(**CACHE)
-def seed_overview(db: str, run_id: int, version: tuple, filters: Filters, method: str, site: str,
-                  mode: str) -> dict:
+def seed_overview(db: str, version: tuple, scope: Scope) -> dict:
     """What the export page shows of the old script's files: their summary and the validation problem count."""
     store = _store(db)
-    return {"summary": queries.seed_keys(store, run_id, (method, site, mode), filters),
-            "n_validation": queries.baseline_accuracy(store, run_id, replace(filters, phase="validation"))["n"]}
+    return {"summary": figures.old_script_summary(store, scope),
+            "n_validation": queries.baseline_accuracy(store, scope.replace(phase="validation"))["n"]}
 
 
-def seed_file(db: str, run_id: int, filters: Filters, method: str, site: str, mode: str, name: str) -> str:
-    """Deferred download of one of the old script's three files, for the problems the filters keep."""
-    return to_json(seed.seed_documents(_store(db), run_id, method, site, mode, filters, names=(name,))[name])
+def seed_file(db: str, scope: Scope, name: str) -> str:
+    """Deferred download of one of the old script's three files, for the problems in scope."""
+    return to_json(seed.seed_documents(_store(db), scope, names=(name,))[name])
 
 
 def to_json(document) -> str:
@@ -132,14 +134,14 @@ def to_json(document) -> str:
     return json.dumps(document, indent=2)
 
 
-def results_csv(db: str, run_id: int, filters: Filters, raw: bool = False) -> bytes:
+def results_csv(db: str, scope: Scope, raw: bool = False) -> bytes:
     """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV,
     formula-like text cells neutralised unless `raw`."""
-    return report.results_csv(_store(db), run_id, filters, raw=raw)
+    return exports.results_csv(_store(db), scope, raw=raw)
 
 
-def results_parquet(db: str, run_id: int, filters: Filters) -> bytes:
-    return report.results_parquet(_store(db), run_id, filters)
+def results_parquet(db: str, scope: Scope) -> bytes:
+    return exports.results_parquet(_store(db), scope)
 
 
 def markdown_report(db: str, run_id: int) -> str:
@@ -147,7 +149,7 @@ def markdown_report(db: str, run_id: int) -> str:
 
 
 def stats_json(db: str, run_id: int) -> str:
-    return json.dumps(queries.stats_json(_store(db), run_id), indent=2)
+    return json.dumps(report.stats_json(_store(db), run_id), indent=2)
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -174,7 +176,3 @@ def runs_overview(db: str, version: tuple) -> pd.DataFrame:
     return queries.runs_overview(_store(db))
 
 
-@st.cache_data(**CACHE)
-def early_late_of(db: str, run_id: int, version: tuple, filters: Filters, measure: str, scheme: str, method: str,
-                  site: str, mode: str) -> dict:
-    return queries.early_late_of(_store(db), run_id, filters, measure, scheme, method, site, mode)

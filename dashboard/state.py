@@ -20,16 +20,14 @@ from streamlit.runtime.pages_manager import PagesManager
 from dashboard import safe, uploads
 from db import queries
 from db.store import Store, StoreError
-from runner.ablation import AblationError
-from runner.data import DatasetError
-from runner.model import ModelLoadError
-from runner.service import SweepBusy, SweepService
-from runner.sweep import SweepConfig, SweepError
+from runner.errors import SweepBusy, ThoughtSweepError
+from runner.service import SweepService
+from runner.sweep import SweepConfig
 
 DEFAULT_DB = "thoughtsweep.duckdb"
 DB_SUFFIXES = (".duckdb", ".db")
 # Errors whose message is written for a person: shown as they are, never as a traceback.
-EXPLAINED = (SweepError, DatasetError, ModelLoadError, AblationError, StoreError)
+EXPLAINED = (ThoughtSweepError, StoreError)
 
 
 def launch_db(argv: list[str] | None = None) -> str:
@@ -245,8 +243,11 @@ def start_sweep(config: SweepConfig) -> int | None:
     except Exception as error:  # e.g. a transformers OSError on a broken checkpoint: the text, not a traceback
         st.session_state["sweep_feedback"] = ("error", f"Not started: {type(error).__name__}: {error}")
     else:
-        select(run_id)
         st.session_state["loaded_models"] = [*st.session_state.get("loaded_models", []), config.model_spec()]
+        if run_id is None:  # Stop came from another tab while the model loaded: no run was created
+            st.session_state["sweep_feedback"] = ("info", "Not started: stopped while the model was loading.")
+            return None
+        select(run_id)
         st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} started.")
         st.session_state["run_name"] = ""  # the next run gets its own name, not this one's
         return run_id
@@ -267,7 +268,7 @@ def follow_demo() -> None:
 def resume_sweep(run_id: int) -> None:
     """on_click of Resume: continue a stopped / interrupted / failed run where it stopped."""
     try:
-        service().resume(run_id)
+        resumed = service().resume(run_id)
     except SweepBusy as error:
         st.session_state["sweep_feedback"] = ("warning", f"Not resumed: {error}.")
     except EXPLAINED as error:
@@ -276,7 +277,8 @@ def resume_sweep(run_id: int) -> None:
         st.session_state["sweep_feedback"] = ("error", f"Not resumed: {type(error).__name__}: {error}")
     else:
         select(run_id)
-        st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} resumed.")
+        st.session_state["sweep_feedback"] = ("success", f"Run #{run_id} resumed.") if resumed is not None else \
+            ("info", f"Run #{run_id} not resumed: stopped while the model was loading.")
 
 
 def stop_sweep() -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import data, state, uploads
-from runner.ablation import METHODS, MODES, SCHEMES, AblationError, expand, parse_site
+from runner.ablation import METHODS, MODES, SCHEMES, expand, parse_site
+from runner.errors import AblationError, ThoughtSweepError
 from runner.model import ModelSpec
-from runner.sweep import SweepConfig, SweepError
+from runner.sweep import SweepConfig
 
 MODEL_CHOICES = ("Embedded default", "Local CODI checkpoint")
 DATASET_CHOICES = ("Built-in problems", "GSM8K .jsonl file", "Old script's .json file", "Upload a file")
@@ -233,7 +234,7 @@ def _check(plan: Plan) -> Plan:
     config = plan.config
     try:
         config.check()
-    except (SweepError, AblationError) as error:
+    except ThoughtSweepError as error:
         plan.issues.append(f"Options: {error}")
     spec = config.model_spec()
     if spec in st.session_state["loaded_models"]:  # loading takes seconds: only once asked (Load, preset, Start)

@@ -8,13 +8,15 @@ import streamlit as st
 
 from dashboard import data, safe
 from dashboard.charts import MEASURE_HELP, MEASURE_LABELS
-from db.queries import MEASURES, Filters
+from db.queries import MEASURES
+from db.scope import Scope
 
 CORRECTNESS = {"all problems": None, "baseline right": True, "baseline wrong": False}
 
 
-def filters(db: str, run: dict, version: tuple, key: str) -> Filters:
-    """Difficulty, baseline correctness and phase, in one row; `key` keeps each page's choice apart."""
+def filters(db: str, run: dict, version: tuple, key: str) -> Scope:
+    """The page's Scope: the run, and difficulty, baseline correctness and phase picked in one row (`key`
+    keeps each page's choice apart). The page narrows it to a variant group with `Scope.group`."""
     steps = data.difficulties(db, int(run["id"]), version)
     held = st.session_state.get(f"{key}_difficulty")
     if held and not set(held) <= set(steps):  # kept from another run: keep what this run has
@@ -30,8 +32,8 @@ def filters(db: str, run: dict, version: tuple, key: str) -> Filters:
                             persist_state="session", disabled=not validation,
                             help="The validation subset is part of the full run" if validation
                             else "This run has no validation subset")
-    return Filters(phase="validation" if phase == "validation subset" else None, difficulties=tuple(chosen),
-                   baseline_correct=CORRECTNESS[correctness])
+    return Scope(int(run["id"]), phase="validation" if phase == "validation subset" else None,
+                 difficulties=tuple(chosen), baseline_correct=CORRECTNESS[correctness])
 
 
 def measure(key: str, default: str = "flip") -> str:

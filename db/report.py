@@ -1,127 +1,35 @@
-"""What leaves the database for people: CSV/Parquet exports, the experiment report, the live status page.
+"""Documents made of a run's figures: `stats --json` and the experiment report (Markdown).
 
-Files are written only under the `out_dir` given, with names from `EXPORT_NAMES`; `out_dir` is
-created if missing. Numbers come from db/queries.py, so the report, the dashboard and
-`stats --json` never disagree.
+Every number comes from db/figures.py, under the names FIGURES gives it, so the report, the
+dashboard, `stats --json` and the exports never disagree.
 """
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
-import pyarrow
-import pyarrow.compute
-import pyarrow.csv
-import pyarrow.parquet
 
-from db import files, queries
-from db.queries import Curve, Filters
-from db.seed import export_seed
-
-EXPORT_NAMES = ("results.csv", "results.parquet", "report.md")
-FORMATS = ("seed-json", "csv", "parquet", "markdown")
-EXPORT_COLUMNS = ("run_id", "problem_id", "difficulty", "phase", "variant", "scheme", "k", "method", "site", "mode",
-                  "answer_text", "answer_value", "extraction", "correct", "changed", "flip", "harm", "help",
-                  "gold_logprob", "logprob_drop", "gold", "baseline_correct", "prefix_value", "tokens")
-
-
-def _target(out_dir, name: str) -> Path:
-    """out_dir/name for a fixed export name; refuses any name that could leave out_dir."""
-    if "/" in name or "\\" in name or ".." in name or name not in EXPORT_NAMES:
-        raise ValueError(f"export name {name!r} is not one of {', '.join(EXPORT_NAMES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out / name
-
-
-def results_table(store, run_id: int, filters: Filters = Filters()) -> pyarrow.Table:
-    """One row per (problem, variant) in scope, in run order, baseline first: what the CSV/Parquet exports hold.
-
-    An Arrow table straight from DuckDB: three times faster than a DataFrame, and both writers take it.
-    """
-    table = store.query_arrow(
-        f"WITH {queries.SCOPE} SELECT r.run_id, r.problem_id, s.difficulty, s.phase, r.variant, r.scheme, r.k, "
-        f"r.method, r.site, r.mode, r.answer_text, r.answer_value, r.extraction, r.correct, r.changed, r.flip, "
-        f"r.harm, r.help, r.gold_logprob, r.logprob_drop, s.gold, s.baseline_correct, r.prefix_value, r.tokens "
-        f"FROM results r JOIN scope s USING (problem_id) WHERE r.run_id = ? "
-        f"ORDER BY s.ord, {queries.SCHEME_ORDER}, r.method, r.site, r.mode, r.k",
-        [*queries.scope_params(run_id, filters), run_id])
-    assert tuple(table.column_names) == EXPORT_COLUMNS, f"export columns {table.column_names} != EXPORT_COLUMNS"
-    return table
-
-
-def results_csv(store, run_id: int, filters: Filters = Filters(), sink=None, raw: bool = False):
-    """results.csv into `sink` (a path), or as bytes when no sink is given. Booleans are written true/false.
-
-    Text cells a spreadsheet would run as formulas are neutralised (db/files.py) unless `raw`.
-
-    pyarrow's writer: pandas' to_csv takes seconds on a 50k-row run.
-    """
-    table = results_table(store, run_id, filters)
-    # CSV has no lists: the generated ids as one cell of space-separated integers ("" for rows without).
-    tokens = pyarrow.compute.binary_join(pyarrow.compute.cast(table["tokens"], pyarrow.list_(pyarrow.string())), " ")
-    table = table.set_column(table.column_names.index("tokens"), "tokens", tokens)
-    return _write(pyarrow.csv.write_csv, table if raw else files.neutralise_formulas(table), sink)
-
-
-def results_parquet(store, run_id: int, filters: Filters = Filters(), sink=None):
-    """results.parquet (the CSV's columns, typed) into `sink` (a path), or as bytes when no sink is given."""
-    return _write(pyarrow.parquet.write_table, results_table(store, run_id, filters), sink)
-
-
-def _write(writer, table: pyarrow.Table, sink):
-    if sink is not None:
-        return writer(table, str(sink))
-    buffer = pyarrow.BufferOutputStream()
-    writer(table, buffer)
-    return buffer.getvalue().to_pybytes()
-
-
-def export_csv(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.csv",
-               raw: bool = False) -> Path:
-    """Write results.csv (columns EXPORT_COLUMNS) into out_dir, whole or not at all (db/files.py)."""
-    return files.write_bytes(_target(out_dir, name), results_csv(store, run_id, filters, raw=raw))
-
-
-def export_parquet(store, run_id: int, out_dir, filters: Filters = Filters(), name: str = "results.parquet") -> Path:
-    """Write results.parquet (same columns as the CSV) into out_dir."""
-    return files.write_bytes(_target(out_dir, name), results_parquet(store, run_id, filters))
-
-
-def export_markdown(store, run_id: int, out_dir, name: str = "report.md") -> Path:
-    """Write the experiment report into out_dir."""
-    return files.write_text(_target(out_dir, name), markdown_report(store, run_id))
-
-
-def export(store, run_id: int, fmt: str, out_dir, filters: Filters = Filters(), raw: bool = False) -> list[Path]:
-    """`runner export --format FMT`: the files written for one of FORMATS (seed-json: the whole run, no filters)."""
-    if fmt == "seed-json":
-        return export_seed(store, run_id, out_dir)
-    if fmt == "csv":
-        return [export_csv(store, run_id, out_dir, filters, raw=raw)]
-    if fmt == "parquet":
-        return [export_parquet(store, run_id, out_dir, filters)]
-    if fmt == "markdown":
-        return [export_markdown(store, run_id, out_dir)]
-    raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+from db import figures, queries
+from db.figures import FIGURES, ablated_label
+from db.scope import Scope
+from db.stats import GROUP_KEYS, drop_intervals, early_late_table
 
 
 # --- formatting -------------------------------------------------------------------------------------
-def _missing(value) -> bool:
+def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _ci(value, lo, hi, digits: int = 3) -> str:
-    if _missing(value):
+def ci(value, lo=None, hi=None, digits: int = 3) -> str:
+    if missing(value):
         return "–"
-    interval = "" if _missing(lo) or _missing(hi) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    interval = "" if missing(lo) or missing(hi) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
     return f"{value:.{digits}f}{interval}"
 
 
-def _duration(seconds) -> str:
-    if _missing(seconds):
+def duration(seconds) -> str:
+    if missing(seconds):
         return "–"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -129,66 +37,147 @@ def _duration(seconds) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def _ablated(scheme: str, k: int, num_latent: int) -> str:
-    """Which latent positions a variant replaces (DESIGN.md section 3), for table rows."""
-    if scheme == "prefix":
-        return "0" if k == 1 else f"0–{k - 1}"
-    if scheme == "single":
-        return str(k)
-    if scheme == "suffix":
-        return str(k) if k == num_latent - 1 else f"{k}–{num_latent - 1}"
-    return f"none (EOT after {k} latents)"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def _run(store, run_id: int) -> dict:
-    run = store.run_row(run_id)
-    if run is None:
+def run(store, run_id: int) -> dict:
+    row = store.run_row(run_id)
+    if row is None:
         raise ValueError(f"no run {run_id} in {store.path}")
-    return {k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in run.items()}  # NaN -> None
+    return {k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in row.items()}  # NaN -> None
+
+
+def named_rows(named: dict, key: str) -> list[list]:
+    """The two named early/late figures per stratum as table cells: the page and the report print these."""
+    rows = []
+    for r in named["rows"]:
+        old, latent = r["old_script_early_late"], r["per_latent_early_late"]
+        validated = old["pattern_validated"]
+        rows.append(["unknown" if r[key] == -1 else r[key], r["n"], ci(old["early_importance"]),
+                     ci(old["late_importance"]), "–" if validated is None else "yes" if validated else "no",
+                     ci(latent["early"], latent["early_lo"], latent["early_hi"]),
+                     ci(latent["late"], latent["late_lo"], latent["late_hi"]),
+                     ci(latent["ratio"], latent["ratio_lo"], latent["ratio_hi"], 2)])
+    return rows
+
+
+NAMED_HEADER = [f"{FIGURES[name][0]}: {part}" for name, parts in (("old_script_early_late", ("early", "late",
+                "pattern_validated")), ("per_latent_early_late", ("early", "late", "early/late"))) for part in parts]
+
+
+# --- stats --json ---------------------------------------------------------------------------------------
+def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int = 0, n_boot: int = 1000) -> dict:
+    """`stats --json`: the old script's summary keys for the run's prefix group, every other figure under 'extras'."""
+    about = run(store, run_id)
+    scope = Scope(run_id)
+    chosen = scope.group("prefix", method, site, mode)
+    result = figures.old_script_summary(store, chosen)
+    group = queries.first_group(store, chosen)
+    # Every group at once: one scan per figure instead of one per group.
+    drops = drop_intervals(queries.drop_cells(store, scope), seed, n_boot).drop(columns=["ablated_positions",
+                                                                                         "latents_fed"])
+    curves = queries.rates(store, scope).merge(drops, on=[*GROUP_KEYS, "k", "position"], how="left")
+    scores = queries.scores(store, scope)
+    overall = early_late_table(scores, None, seed, n_boot)
+    by_difficulty = {by: queries.accuracy_by(store, scope, by).drop(columns="correct").merge(
+        early_late_table(scores, key, seed, n_boot), on=key, how="left")
+        for by, key in (("steps", "difficulty"), ("bucket", "bucket"))}
+
+    def point(row: dict, measure: str) -> dict:
+        n = row["n_logprob"] if measure == "logprob_drop" else row["n"]
+        return {"value": row[measure], "lo": row[f"{measure}_lo"], "hi": row[f"{measure}_hi"], "n": n}
+
+    def by_group(frame: pd.DataFrame, drop=()) -> dict:
+        """Records keyed by their (scheme, method, site, mode), in frame order."""
+        parted = {}
+        for record in frame.to_dict("records"):
+            parted.setdefault(tuple(record.pop(k) for k in GROUP_KEYS), []).append(
+                {k: v for k, v in record.items() if k not in drop})
+        return parted
+
+    positions = {key: [{"k": r["k"], "position": r["position"], "ablated_positions": r["ablated_positions"],
+                        "latents_fed": r["latents_fed"], "n": r["n"],
+                        **{measure: point(r, measure) for measure in queries.MEASURES}} for r in records]
+                 for key, records in by_group(curves).items()}
+    strata = {by: by_group(t.rename(columns={"n_x": "n"}), drop=("n_y",)) for by, t in by_difficulty.items()}
+    summaries = by_group(overall)
+    groups = []
+    for g in queries.variant_groups(store, run_id).itertuples(index=False):
+        key = (g.scheme, g.method, g.site, g.mode)
+        groups.append({"scheme": g.scheme, "method": g.method, "site": g.site, "mode": g.mode,
+                       "positions": positions.get(key, []),
+                       "by_difficulty": {by: parted.get(key, []) for by, parted in strata.items()},
+                       "early_late": summaries.get(key, [{"n": 0}])[0]})
+    named = {by: figures.named_figures(store, chosen, by, seed, n_boot) for by in ("steps", "bucket")}
+    result["extras"] = {
+        "run": {k: about[k] for k in ("id", "name", "status", "model", "dataset", "source", "num_latent", "done",
+                                      "total", "positions")},
+        "summary_group": dict(zip(GROUP_KEYS, group.keys if group else ("prefix", None, None, None))),
+        "baseline_accuracy": queries.baseline_accuracy(store, scope),
+        "baseline_accuracy_validation": queries.baseline_accuracy(store, scope.replace(phase="validation")),
+        "groups": groups,
+        "figures": {name: {"name": title, "definition": definition, "group": named["steps"]["groups"][name],
+                           **{by: [{k: v for k, v in r.items() if k not in FIGURES or k == name} for r in n["rows"]]
+                              for by, n in named.items()}}
+                    for name, (title, definition) in FIGURES.items()},
+        "conventions": "top level: the old script's numbering and early/late (position 0 = baseline, p = prefix "
+                       "k = p; figures.old_script_early_late); extras: position = the last latent a prefix "
+                       "ablates (k - 1), k otherwise, as each row stores it; early = positions 0..T/2-1, late = "
+                       "T/2..T-1; rates: 95% Wilson; means and early/late/ratio: 95% percentile bootstrap over "
+                       f"problems ({n_boot} resamples, seed {seed})",
+    }
+    return queries.plain(result)
 
 
 # --- the experiment report ------------------------------------------------------------------------------
 def markdown_report(store, run_id: int) -> str:
     """An experiment report to paste into a journal: setup, baseline, per-position effects, difficulty, early/late."""
-    run = _run(store, run_id)
-    config = json.loads(run["config"]) if isinstance(run["config"], str) else dict(run["config"] or {})
-    T = int(run["num_latent"])
-    out = [f"# ThoughtSweep run {run_id}: {run['name']}", "",
-           f"{run['created']:%Y-%m-%d %H:%M} · status **{run['status']}** · {run['done']}/{run['total']} problems · "
-           f"source {run['source']}", "", "## Setup", ""]
-    setup = [["model", run["model"]], ["dataset", run["dataset"]], ["latents (T)", T],
-             ["variants per problem", run["n_variants"]], ["device", run["device"] or "–"],
-             ["batch size", run["batch_size"] or "–"], ["time sweeping", _duration(run["elapsed_s"])]]
+    about = run(store, run_id)
+    config = json.loads(about["config"]) if isinstance(about["config"], str) else dict(about["config"] or {})
+    T = int(about["num_latent"])
+    out = [f"# ThoughtSweep run {run_id}: {about['name']}", "",
+           f"{about['created']:%Y-%m-%d %H:%M} · status **{about['status']}** · {about['done']}/{about['total']} "
+           f"problems · source {about['source']}", "", "## Setup", ""]
+    setup = [["model", about["model"]], ["dataset", about["dataset"]], ["latents (T)", T],
+             ["positions", about["positions"]], ["variants per problem", about["n_variants"]],
+             ["device", about["device"] or "–"], ["batch size", about["batch_size"] or "–"],
+             ["time sweeping", duration(about["elapsed_s"])]]
     shown = {"model", "dataset", "device", "batch_size"}  # already in the rows above
     setup += [[key, value if isinstance(value, (str, int, float)) else json.dumps(value)]
               for key, value in config.items() if key not in shown and value not in (None, [], ())]
-    out += _table(["setting", "value"], setup)
+    out += table(["setting", "value"], setup)
 
-    stats = queries.stats_json(store, run_id)
+    stats = stats_json(store, run_id)
     extras = stats["extras"]
     out += ["## Baseline accuracy", ""]
     for label, acc in (("all problems", extras["baseline_accuracy"]),
                        ("validation subset", extras["baseline_accuracy_validation"])):
         if acc["n"]:
-            out.append(f"- {label}: {acc['correct']}/{acc['n']} = {_ci(acc['accuracy'], acc['lo'], acc['hi'])} "
+            out.append(f"- {label}: {acc['correct']}/{acc['n']} = {ci(acc['accuracy'], acc['lo'], acc['hi'])} "
                        f"(95% Wilson)")
     out.append("")
 
     out += ["## Effect of ablating latent positions", ""]
     for g in extras["groups"]:
         out += [f"### {g['scheme']} · {g['method']} · {g['site']} · {g['mode']}", ""]
-        rows = [[p["k"], _ablated(g["scheme"], p["k"], T), p["n"],
-                 *(_ci(p[m]["value"], p[m]["lo"], p[m]["hi"]) for m in queries.MEASURES)] for p in g["positions"]]
-        out += _table(["k", "ablated", "n", "flip", "harm", "help", "changed", "Δ gold log-prob"], rows)
+        rows = [[p["k"], ablated_label(p["ablated_positions"] or [], p["latents_fed"] or T, T), p["n"],
+                 *(ci(p[m]["value"], p[m]["lo"], p[m]["hi"]) for m in queries.MEASURES)] for p in g["positions"]]
+        out += table(["k", "ablated", "n", "flip", "harm", "help", "changed", "Δ gold log-prob"], rows)
 
     if stats["position_importance"]:
-        out += ["Seed-format summary (position 0 = baseline, position p = prefix k = p): "
+        out += ["Old-script summary (position 0 = baseline, position p = prefix k = p): "
                 + ", ".join(f"{p}: {v:.3f}" for p, v in stats["position_importance"].items()), ""]
+
+    out += ["## Named early/late figures", ""]
+    for name, figure in extras["figures"].items():
+        where = " · ".join(str(v) for v in figure["group"].values()) if figure["group"] else "no such variants"
+        out.append(f"- **{figure['name']}** ({where}): {figure['definition']}.")
+    out.append("")
+    for by, key in (("steps", "difficulty"), ("bucket", "bucket")):
+        named = {"rows": [{**a, **b} for a, b in zip(*(extras["figures"][n][by] for n in FIGURES))]}
+        out += table(["steps" if by == "steps" else "bucket", "n", *NAMED_HEADER], named_rows(named, key))
 
     wanted = extras["summary_group"]
     chosen = next((g for g in extras["groups"] if all(g[key] == wanted[key] for key in wanted)),
@@ -197,128 +186,34 @@ def markdown_report(store, run_id: int) -> str:
         out += [f"## By difficulty ({chosen['scheme']} · {chosen['method']} · {chosen['site']} · {chosen['mode']})",
                 ""]
         for by, key, label in (("steps", "difficulty", "steps"), ("bucket", "bucket", "bucket")):
-            out += _table([label, "n", "baseline accuracy", f"early (0–{T // 2 - 1})", f"late ({T // 2}–{T - 1})",
-                           "early/late"],
-                          [["unknown" if r[key] == -1 else r[key], r["n"],
-                            _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
-                            _ci(r.get("early"), r.get("early_lo"), r.get("early_hi")),
-                            _ci(r.get("late"), r.get("late_lo"), r.get("late_hi")),
-                            _ci(r.get("ratio"), r.get("ratio_lo"), r.get("ratio_hi"), 2)]
-                           for r in chosen["by_difficulty"][by]])
+            out += table([label, "n", "baseline accuracy", f"early (positions 0–{T // 2 - 1})",
+                          f"late ({T // 2}–{T - 1})", "early/late"],
+                         [["unknown" if r[key] == -1 else r[key], r["n"],
+                           ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
+                           *(ci(r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi"), 2 if m == "ratio" else 3)
+                             for m in ("early", "late", "ratio"))] for r in chosen["by_difficulty"][by]])
 
-    out += ["## Early vs late positions", ""]
+    out += ["## Early vs late positions, per variant group", ""]
     rows = [[f"{g['scheme']} · {g['method']} · {g['site']} · {g['mode']}", g["early_late"].get("n", 0),
-             *(_ci(g["early_late"].get(m), g["early_late"].get(f"{m}_lo"), g["early_late"].get(f"{m}_hi"),
-                   2 if m == "ratio" else 3) for m in ("early", "late", "ratio"))] for g in extras["groups"]]
-    out += _table(["variant group", "problems", "early", "late", "early/late"], rows)
+             *(ci(g["early_late"].get(m), g["early_late"].get(f"{m}_lo"), g["early_late"].get(f"{m}_hi"),
+                  2 if m == "ratio" else 3) for m in ("early", "late", "ratio"))] for g in extras["groups"]]
+    out += table(["variant group", "problems", "early", "late", "early/late"], rows)
 
     out += ["## Notes", "",
-            "- flip = baseline correctness differs from the variant's (the seed's importance_score); harm = baseline "
-            "right and variant wrong, help = the reverse; rates are over all problems in scope.",
+            "- flip = baseline correctness differs from the variant's (the old script's importance_score); harm = "
+            "baseline right and variant wrong, help = the reverse; rates are over all problems in scope.",
             "- The prefix curve is cumulative by construction: prefix k ablates latents 0..k-1, so it can only "
             "describe how much damage accumulates, not which single latent matters (see the single scheme).",
-            f"- Early = latent positions 0..{T // 2 - 1}, late = {T // 2}..{T - 1}; a prefix variant k sits at "
-            "position k-1 (the last latent it removes), other schemes at position k. The seed's own summary numbered "
-            "positions differently (0 = baseline); `python -m runner stats --json` reports both.",
+            f"- Per group, early = positions 0..{T // 2 - 1}, late = {T // 2}..{T - 1}; a prefix variant k sits at "
+            "position k-1 (the last latent it removes), other schemes at position k. The named figures above are "
+            "the two common definitions, each under its own name.",
             "- Intervals are 95%: Wilson score intervals for rates; percentile bootstrap over problems "
             "(1,000 resamples, seed 0) for mean log-prob drops and for early, late and their ratio.",
             "- Exit k = T feeds every latent and equals the baseline; a variant that ablates nothing must reproduce "
             "the baseline exactly.", ""]
-    if run["source"] == "import":
+    if about["source"] == "import":
         out.insert(-1, "- This run was imported from the seed's JSON files: there are no gold log-probs, and "
-                       "answers were re-parsed from the stored text.")
+                       "answers were re-parsed from the stored text. Its positions are the old script's own: "
+                       "it fed BOT as its first \"latent\" and five latents after it, and its zeroing hook also hit "
+                       "the last question token, so its position k is not a sweep's latent k.")
     return "\n".join(out)
-
-
-# --- the live status page ----------------------------------------------------------------------------
-def _phase_rows(store, run_id: int):
-    counts = store.query_df(
-        "SELECT p.phase, count(*) AS problems, count(b.problem_id) AS done FROM problems p "
-        "LEFT JOIN (SELECT problem_id FROM results WHERE run_id = ? AND scheme = 'baseline') b "
-        "ON b.problem_id = p.problem_id WHERE p.run_id = ? GROUP BY p.phase", [run_id, run_id])
-    spent = store.query_df(
-        "SELECT phase, sum(elapsed_s - coalesce(previous, 0)) AS actual_s FROM (SELECT phase, elapsed_s, "
-        "lag(elapsed_s) OVER (ORDER BY elapsed_s, t) AS previous FROM run_metrics WHERE run_id = ?) "
-        "GROUP BY phase", [run_id])
-    return ({r.phase: (int(r.problems), int(r.done)) for r in counts.itertuples()},
-            {r.phase: float(r.actual_s) for r in spent.itertuples()})
-
-
-def status_markdown(store, run_id: int) -> str:
-    """A live status page: phases (expected vs actual time), ETA, throughput, memory, validation vs full, controls."""
-    run = _run(store, run_id)
-    series = queries.metrics(store, run_id)
-    last = series.iloc[-1] if len(series) else None
-    rate = run["problems_per_hour"] if not _missing(run["problems_per_hour"]) else (
-        None if last is None else last["problems_per_hour"])
-    rate = None if _missing(rate) or not rate else float(rate)
-    per_problem = None if rate is None else 3600.0 / rate
-    done, total = int(run["done"]), int(run["total"])
-    eta = None if per_problem is None or run["status"] != "running" else (total - done) * per_problem
-    out = [f"# Run {run_id}: {run['name']} — {run['status']}" + (f" (phase {run['phase']})" if run["phase"] else ""),
-           "", f"- progress: {done}/{total} problems ({100 * done / max(total, 1):.1f}%)",
-           f"- time sweeping: {_duration(run['elapsed_s'])}; ETA: {_duration(eta)}"
-           + ("" if eta is None else " at the current throughput"),
-           f"- throughput: {'–' if rate is None else f'{rate:.0f}'} problems/hour; "
-           f"{_duration(per_problem)} per problem ({run['n_variants']} variants each, batch size "
-           f"{run['batch_size'] or '–'}, device {run['device'] or '–'})"]
-    if run["error"]:
-        out.append(f"- error: {run['error']}")
-    out += ["", "## Phases", ""]
-    counts, spent = _phase_rows(store, run_id)
-    order = ["reference"] if "reference" in spent or run["phase"] == "reference" else []
-    rows = []
-    for phase in order + ["validation", "full"]:
-        n, finished = counts.get(phase, (0, 0))
-        if phase != "reference" and n == 0:
-            continue
-        if phase == "reference":
-            state = "running" if run["phase"] == "reference" and run["status"] == "running" else "done"
-        elif finished >= n:
-            state = "done"
-        elif run["phase"] == phase:
-            state = run["status"]
-        else:
-            state = "pending" if finished == 0 else run["status"]
-        expected = None if phase == "reference" or per_problem is None else n * per_problem
-        label = "full (the other problems)" if phase == "full" and "validation" in counts else phase
-        rows.append([label, "–" if phase == "reference" else f"{finished}/{n}", _duration(expected),
-                     _duration(spent.get(phase)) + (" so far" if state == "running" else ""), state])
-    out += _table(["phase", "problems", "expected (current throughput)", "actual", "state"], rows)
-
-    out += ["## Resources", ""]
-    if last is None:
-        out += ["No batch stored yet.", ""]
-    else:
-        def mb(value):
-            return "–" if _missing(value) else f"{value:,.0f} MB"
-        cpu = "" if _missing(last["cpu_pct"]) else f"; CPU {last['cpu_pct']:.0f}%"
-        out += [f"- RSS now {mb(last['rss_mb'])}, peak {mb(series['rss_mb'].max())}{cpu}",
-                f"- GPU memory now {mb(last['gpu_mem_mb'])}, peak {mb(series['gpu_peak_mb'].max())}",
-                f"- batches stored: {len(series)}; last at {last['t']:%H:%M:%S}", ""]
-
-    out += ["## Validation vs full run so far", ""]
-    val = queries.baseline_accuracy(store, run_id, Filters(phase="validation"))
-    full = queries.baseline_accuracy(store, run_id)
-    out += _table(["", "validation", "full so far"],
-                  [["problems", val["n"], full["n"]],
-                   ["baseline accuracy", _ci(val["accuracy"], val["lo"], val["hi"]),
-                    _ci(full["accuracy"], full["lo"], full["hi"])]])
-    group = queries.first_group(store, run_id, "prefix")
-    if group and val["n"]:
-        both = queries.compare(store, Curve(run_id, Filters(phase="validation"), "prefix", *group),
-                               Curve(run_id, Filters(), "prefix", *group))
-        out += [f"Flip rate, prefix · {' · '.join(group)}:", ""]
-        out += _table(["k", "validation", "full so far", "intervals overlap"],
-                      [[int(r["k"]), _ci(r["value_a"], r["lo_a"], r["hi_a"]), _ci(r["value_b"], r["lo_b"], r["hi_b"]),
-                        "yes" if r["overlap"] else "**no**"] for r in both.to_dict("records")])
-
-    out += ["## Control", ""]
-    if run["status"] == "running":
-        where = f" on {run['host']}" if run["host"] else ""
-        out.append(f"- stop: Ctrl-C in the sweep's terminal, or `kill -INT {run['pid']}`{where} (or Stop in the "
-                   "dashboard for a sweep it started); stored batches are kept, the batch in flight is redone "
-                   "on resume")
-    out.append(f"- resume: `python -m runner sweep --resume {run_id} --db {store.path}`")
-    out.append(f"- this page: `python -m runner status --markdown --run {run_id} --db {store.path}`")
-    return "\n".join(out) + "\n"

@@ -20,7 +20,6 @@ Round trip caveats: problem ids are stored as text, and an expected_answer given
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import json
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from db import files, queries
+from db.scope import GROUP, PROBLEMS, Scope, bind
 
 SCORES = "step_importance_scores.json"
 SUMMARY = "step_importance_summary_stats.json"
@@ -103,20 +103,19 @@ def _expected_answer(gold: str):
 TRANSITIONS = {(b, c): f"{int(b)} {ARROW} {int(c)}" for b in (False, True) for c in (False, True)}
 
 
-def seed_scores(store, run_id: int, method=None, site=None, mode=None,
-                filters: queries.Filters = queries.Filters()) -> list[dict]:
-    """The problems `filters` keep as seed records (problem order), for the run's first prefix group unless given."""
-    group = queries.first_group(store, run_id, "prefix", method, site, mode) or (None, None, None)
-    scope = queries.scope_params(run_id, filters)
+def seed_scores(store, scope: Scope) -> list[dict]:
+    """The problems in `scope` as seed records (problem order), for its prefix group (the run's first unless named)."""
+    group = queries.first_group(store, scope.group("prefix", scope.method, scope.site, scope.mode)) \
+        or scope.group("prefix", "", "", "")  # no prefix group: baselines only
     # Problems (with their baseline row) and prefix rows come apart, column-wise: the question text is
     # fetched once per problem, not once per variant.
-    problems = store.query_columns(
-        f"WITH {queries.SCOPE} SELECT ord, problem_id, question, gold, baseline_answer, baseline_correct, "
-        f"difficulty FROM scope ORDER BY ord", scope)
-    variants = store.query_columns(
-        f"WITH {queries.SCOPE} SELECT s.ord, r.k, r.answer_text, r.correct, r.flip FROM results r "
-        f"JOIN scope s USING (problem_id) WHERE r.run_id = ? AND r.scheme = 'prefix' AND r.method = ? "
-        f"AND r.site = ? AND r.mode = ? ORDER BY s.ord, r.k", [*scope, run_id, *group])
+    problems_sql = (f"WITH {PROBLEMS} SELECT ord, problem_id, question, gold, baseline_answer, baseline_correct, "
+                    f"difficulty FROM scope ORDER BY ord")
+    problems = store.query_columns(problems_sql, bind(problems_sql, group))
+    # The old script's position of a prefix row: how many positions it ablated, as the row says.
+    variants_sql = (f"WITH {PROBLEMS} SELECT s.ord, len(r.ablated_positions) AS position, r.answer_text, r.correct, "
+                    f"r.flip FROM results r JOIN scope s USING (problem_id) WHERE {GROUP} ORDER BY s.ord, position")
+    variants = store.query_columns(variants_sql, bind(variants_sql, group))
     records, by_ord, expected = [], {}, functools.lru_cache(maxsize=None)(_expected_answer)
     with _collection_paused():
         for ord_, problem_id, question, gold, answer, correct, difficulty in zip(*problems.values()):
@@ -126,10 +125,10 @@ def seed_scores(store, run_id: int, method=None, site=None, mode=None,
                             "baseline_answer": answer, "baseline_correct": correct, "difficulty": difficulty,
                             "position_results": [baseline]}
             records.append(by_ord[ord_])
-        for ord_, k, answer, correct, flip in zip(*variants.values()):
+        for ord_, position, answer, correct, flip in zip(*variants.values()):
             record = by_ord[ord_]
             record["position_results"].append({
-                "position": k, "ablated_answer": answer, "ablated_correct": correct,
+                "position": position, "ablated_answer": answer, "ablated_correct": correct,
                 "importance_score": 1.0 if flip else 0.0,
                 "baseline_to_ablated": TRANSITIONS[record["baseline_correct"], correct]})
     return records
@@ -147,18 +146,17 @@ def _collection_paused():
             gc.enable()
 
 
-def seed_documents(store, run_id: int, method=None, site=None, mode=None,
-                   filters: queries.Filters = queries.Filters(), names=(SCORES, SUMMARY, VALIDATION)) -> dict:
-    """The seed's files named in `names` as JSON documents, keyed by file name, for the problems `filters` keep.
+def seed_documents(store, scope: Scope, names=(SCORES, SUMMARY, VALIDATION)) -> dict:
+    """The seed's files named in `names` as JSON documents, keyed by file name, for the problems in `scope`.
 
     Only what the named files need is read: the dashboard builds one file per download click.
     """
     documents = {}
     if SCORES in names or SUMMARY in names:
-        scores = seed_scores(store, run_id, method, site, mode, filters)
+        scores = seed_scores(store, scope)
         documents |= {SCORES: scores, SUMMARY: seed_summary(scores)}
     if VALIDATION in names:
-        validation = seed_scores(store, run_id, method, site, mode, dataclasses.replace(filters, phase="validation"))
+        validation = seed_scores(store, scope.replace(phase="validation"))
         documents[VALIDATION] = {"validation_status": "COMPLETE", "n_samples": len(validation), "results": validation,
                                  "statistics": seed_summary(validation)}
     return {name: documents[name] for name in names}
@@ -168,7 +166,7 @@ def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) 
     """Write the seed's three files for a run into out_dir (created if missing); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    documents = seed_documents(store, run_id, method, site, mode)
+    documents = seed_documents(store, Scope(run_id, scheme="prefix", method=method, site=site, mode=mode))
     paths = []
     for name, document in documents.items():
         # ASCII escapes (\u2192) as the seed's json.dump wrote; whole or not at all (db/files.py)

@@ -1,10 +1,18 @@
-"""Interval arithmetic behind every figure: Wilson score intervals in SQL, a vectorised seeded bootstrap.
+"""Interval arithmetic behind every figure: Wilson score intervals in SQL, a vectorised seeded bootstrap,
+early/late tables with paired bootstrap intervals, and the difficulty buckets.
 
-Kept apart from db/queries.py so that the statistics can be read (and checked) on their own.
+Kept apart from db/queries.py (SQL) so that the statistics can be read (and checked) on their own.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
+
+GROUP_KEYS = ["scheme", "method", "site", "mode"]
+EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ratio", "ratio_lo", "ratio_hi")
+BUCKET_EDGES, BUCKET_REST = ((2, "1-2"), (4, "3-4")), "5+"  # buckets: step counts up to each edge, then the rest
 
 Z = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -99,3 +107,82 @@ def percentile_interval(replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]
             bound = low + (high - low) * (position - below)
         bounds.append(np.where(valid > 0, bound, np.nan))
     return bounds[0], bounds[1]
+
+
+def bucket(difficulty: np.ndarray) -> np.ndarray:
+    """Difficulty buckets ('unknown' below 1 step, 1-2, 3-4, 5+) of step counts; db.queries.BUCKET in SQL."""
+    return np.select([difficulty < 1] + [difficulty <= edge for edge, _ in BUCKET_EDGES],
+                     ["unknown"] + [name for _, name in BUCKET_EDGES], BUCKET_REST).astype(object)
+
+
+def drop_intervals(cells: pd.DataFrame, seed: int, n_boot: int) -> pd.DataFrame:
+    """db.queries.drop_cells with logprob_drop_lo/hi: a percentile bootstrap of problems, one for every cell."""
+    cells = cells.copy()
+    cells["logprob_drop_lo"] = cells["logprob_drop_hi"] = np.nan
+    if cells["n_logprob"].sum() > 0:
+        ords = np.concatenate(cells["ords"].to_list())
+        column = np.repeat(np.arange(len(cells)), cells["n_logprob"].to_numpy())
+        _, problem = np.unique(ords, return_inverse=True)
+        matrix = np.full((problem.max() + 1, len(cells)), np.nan)  # (problems, cells)
+        matrix[problem, column] = np.concatenate(cells["drops"].to_list()).astype(float)
+        cells["logprob_drop_lo"], cells["logprob_drop_hi"] = percentile_interval(bootstrap_means(matrix, seed, n_boot))
+    return cells.drop(columns=["ords", "drops"])
+
+
+def early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:
+    """Per (stratum `by`, group): n, early, late, ratio, each with a 95% bootstrap interval over the stratum's problems.
+
+    `scores` comes from db.queries.scores; `by` is None, 'difficulty' or 'bucket'. One bootstrap per
+    stratum serves every group (the same resampled problems), so ratios are paired.
+    """
+    columns = ([by] if by else []) + [*GROUP_KEYS, "n", *EARLY_LATE]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    names = scores[GROUP_KEYS].to_numpy()
+    group = np.repeat(np.arange(len(scores)), scores["ords"].map(len).to_numpy())  # (rows,) group code 0..G-1
+    ords = np.concatenate(scores["ords"].to_list())
+    difficulty = np.concatenate(scores["difficulties"].to_list())
+    early = np.concatenate(scores["early"].to_list()).astype(float)
+    late = np.concatenate(scores["late"].to_list()).astype(float)
+    strata = {None: np.zeros(len(ords), dtype=int), "difficulty": difficulty, "bucket": bucket(difficulty)}[by]
+    G, found = len(names), {c: [] for c in columns}
+    for stratum in sorted(set(strata.tolist())):
+        rows = strata == stratum
+        _, problem = np.unique(ords[rows], return_inverse=True)
+        values = np.full((problem.max() + 1, 2 * G), np.nan)  # (problems, early per group | late per group)
+        values[problem, group[rows]] = early[rows]
+        values[problem, G + group[rows]] = late[rows]
+        replicates = bootstrap_means(values, seed, n_boot)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group absent from the stratum: all-NaN column
+            means = np.nanmean(values, axis=0)
+            ratio_reps = replicates[:, :G] / replicates[:, G:]
+            ratio = means[:G] / means[G:]
+        ratio_reps[~np.isfinite(ratio_reps)] = np.nan  # a replicate without late flips has no ratio
+        ratio[~np.isfinite(ratio)] = np.nan
+        lo, hi = percentile_interval(replicates)
+        ratio_lo, ratio_hi = percentile_interval(ratio_reps)
+        counts = (~np.isnan(values[:, :G])).sum(axis=0)
+        kept = counts > 0
+        stats = {"n": counts, "early": means[:G], "early_lo": lo[:G], "early_hi": hi[:G], "late": means[G:],
+                 "late_lo": lo[G:], "late_hi": hi[G:], "ratio": ratio, "ratio_lo": ratio_lo, "ratio_hi": ratio_hi}
+        stats.update({key: names[:, i] for i, key in enumerate(GROUP_KEYS)})
+        if by:
+            stats[by] = np.full(G, stratum, dtype=object)
+        for column in columns:
+            found[column].append(stats[column][kept])
+    return pd.DataFrame({column: np.concatenate(parts) for column, parts in found.items()})
+
+
+def old_script_early_late(means: dict[int, float]) -> dict:
+    """The old script's early/late from its per-position means (0 = the baseline, p = prefix k = p).
+
+    Exactly its arithmetic: early = np.mean of positions 0, 1, 2 (the baseline's 0 included), late =
+    positions 3, 4, 5; pattern_validated = early >= late; a missing side is None (and not validated).
+    """
+    early = [means[i] for i in (0, 1, 2) if i in means]
+    late = [means[i] for i in (3, 4, 5) if i in means]
+    early_imp = float(np.mean(early)) if early else None
+    late_imp = float(np.mean(late)) if late else None
+    return {"early_importance": early_imp, "late_importance": late_imp,
+            "pattern_validated": bool(early_imp is not None and late_imp is not None and early_imp >= late_imp)}

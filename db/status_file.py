@@ -36,7 +36,7 @@ def _runs(store) -> list[dict]:
 
 def publish(store, run_id: int | None = None) -> None:
     """Rewrite the snapshot: every run's row, and run_id's markdown page (the others' pages are kept)."""
-    from db import report
+    from db import status_page
     target = path_for(store.path)
     previous = read(store.path) or {}
     runs = _runs(store)
@@ -46,7 +46,7 @@ def publish(store, run_id: int | None = None) -> None:
     built = _pages_built.get((str(store.path), run_id))
     stale = built is None or built[1] != status or time.monotonic() - built[0] >= PAGE_EVERY_S
     if status is not None and (stale or str(run_id) not in pages):
-        pages[str(run_id)] = report.status_markdown(store, run_id)
+        pages[str(run_id)] = status_page.status_markdown(store, run_id)
         _pages_built[(str(store.path), run_id)] = (time.monotonic(), status)
     snapshot = {"db": str(store.path), "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "writer_pid": os.getpid(), "runs": runs, "markdown": pages}

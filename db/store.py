@@ -174,15 +174,15 @@ class Store:
         with self._errors("a query"):
             return self.cursor().execute(sql, _params(params)).df()
 
-    def query_arrow(self, sql: str, params: list | tuple = ()) -> pyarrow.Table:
+    def query_arrow(self, sql: str, params: list | tuple | dict = ()) -> pyarrow.Table:
         with self._errors("a query"):
-            return self.cursor().sql(sql, params=list(params)).to_arrow_table()
+            return self.cursor().sql(sql, params=_params(params)).to_arrow_table()
 
-    def query_columns(self, sql: str, params: list | tuple = ()) -> dict[str, list]:
+    def query_columns(self, sql: str, params: list | tuple | dict = ()) -> dict[str, list]:
         """{column: Python values, None for NULL}: twice as fast as fetchall for rows that become Python objects."""
         with self._errors("a query"):
             return {name: values.tolist() for name, values in
-                    self.cursor().execute(sql, list(params)).fetchnumpy().items()}
+                    self.cursor().execute(sql, _params(params)).fetchnumpy().items()}
 
     def close(self) -> None:
         with contextlib.suppress(duckdb.Error):
@@ -270,17 +270,17 @@ class Store:
         assert not unknown, f"unknown run fields {sorted(unknown)}"
         if "status" in fields:
             assert fields["status"] in STATUSES, f"status {fields['status']!r} not in {STATUSES}"
-        sets, params = [], []
+        sets, params = [], {"id": run_id}
         for column, value in fields.items():
             if column == "finished" and value is True:
                 sets.append("finished = current_timestamp")
                 continue
             if column == "config" and not isinstance(value, str):
                 value = json.dumps(value)
-            sets.append(f"{column} = ?")  # column names come from RUN_FIELDS, never from input
-            params.append(value)
+            sets.append(f"{column} = ${column}")  # column names come from RUN_FIELDS, never from input
+            params[column] = value
         with self._errors(f"updating run {run_id}"):
-            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", [*params, run_id])
+            self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = $id", params)
 
     def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
         """Mark a run as running in this process (a start or a resume)."""
@@ -299,7 +299,7 @@ class Store:
         self._check_writable()
         with self.transaction(f"deleting run {run_id}") as cursor:
             for table in ("results", "problems", "run_metrics", "reference_latents"):
-                cursor.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # fixed table names
+                cursor.execute(f"DELETE FROM {table} WHERE run_id = $run", {"run": run_id})  # fixed table names
             cursor.execute("DELETE FROM runs WHERE id = ?", [run_id])
         self.publish_status()
 
@@ -341,7 +341,8 @@ class Store:
         ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
         keys = [(run_id, key, num_latent) for key in frame["variant"].unique()]
         described = describe_variants(keys).drop(columns="run_id")
-        return frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")[RESULT_COLUMNS]
+        frame = frame.drop(columns=list(described.columns[1:])).merge(described, on="variant", how="left")
+        return frame[RESULT_COLUMNS]
 
     @staticmethod
     def _append(cursor, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
@@ -360,8 +361,8 @@ class Store:
 
     def run_problems(self, run_id: int) -> list[dict]:
         """The run's problems in run order."""
-        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = ? ORDER BY ord",
-                              [run_id])
+        frame = self.query_df(f"SELECT {', '.join(PROBLEM_COLUMNS)} FROM problems WHERE run_id = $run ORDER BY ord",
+                              {"run": run_id})
         return frame.to_dict("records")
 
     def run_row(self, run_id: int) -> dict | None:

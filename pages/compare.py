@@ -51,34 +51,49 @@ if len(sides) < 2:
     st.stop()
 
 T = int(svc.store.run_row(sides[0].run_id)["num_latent"])
-names, differ = comparison.labels(sides, data.run_settings(db, tuple(sorted({s.run_id for s in sides}))))
-curves = [data.curve(db, versions[s.run_id], s.curve(), measure) for s in sides]
+settings = data.run_settings(db, tuple(sorted({s.run_id for s in sides})))
+names, differ = comparison.labels(sides, settings)
+curves = [data.position_curve(db, versions[s.run_id], s.scope(), measure) for s in sides]
 if all(c["value"].isna().all() for c in curves[1:]) or curves[0]["value"].isna().all():
     st.info("Nothing to compare for this measure: a side has no values (imported runs have no log-probs).")
     st.stop()
-pairs = [data.paired(db, (versions[sides[0].run_id], versions[s.run_id]), sides[0].curve(), s.curve(), measure)
+apart = comparison.mixed_positions(sides, settings)  # runs whose position k means another thing than the first's
+pairs = [data.paired(db, (versions[sides[0].run_id], versions[s.run_id]), sides[0].scope(), s.scope(), measure)
          for s in sides[1:]]
+if apart:
+    old_run = next((r for r in [sides[0].run_id, *apart] if settings.get(r, {}).get("positions") == "old-script"),
+                   sides[0].run_id)
+    _, meaning = data.positions(db, old_run)
+    st.warning(f"**Positions differ in meaning.** Run{'s' if len(apart) > 1 else ''} "
+               f"{', '.join(f'#{r}' for r in apart)} number{'' if len(apart) > 1 else 's'} positions otherwise than "
+               f"the first curve; one of them uses the old script's numbering: {meaning}. The curves share the "
+               "k axis only as a count of ablated positions, not as the same latents: no paired difference is "
+               "computed between them.", icon=":material/warning:")
 if len({s.scheme for s in sides}) > 1:
     st.warning("Different schemes: the same k ablates different latents; the x axis follows the first curve.",
                icon=":material/warning:")
 st.text("Legend: " + (", ".join(differ) if differ else "nothing differs but the run") + " (the settings that differ)")
-st.plotly_chart(charts.compare_figure(list(zip(names, curves)), list(zip(names[1:], pairs)), sides[0].scheme,
-                                      measure, T), key="compare_chart")
+drawn = [(n, p) for n, p, s in zip(names[1:], pairs, sides[1:]) if s.run_id not in apart]
+st.plotly_chart(charts.compare_figure(list(zip(names, curves)), drawn, sides[0].scheme, measure, T),
+                key="compare_chart")
+ticks = charts.ticks(curves[0], T)
 
 pct = charts.is_rate(measure)
 fmt = (lambda v: "–" if widgets.missing(v) else f"{100 * v:+.1f} pp") if pct else \
     (lambda v: "–" if widgets.missing(v) else f"{v:+.3f}")
 rows = []
-for name, pair in zip(names[1:], pairs):
+for name, pair, side in zip(names[1:], pairs, sides[1:]):
     for r in pair.itertuples():
-        only = "only in the first" if r.n_b == 0 else "only in this one" if r.n_a == 0 else None
-        rows.append({"compared with": name, "latents ablated": charts.ablated(sides[0].scheme, int(r.k), T),
+        only = "only in the first" if r.n_b == 0 else "only in this one" if r.n_a == 0 else \
+            "positions differ in meaning" if side.run_id in apart else None
+        rows.append({"compared with": name, "latents ablated": ticks.get(int(r.k), str(r.k)),
                      "shared problems": r.shared, "unpaired (first / this)": f"{r.only_a} / {r.only_b}",
                      "first − this (shared)": only or fmt(r.diff),
                      "95% paired interval": "–" if only or not r.shared else f"[{fmt(r.diff_lo)}, {fmt(r.diff_hi)}]",
                      "excludes 0": "–" if only or not r.shared else
                      "yes" if r.diff_lo > 0 or r.diff_hi < 0 else "no"})
-table = pd.DataFrame(rows)
+table = pd.DataFrame(rows, columns=["compared with", "latents ablated", "shared problems", "unpaired (first / this)",
+                                    "first − this (shared)", "95% paired interval", "excludes 0"])
 st.dataframe(table, hide_index=True)
 both = table[table["excludes 0"] != "–"]
 st.caption(f"Problems are paired by id: differences use the shared problems only, with a 95% percentile "

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data, state, widgets
+from db.figures import FIGURES
 from db.seed import SCORES, SUMMARY, VALIDATION
 
 svc = state.open_page()
@@ -13,7 +14,7 @@ db, run_id, version = state.db_path(), int(run["id"]), state.version(run)
 
 st.title("Export")
 widgets.run_caption(run)
-filters = widgets.filters(db, run, version, key="export")
+scope = widgets.filters(db, run, version, key="export")
 groups = data.variant_groups(db, run_id, version)
 
 st.subheader("The old script's files")
@@ -23,8 +24,8 @@ if group is None:
     st.info("This run has no prefix variants, and the old script's files describe the prefix scheme only. "
             "The tables and the report below cover every scheme.")
 else:
-    keys = (group["method"], group["site"], group["mode"])
-    overview = data.seed_overview(db, run_id, version, filters, *keys)
+    prefix = scope.group("prefix", group["method"], group["site"], group["mode"])
+    overview = data.seed_overview(db, version, prefix)
     summary = overview["summary"]
     cells = st.columns(3)
     cells[0].metric("n_problems", summary["n_problems"])
@@ -35,10 +36,17 @@ else:
     st.dataframe(importance.set_index("position").T, column_config={
         p: st.column_config.NumberColumn(f"{p} (baseline)" if p == "0" else p, format="%.3f")
         for p in summary["position_importance"]})
+    old = FIGURES["old_script_early_late"]
+    st.dataframe(pd.DataFrame([{"steps": d, **v} for d, v in summary["by_difficulty"].items()]), hide_index=True,
+                 column_config={"early_importance": st.column_config.NumberColumn(format="%.3f", help=old[1]),
+                                "late_importance": st.column_config.NumberColumn(format="%.3f", help=old[1]),
+                                "baseline_accuracy": st.column_config.NumberColumn(format="%.3f")})
+    st.caption(f"by_difficulty holds the **{old[0]}** (early_importance, late_importance, pattern_validated): "
+               f"{old[1]}.")
     st.caption("The old script's numbering: position 0 is the baseline, position p is prefix k = p (latents 0…p−1 "
                f"ablated). File names are the old script's, prefixed with the run (run{run_id}_…), so downloads of "
                "several runs never overwrite each other; drop the prefix for the old tooling.")
-    seed_file = partial(data.seed_file, db, run_id, filters, *keys)
+    seed_file = partial(data.seed_file, db, prefix)
     with st.container(horizontal=True):
         st.download_button("Summary stats (JSON)", partial(seed_file, SUMMARY), f"run{run_id}_{SUMMARY}",
                            "application/json", icon=":material/download:", on_click="ignore", type="primary")
@@ -55,9 +63,9 @@ raw = st.checkbox("CSV cells as stored (for code, not spreadsheets)", key="expor
                   help="By default a text cell starting with = + - @ gets a leading apostrophe, so that a spreadsheet "
                        "shows it instead of running it as a formula. Tick to write the cells exactly as stored.")
 with st.container(horizontal=True):
-    st.download_button("results.csv", partial(data.results_csv, db, run_id, filters, raw), f"run{run_id}_results.csv",
+    st.download_button("results.csv", partial(data.results_csv, db, scope, raw), f"run{run_id}_results.csv",
                        "text/csv", icon=":material/table:", on_click="ignore")
-    st.download_button("results.parquet", partial(data.results_parquet, db, run_id, filters),
+    st.download_button("results.parquet", partial(data.results_parquet, db, scope),
                        f"run{run_id}_results.parquet", "application/vnd.apache.parquet", icon=":material/table:",
                        on_click="ignore")
 

@@ -9,7 +9,7 @@ db, run_id = state.db_path(), int(run["id"])
 T = int(svc.store.run_row(run_id)["num_latent"])
 
 st.title("Which latent thoughts matter?")
-filters = widgets.filters(db, run, state.version(run), key="importance")
+scope = widgets.filters(db, run, state.version(run), key="importance")
 measure = widgets.measure("importance_measure")
 
 
@@ -19,16 +19,16 @@ def results() -> None:
     now = state.selected_run(svc)
     version = state.version(now)
     widgets.run_caption(now)
-    accuracy = data.baseline_accuracy(db, run_id, version, filters)
+    accuracy = data.baseline_accuracy(db, version, scope)
     if accuracy["n"] == 0:
         st.info("No stored problem passes these filters.", icon=":material/filter_alt_off:")
         return
-    curves = data.position_curves(db, run_id, version, filters, measure)
+    curves = data.position_curve(db, version, scope, measure)
     groups = data.variant_groups(db, run_id, version)
     first = groups.iloc[0] if len(groups) else None
     name, pct = charts.MEASURE_LABELS[measure], charts.is_rate(measure)
-    split = data.early_late_of(db, run_id, version, filters, measure, first["scheme"], first["method"],
-                               first["site"], first["mode"]) if first is not None else {"n": 0}
+    split = data.early_late(db, version, scope.group(first["scheme"], first["method"], first["site"],
+                                                     first["mode"]), measure) if first is not None else {"n": 0}
 
     with st.container(horizontal=True):  # cards wrap instead of cutting their values
         st.metric("Problems in scope", f"{accuracy['n']:,}", width="content", border=True)
@@ -46,6 +46,11 @@ def results() -> None:
                                                                               split["ratio_hi"], percent=False))
     st.caption(f"{name}: {charts.MEASURE_HELP[measure]}. Shaded bands: 95% "
                + ("Wilson intervals." if pct else "bootstrap intervals over problems."))
+    numbering, meaning = data.positions(db, run_id)
+    if numbering != "latent":
+        st.warning(f"**This run numbers positions the old script's way**: {meaning}. Its position k is not a "
+                   "sweep's latent k; compare it with a sweep of ours on *Compare*, which keeps the two apart.",
+                   icon=":material/warning:")
 
     if curves["value"].isna().all():
         st.info("This run stored no gold log-probs (runs imported from the old script's files have none): "

@@ -4,6 +4,7 @@ from functools import partial
 import streamlit as st
 
 from dashboard import charts, data, safe, state, widgets
+from db.figures import ablated_label
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -16,12 +17,12 @@ HARM, HELP, CHANGED = "background-color: #fde2e1", "background-color: #dcfce7", 
 
 st.title("Problems")
 widgets.run_caption(run)
-filters = widgets.filters(db, run, version, key="problems")
+scope = widgets.filters(db, run, version, key="problems")
 left, middle, right = st.columns([3, 2, 2])
 search = left.text_input("Search the questions", key="problems_search", placeholder="e.g. apples")
 flipped = middle.selectbox("Flips", list(FLIPPED), key="problems_flipped")
 order = right.selectbox("Sort", list(ORDERS), key="problems_order")
-table = data.problems_table(db, run_id, version, filters, FLIPPED[flipped], search, ORDERS[order])
+table = data.problems_table(db, version, scope, FLIPPED[flipped], search, ORDERS[order])
 if table.empty:
     st.info("No stored problem passes these filters.", icon=":material/filter_alt_off:")
     st.stop()
@@ -77,10 +78,11 @@ right.caption(f"Baseline output: “{safe.md(base['answer_text'])}”")
 
 
 def column(row) -> str:
-    """The latents a variant ablates (exit: how many it feeds)."""
+    """The latents a variant ablates (exit: how many it feeds), as its row says."""
     if row.scheme == "baseline":
         return ""
-    return f"{row.k} fed" if row.scheme == "exit" else charts.ablated(row.scheme, int(row.k), T)
+    label = ablated_label(row.ablated_positions, int(row.latents_fed), T, short=True)
+    return f"{label} fed" if not len(row.ablated_positions) and row.latents_fed < T else label
 
 
 variants["column"] = [column(r) for r in variants.itertuples()]
@@ -114,10 +116,11 @@ else:
     labels = dict(zip(with_lens["variant"], with_lens["label"]))
     shown = st.selectbox("Variant", list(labels), key="lens_variant", format_func=labels.get)
     chosen = with_lens.set_index("variant").loc[shown]
-    marked = charts.ablated_positions(chosen["scheme"], int(chosen["k"]), T)
-    how = "not fed" if chosen["scheme"] == "exit" else f"ablated ({chosen['method']})"
+    marked = charts.lens_marks(chosen["ablated_positions"], chosen["latents_fed"], T)
+    unfed = not len(chosen["ablated_positions"]) and chosen["latents_fed"] < T
+    how = "not fed" if unfed else f"ablated ({chosen['method']})"
     st.plotly_chart(charts.lens_figure(chosen["lens"], marked, how), key="lens")
-    verb = "never feeds" if chosen["scheme"] == "exit" else "replaced"
+    verb = "never feeds" if unfed else "replaced"
     st.caption("Each latent's final hidden state read through the model's unembedding: its most likely tokens. "
                + (f"Framed in red: the latents this variant {verb} ({', '.join(map(str, sorted(marked)))})."
                   if marked else "The baseline ablates nothing."))

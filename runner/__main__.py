@@ -198,10 +198,9 @@ PHASES_OF = {"all": ("validation", "full"), "validation": ("validation",), "full
 
 
 def cmd_sweep(args) -> int:
-    from runner import checkpoint, data
-    from runner.model import load
-    from runner.sweep import Sweep, SweepConfig
+    from runner.sweep import Sweep, SweepConfig, prepare
     store = _open(args.db, must_exist=False)
+    problems = None
     if args.resume is not None:
         config = _resume_config(store, args)
         run_id = args.resume
@@ -220,13 +219,34 @@ def cmd_sweep(args) -> int:
                              max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens,
                              num_latent=args.num_latent, lora_alpha=args.lora_alpha, merge_lora=args.merge_lora,
                              remove_eos=args.remove_eos, use_prj=args.use_prj, prj_no_ln=args.prj_no_ln)
-        config.check()
-        # A bad dataset fails now, not after a model load; Sweep.create's read of it is then a cache hit.
-        data.load_problems(config.dataset, limit=config.limit, seed=config.seed if config.shuffle else None)
+        problems = prepare(config)  # options and dataset checked once, before a model load
+    ray = args.workers > 1 or args.ray_address
+    with contextlib.closing(_executor(config, args)) as executor:
+        if args.resume is None:
+            run_id = Sweep.create(store, executor.shape, config, problems)
+        # stdout: stderr carries progress and, on failure, the one-line error
+        print(f"run {run_id} model options: {executor.shape.options_line}", flush=True)
+        in_flight = "the batches in flight" if ray else "the batch in flight"
+        with stop_on_signals(run_id, in_flight) as stop, _progress_bar(args.quiet, run_id) as bar:
+            status = Sweep(store, executor, config, run_id, stop=stop, on_progress=bar).run()
+    on = f" --workers {args.workers}" + (f" --ray-address {args.ray_address}" if args.ray_address else "") if ray else ""
+    if status == "stopped":
+        print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}{on}",
+              file=sys.stderr)
+    else:
+        print(f"run {run_id} {status}{' on Ray' if ray else ''}: python -m runner stats --db {args.db} --run {run_id}",
+              file=sys.stderr)
+    return 0
+
+
+def _executor(config, args):
+    """Where the batches run: this process's model, or Ray actors (--workers N, --ray-address); one sweep loop."""
     if args.workers > 1 or args.ray_address:
         from runner import distributed
-        return distributed.main(store, config, run_id=args.resume, workers=args.workers,
-                                address=args.ray_address, quiet=args.quiet)
+        return distributed.start(config.model_spec(), workers=args.workers, address=args.ray_address)
+    from runner import checkpoint
+    from runner.executor import LocalExecutor
+    from runner.model import load
     reasoner = load(config.model_spec())
     unusable = checkpoint.unusable(reasoner, allow_nonfinite=args.allow_nonfinite_weights,
                                    override=" (--allow-nonfinite-weights sweeps it anyway)")
@@ -234,18 +254,7 @@ def cmd_sweep(args) -> int:
         raise CliError(unusable)
     if args.allow_nonfinite_weights and (nonfinite := checkpoint.nonfinite_weights(reasoner)):
         print(f"warning: {nonfinite}; sweeping it as --allow-nonfinite-weights asks", file=sys.stderr)
-    if args.resume is None:
-        run_id = Sweep.create(store, reasoner, config)
-    # stdout: stderr carries progress and, on failure, the one-line error
-    print(f"run {run_id} model options: {reasoner.options_line}", flush=True)
-    with stop_on_signals(run_id, "the batch in flight") as stop, _progress_bar(args.quiet, run_id) as bar:
-        status = Sweep(store, reasoner, config, run_id, stop=stop, on_progress=bar).run()
-    if status == "stopped":
-        print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}",
-              file=sys.stderr)
-    else:
-        print(f"run {run_id} {status}: python -m runner stats --db {args.db} --run {run_id}", file=sys.stderr)
-    return 0
+    return LocalExecutor(reasoner)
 
 
 @contextlib.contextmanager
@@ -295,14 +304,14 @@ class _progress_bar:
 
 
 def cmd_status(args) -> int:
-    from db import queries, report
+    from db import queries, status_page
     from db.store import DatabaseLocked
     try:
         store = _open(args.db)
     except DatabaseLocked as error:
         return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
-        print(report.status_markdown(store, _run_id(store, args.run)))
+        print(status_page.status_markdown(store, _run_id(store, args.run)))
         return 0
     runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
     _print_runs(args, runs)
@@ -367,16 +376,17 @@ def _summary_group(store, run_id: int, args) -> bool:
 
 
 def cmd_stats(args) -> int:
-    from db import queries
+    from db import queries, report
+    from db.scope import Scope
     store = _open(args.db)
     run_id = _run_id(store, args.run)
-    if queries.baseline_accuracy(store, run_id)["n"] == 0:
+    if queries.baseline_accuracy(store, Scope(run_id))["n"] == 0:
         row = store.run_row(run_id)
         raise CliError(f"run {run_id} has no results yet ({row['status']}, {row['done']}/{row['total']} problems): "
                        f"nothing to summarise" + (f"; resume it with python -m runner sweep --db {args.db} --resume "
                                                   f"{run_id}" if row["source"] == "sweep" else ""))
     has_prefix = _summary_group(store, run_id, args)
-    stats = queries.stats_json(store, run_id, method=args.method, site=args.site, mode=args.mode)
+    stats = report.stats_json(store, run_id, method=args.method, site=args.site, mode=args.mode)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -389,7 +399,7 @@ def cmd_stats(args) -> int:
           ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
         print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
-              f"early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
+              f"old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
     return 0
 
 
@@ -398,7 +408,7 @@ def _figure(value) -> str:
 
 
 def cmd_export(args) -> int:
-    from db import report, seed
+    from db import exports, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -407,11 +417,11 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = report.export_csv(store, run_id, args.out, raw=args.csv_raw)
+        paths = exports.export_csv(store, run_id, args.out, raw=args.csv_raw)
     elif args.format == "parquet":
-        paths = report.export_parquet(store, run_id, args.out)
+        paths = exports.export_parquet(store, run_id, args.out)
     else:
-        paths = report.export_markdown(store, run_id, args.out)
+        paths = exports.export_markdown(store, run_id, args.out)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(path)
     return 0

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.errors import AblationError  # noqa: F401  (raised here; listed in runner/errors.py)
+
 SCHEMES = ("prefix", "single", "suffix", "exit")
 METHODS = ("zero", "mean", "noise", "resample")
 MODES = ("recompute", "frozen")
@@ -32,10 +34,6 @@ POSITIONS = {
                   "'latent' (position 0) and five latents after it (positions 1-5), and its zeroing hook also "
                   "hit the last question token",
 }
-
-
-class AblationError(ValueError):
-    """A variant, site or option that does not make sense; the message says which."""
 
 
 def parse_site(site: str, n_layers: int | None = None) -> int | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.answers import canonical, parse_number
+from runner.errors import DatasetError  # noqa: F401  (raised here; listed in runner/errors.py)
 
 MAX_FIELD_CHARS = 20_000  # GSM8K's longest question is 848 characters; far beyond is a broken record
 DIFFICULTY_BUCKETS = ("1-2", "3-4", "5+", "unknown")
@@ -46,10 +47,6 @@ class Problem:
     gold: str  # canonical text of the gold number: "18", "2.5", "-3", "1000"
     difficulty: int  # reasoning steps, >= 1; UNKNOWN_DIFFICULTY (-1) where none can be derived
     solution: str = ""  # GSM8K-format worked solution when the source has one
-
-
-class DatasetError(ValueError):
-    """Bad dataset input: one line naming the file and the line or row to fix."""
 
 
 class _RecordError(Exception):

@@ -1,14 +1,15 @@
-"""One sweep over many GPUs or machines: Ray actors roll batches out, this process stores them.
+"""One sweep over many GPUs or machines: a batch executor whose batches run on Ray actors.
 
-`python -m runner sweep --workers N [--ray-address ADDR]` lands in `main`. The driver (this
-process) runs a `DistributedSweep`: the local `Sweep` (run creation, phases, references, resume,
-stop, progress, the run row) whose batches go to N Ray actors instead of a local model. Each
-actor holds the model on its own device (one GPU each; one CPU each without CUDA) and turns a
-batch into rows with `runner.sweep.rollout_rows`, the code path of a local sweep. Rows come back
-to the driver, DuckDB's one writer, which commits each batch in its own transaction. Batches
-are cut as a local sweep cuts them (same size, same order), so a fixed batch size gives the same
-rows. An actor that dies loses its batch in flight only: the batch goes to another actor, and a
-replacement actor is started.
+`python -m runner sweep --workers N [--ray-address ADDR]` builds a `RayExecutor` (`start`) and
+runs the same `runner.sweep.Sweep` as a one-process sweep: run creation, phases, references,
+resume, stop and progress are that loop's, once. Each actor holds the model on its own device (one
+GPU each; one CPU each without CUDA) and turns a batch into rows with
+`runner.executor.rollout_batch`, the code path of a local sweep. Rows come back to the driver
+(this process), DuckDB's one writer, which commits each batch in its own transaction. The
+executor keeps one batch in flight per actor, taken from the front of the sweep's queue, so the
+batches are those of a local sweep and the rows are identical (runner/sweep.py cuts them). An
+actor that dies loses its batch in flight only: the batch goes back to the front of the queue,
+and a replacement actor is started.
 
 Ray is optional (requirements-distributed.txt). Without --ray-address a local Ray is started
 once per process: token authentication on (RAY_AUTH_MODE=token; ~/.ray/auth_token, mode 0600),
@@ -23,20 +24,17 @@ import os
 import secrets
 import sys
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 import psutil
-import torch
 
-from db.store import Store
+from runner.errors import SweepError
+from runner.executor import BatchJob, BatchResult, ModelShape, reference_values, rollout_batch
 from runner.model import ModelSpec
-from runner.sweep import (BatchSizer, Progress, Sweep, SweepConfig, SweepError, measure_resources, reference_values,
-                          rollout_rows)
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = "pip install -r requirements-distributed.txt"
@@ -55,32 +53,6 @@ class RayConfig:
     max_attempts: int = 3  # a batch lost with this many actors is what kills them: fail the run
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the driver needs of the model without loading it; `Sweep` takes it as its reasoner."""
-    num_latent: int
-    n_layers: int
-    d_model: int
-    options: dict | None = None  # the checkpoint options load() resolved, with their sources
-    options_line: str = ""
-
-
-@dataclass(frozen=True)
-class BatchJob:
-    """What every batch of a phase shares: put in Ray's object store once, not sent per batch."""
-    variants: tuple
-    references: dict
-    seed: int
-    max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    rows: list[dict] | None  # None: out of memory, nothing computed
-    seconds: float
-    resources: dict  # the actor's own RSS / CPU / GPU memory
-
-
 class SweepWorker:
     """A Ray actor: one model on this actor's device; batches of problems in, result rows out."""
 
@@ -92,8 +64,7 @@ class SweepWorker:
         if self.reasoner is None:
             from runner.model import load
             self.reasoner = load(self.spec)
-        r = self.reasoner
-        return os.getpid(), ModelShape(r.num_latent, r.n_layers, r.d_model, r.options, r.options_line)
+        return os.getpid(), ModelShape.of(self.reasoner)
 
     def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
         self.ready()
@@ -101,13 +72,7 @@ class SweepWorker:
 
     def rollout(self, job: BatchJob, batch: list[dict]) -> BatchResult:
         self.ready()
-        started, rows = time.time(), None
-        try:
-            rows = rollout_rows(self.reasoner, job.variants, batch, job.references, job.seed, job.max_new_tokens)
-        except torch.OutOfMemoryError:  # the driver halves the batch size and hands the batch out again
-            if self.spec.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        return BatchResult(rows, time.time() - started, measure_resources(self.process, self.spec.device))
+        return rollout_batch(self.reasoner, job, batch, self.process, self.spec.device)
 
 
 def import_ray(local: bool):
@@ -192,8 +157,10 @@ class WorkerPool:
         return Worker(self.started - 1, actor, actor.ready.remote())
 
     def start(self) -> ModelShape:
-        """Wait until every actor has loaded the model; the model's shape."""
-        return [self.get(worker.ready)[1] for worker in self.workers][0]
+        """Wait until every actor has loaded the model; its shape, with the smallest actor's memory budget."""
+        shapes = [self.get(worker.ready)[1] for worker in self.workers]
+        budgets = [s.memory_budget for s in shapes if s.memory_budget is not None]
+        return dataclasses.replace(shapes[0], memory_budget=min(budgets) if budgets else None)
 
     def get(self, ref):
         """ray.get, with a worker's own error (ModelLoadError, ...) raised as itself, not Ray's wrapper."""
@@ -231,25 +198,23 @@ def _as_seen_by_actors(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, model=absolute(spec.model), base_model=absolute(spec.base_model), device=device)
 
 
-class DistributedSweep(Sweep):
-    """A `Sweep` whose batches run on a `WorkerPool`; this process stays DuckDB's only writer."""
+class RayExecutor:
+    """A sweep's batches on a `WorkerPool`: one in flight per actor; this process stays DuckDB's only writer."""
 
-    def __init__(self, store: Store, shape: ModelShape, config: SweepConfig, run_id: int, pool: WorkerPool,
-                 stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None):
-        super().__init__(store, shape, config, run_id, stop, on_progress)
+    def __init__(self, pool: WorkerPool):
         self.pool, self.ray = pool, pool.ray
-        # No GPU memory cap here: the driver has no CUDA context; an actor's out-of-memory halves the size.
-        self.sizer = BatchSizer(config.batch_size, len(self.variants), config.device, None)
-        self.in_flight: dict = {}  # ObjectRef -> (worker, batch, attempts)
+        self.shape = pool.start()
+        self.in_flight: dict = {}  # ObjectRef -> (worker, batch)
+        self.attempts: Counter = Counter()  # first problem id of a batch -> actors lost with it
         self.dispatched, self.requeued, self.handled = 0, 0, Counter()  # handled: batches per worker number
 
-    def _reference_values(self, questions: list[str], layer: int | None) -> np.ndarray:
+    def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
         """One actor computes them (the driver holds no model), another if that one dies."""
         while self.pool.workers:
             worker = self.pool.workers[0]
             try:
                 # A copy: Ray hands numpy arrays back read-only (zero-copy from its object store).
-                return self.pool.get(worker.actor.references.remote(questions, layer, self.sizer.size)).copy()
+                return self.pool.get(worker.actor.references.remote(questions, layer, batch_size)).copy()
             except self.ray.exceptions.RayActorError:
                 self.pool.replace(worker)
         raise SweepError("every Ray worker died computing the reference latents (see /tmp/ray/session_latest/logs)")
@@ -258,20 +223,18 @@ class DistributedSweep(Sweep):
         self.dispatched += 1
         return worker.actor.rollout.remote(job, batch)
 
-    def _run_phase(self, phase: str, pending: list[dict], references: dict) -> bool:
-        self.phase = phase
-        job = self.ray.put(BatchJob(self.variants, references, self.config.seed, self.config.max_new_tokens))
-        queue = deque(pending)  # not handed out yet, in run order: batches are cut as a local sweep cuts them
-        retry: deque = deque()  # (batch, attempts) lost with an actor or split after out-of-memory: first out
+    def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
+        """Hand batches from the front of `queue` to idle actors until it is empty or `stop` is set; yield each
+        result as it completes. A batch lost with its actor goes back to the front; a model error fails the
+        run once the batches in flight are in."""
+        shared = self.ray.put(job)
         idle, failure = list(self.pool.workers), None
         starting: dict = {}  # ready ObjectRef -> replacement still loading the model: idle once loaded
         while True:
-            while idle and (retry or queue) and failure is None and not self.stop.is_set():
-                batch, attempts = retry.popleft() if retry else \
-                    ([queue.popleft() for _ in range(min(self.sizer.size, len(queue)))], 0)
-                worker = idle.pop(0)
-                self.in_flight[self._dispatch(worker, job, batch)] = (worker, batch, attempts)
-            going = (retry or queue) and failure is None and not self.stop.is_set()
+            while idle and queue and failure is None and not stop.is_set():
+                batch, worker = queue.popleft(), idle.pop(0)
+                self.in_flight[self._dispatch(worker, shared, batch)] = (worker, batch)
+            going = queue and failure is None and not stop.is_set()
             if not self.in_flight and not (going and starting):  # else wait for a replacement to load
                 if going:
                     failure = SweepError("every Ray worker died and no replacement could be started; "
@@ -283,18 +246,20 @@ class DistributedSweep(Sweep):
                 if ref in starting:
                     failure = failure or self._started(starting.pop(ref), ref, idle)
                     continue
-                worker, batch, attempts = self.in_flight.pop(ref)
+                worker, batch = self.in_flight.pop(ref)
                 try:
                     result = self.pool.get(ref)
                 except self.ray.exceptions.RayActorError:  # the actor died: only this batch is lost
                     self.requeued += 1
-                    if attempts + 1 >= self.pool.cluster.max_attempts:
+                    key = batch[0]["problem_id"]
+                    self.attempts[key] += 1
+                    if self.attempts[key] >= self.pool.cluster.max_attempts:
                         failure = failure or SweepError(
-                            f"the batch from problem {batch[0]['problem_id']} was lost with {attempts + 1} Ray workers "
+                            f"the batch from problem {key} was lost with {self.attempts[key]} Ray workers "
                             f"in a row: it is what kills them (see /tmp/ray/session_latest/logs)")
-                    retry.appendleft((batch, attempts + 1))
+                    queue.appendleft(batch)
                     # The lost batch goes to the next live actor; the replacement joins once it has loaded.
-                    replacement = self.pool.replace(worker, start=not (self.stop.is_set() or failure))
+                    replacement = self.pool.replace(worker, start=not (stop.is_set() or failure))
                     if replacement is not None:
                         starting[replacement.ready] = replacement
                     continue
@@ -302,18 +267,11 @@ class DistributedSweep(Sweep):
                     failure = failure or error
                     continue
                 idle.append(worker)
-                if result.rows is None:
-                    failure = failure or self._halve(batch, attempts, retry)
-                    continue
-                self.session_done += len(batch)
-                self.done += len(batch)
-                self.handled[worker.number] += 1
-                self._remember(batch, result.rows)
-                self._write(batch, result.rows, result.seconds, result.resources)
-                self.sizer.succeeded(len(batch), result.seconds)
+                if result.rows is not None:
+                    self.handled[worker.number] += 1
+                yield result  # the sweep writes it (or, out of memory, puts it back in pieces)
         if failure is not None:
             raise failure
-        return not (retry or queue)
 
     def _started(self, worker: Worker, ready, idle: list) -> Exception | None:
         """A replacement has loaded the model (idle now), died doing so (forgotten), or failed to load (the error)."""
@@ -327,46 +285,21 @@ class DistributedSweep(Sweep):
         idle.append(worker)
         return None
 
-    def _halve(self, batch: list[dict], attempts: int, retry: deque) -> SweepError | None:
-        """Out of memory: halve the batch size (as a local sweep does); the batch goes out again in pieces."""
-        if len(batch) <= self.sizer.size:  # not a batch cut before another actor's out-of-memory halved the size
-            try:
-                self.sizer.out_of_memory()
-            except SweepError as error:
-                return error
-            self.store.update_run(self.run_id, batch_size=self.sizer.size)
-        pieces = [batch[i : i + self.sizer.size] for i in range(0, len(batch), self.sizer.size)]
-        retry.extendleft((piece, attempts) for piece in reversed(pieces))
-        return None
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
-def main(store: Store, config: SweepConfig, run_id: int | None = None, workers: int = 2,
-         address: str | None = None, quiet: bool = False) -> int:
-    """`python -m runner sweep --workers N [--ray-address ADDR]`: create or resume the run, sweep it on Ray."""
+def start(spec: ModelSpec, workers: int = 2, address: str | None = None) -> RayExecutor:
+    """`--workers N [--ray-address ADDR]`: connect (or start a local Ray), start the actors, wait for their model."""
     try:
         import_ray(local=address is None)
     except ImportError as error:
-        print(f"error: --workers {workers} runs on Ray, which is not installed ({error}): {INSTALL}", file=sys.stderr)
-        return 2
+        raise SweepError(f"--workers {workers} runs on Ray, which is not installed ({error}): {INSTALL}") from None
     cluster = RayConfig(workers=workers, address=address,
                         include_dashboard=os.environ.get("THOUGHTSWEEP_RAY_DASHBOARD") == "1")
-    ray = connect(cluster)
-    pool = WorkerPool(ray, config.model_spec(), cluster)
+    pool = WorkerPool(connect(cluster), spec, cluster)
     try:
-        shape = pool.start()
-        if run_id is None:
-            run_id = Sweep.create(store, shape, config)
-        print(f"run {run_id} model options: {shape.options_line}", flush=True)  # stdout, as the local CLI
-        from runner.__main__ import _progress_bar, stop_on_signals  # the local sweep's bar and Ctrl-C
-        with stop_on_signals(run_id, "the batches in flight") as stop, _progress_bar(quiet, run_id) as bar:
-            status = DistributedSweep(store, shape, config, run_id, pool, stop=stop, on_progress=bar).run()
-    finally:
+        return RayExecutor(pool)
+    except BaseException:
         pool.shutdown()
-    if status == "stopped":
-        joined = f" --ray-address {address}" if address else ""
-        print(f"run {run_id} stopped; resume with: python -m runner sweep --db {store.path} --resume {run_id} "
-              f"--workers {workers}{joined}", file=sys.stderr)
-    else:
-        print(f"run {run_id} {status} on {workers} Ray workers: "
-              f"python -m runner stats --db {store.path} --run {run_id}", file=sys.stderr)
-    return 0
+        raise

@@ -18,6 +18,7 @@ from torch import nn
 
 from runner import checkpoint, forward
 from runner.checkpoint import CheckpointOptions
+from runner.errors import ModelLoadError  # noqa: F401  (raised here; listed in runner/errors.py)
 from runner.rollout import LatentReasoner, Rollout, official_question  # noqa: F401 (the entry point's names)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,10 +30,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # A notice transformers prints while peft wraps the model, about transformers' own internals and not about
 # the checkpoint: it would add lines to the CLI's one-line errors (DESIGN.md section 6).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint could not be loaded; the message says what to do about it."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 API (all methods thread-safe; the dashboard keeps one `SweepService` in `st.cache_resource`):
 
     service = SweepService(store)
-    run_id = service.start(SweepConfig(...))   # SweepBusy if a sweep is running
+    run_id = service.start(SweepConfig(...))   # SweepBusy if a sweep is running; None if stopped while loading
     run_id = service.resume(run_id)            # continue a stopped / interrupted / failed run
     service.stop()                             # finish the batch in flight, then 'stopped'
     progress = service.status()                # Progress snapshot, or None before any sweep
@@ -11,7 +11,10 @@ API (all methods thread-safe; the dashboard keeps one `SweepService` in `st.cach
     service.model(spec)                        # the loaded model, cached per ModelSpec
 
 The thread never calls Streamlit: it writes to the database through its own cursor and hands
-`Progress` snapshots to a lock-protected slot that pages poll.
+`Progress` snapshots to a lock-protected slot that pages poll. That lock is held for moments
+only, never through a model load (seconds, or minutes from a hub): a start publishes a
+'starting' snapshot (phase 'load') and loads without it, so status reads never wait, and a stop
+asked during the load is honoured (no run is created).
 """
 from __future__ import annotations
 
@@ -25,12 +28,9 @@ import pandas  # noqa: F401
 
 from db.store import Store
 from runner import checkpoint
+from runner.errors import SweepBusy, SweepError
 from runner.model import LatentReasoner, ModelSpec, load
-from runner.sweep import Progress, Sweep, SweepConfig, SweepError
-
-
-class SweepBusy(RuntimeError):
-    """A sweep is already running in this process."""
+from runner.sweep import Progress, Sweep, SweepConfig, prepare
 
 
 class SweepService:
@@ -39,15 +39,18 @@ class SweepService:
         self._loader = loader
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._starting = False  # a start or resume is loading its model (the lock is not held meanwhile)
         self._stop = threading.Event()
         self._progress: Progress | None = None
+        self._before: Progress | None = None  # the snapshot a failed start puts back
         self._models: dict[ModelSpec, LatentReasoner] = {}
         self._model_lock = threading.Lock()
 
     # --- queries ----------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """A sweep is starting (its model loading) or sweeping."""
+        return self._starting or (self._thread is not None and self._thread.is_alive())
 
     def status(self) -> Progress | None:
         with self._lock:
@@ -66,19 +69,30 @@ class SweepService:
             return self._models[spec]
 
     # --- commands ---------------------------------------------------------------------------------
-    def start(self, config: SweepConfig) -> int:
-        """Validate, create the run (problems stored) and sweep it in the background."""
-        with self._lock:
-            self._refuse_if_running()
-            config.check()
+    def start(self, config: SweepConfig) -> int | None:
+        """Validate, load the model, create the run (problems stored) and sweep it in the background.
+
+        Returns the run id, or None when a stop came while the model loaded (nothing is created).
+        """
+        self._begin(None)
+        try:
+            problems = prepare(config)  # the one validation of this start
             reasoner = self.model(config.model_spec())
-            run_id = Sweep.create(self.store, reasoner, config)
+            if self._stop.is_set():
+                return self._stopped_while_loading(None)
+            run_id = Sweep.create(self.store, reasoner, config, problems)
             self._launch(run_id, config, reasoner)
             return run_id
+        except BaseException:
+            self._publish(self._before)
+            raise
+        finally:
+            self._starting = False
 
-    def resume(self, run_id: int, phases: tuple[str, ...] | None = None) -> int:
-        with self._lock:
-            self._refuse_if_running()
+    def resume(self, run_id: int, phases: tuple[str, ...] | None = None) -> int | None:
+        """Continue a stopped / interrupted / failed run; None when stopped while its model loaded."""
+        self._begin(run_id)
+        try:
             row = self.store.run_row(run_id)
             if row is None:
                 raise SweepError(f"no run {run_id} in {self.store.path}")
@@ -88,8 +102,15 @@ class SweepService:
             if phases:
                 config = SweepConfig.from_json({**config.to_json(), "phases": phases})
             reasoner = self.model(config.model_spec())
+            if self._stop.is_set():
+                return self._stopped_while_loading(run_id)
             self._launch(run_id, config, reasoner)
             return run_id
+        except BaseException:
+            self._publish(self._before)
+            raise
+        finally:
+            self._starting = False
 
     def stop(self) -> bool:
         """Ask the running sweep to stop after its batch in flight; False when none runs."""
@@ -107,19 +128,29 @@ class SweepService:
     def _refuse_if_running(self) -> None:
         if self.running:
             progress = self._progress
-            which = f"run {progress.run_id}" if progress else "a sweep"
+            which = f"run {progress.run_id}" if progress and progress.run_id is not None else "a sweep"
             raise SweepBusy(f"{which} is already running in this process: stop it first (one sweep at a time)")
 
-    def _publish(self, progress: Progress) -> None:
+    def _publish(self, progress: Progress | None) -> None:
         with self._lock:
             self._progress = progress
 
+    def _begin(self, run_id: int | None) -> None:
+        """Claim the one sweep slot (SweepBusy if taken) and say 'starting', phase 'load', until the model is in."""
+        with self._lock:
+            self._refuse_if_running()
+            self._starting, self._stop, self._before = True, threading.Event(), self._progress
+            self._progress = Progress(run_id, "starting", "load", 0, 0, 0.0)
+
+    def _stopped_while_loading(self, run_id: int | None) -> None:
+        self._publish(Progress(run_id, "stopped", "load", 0, 0, 0.0))
+        return None
+
     def _launch(self, run_id: int, config: SweepConfig, reasoner: LatentReasoner) -> None:
-        self._stop = threading.Event()
         sweep = Sweep(self.store, reasoner, config, run_id, stop=self._stop, on_progress=self._publish)
         row = self.store.run_row(run_id)
-        self._progress = Progress(run_id, "running", row["phase"], int(row["done"]), int(row["total"]),
-                                  float(row["elapsed_s"] or 0.0))
+        self._publish(Progress(run_id, "running", row["phase"], int(row["done"]), int(row["total"]),
+                               float(row["elapsed_s"] or 0.0)))
 
         def work():
             try:
@@ -131,5 +162,6 @@ class SweepService:
                         self._progress = replace(self._progress, status="failed",
                                                  error=self._progress.error or f"{type(error).__name__}: {error}")
 
-        self._thread = threading.Thread(target=work, name=f"sweep-run-{run_id}", daemon=True)
-        self._thread.start()
+        with self._lock:  # started before `_starting` drops: `running` never reads False in between
+            self._thread = threading.Thread(target=work, name=f"sweep-run-{run_id}", daemon=True)
+            self._thread.start()

@@ -1,12 +1,15 @@
-"""The loop over batches: problems -> engine -> measures -> one transaction per batch.
+"""The loop over batches: problems -> executor -> measures -> one transaction per batch.
 
 A sweep is a `SweepConfig` stored as one `runs` row. Its phases run in order: `reference`
 (baseline rollouts of the first problems, only when a method needs reference latents),
 `validation` (a stratified subset) and `full` (every problem not stored yet, so validation
-problems are not re-run and count in the full results). Each batch is written in one
-transaction; a stop, a crash or a kill loses at most the batch in flight, and `resume`
-continues with what is not stored, in the same batch order, so it yields the numbers of an
-uninterrupted run. Nothing here touches Streamlit: progress goes to a callback.
+problems are not re-run and count in the full results). Batches are cut in problem order at the
+run's batch size (the validation problems first, among themselves), recorded in the run when it
+is created (`auto` included) and reused on resume: a resume cuts the batches an uninterrupted
+run cuts, so it stores the same numbers bit for bit. Each batch is written in one transaction; a
+stop, a crash or a kill loses at most the batch in flight. Where a batch runs is the executor's
+business (runner/executor.py: this process, or Ray actors); this loop exists once. Nothing here
+touches Streamlit: progress goes to a callback.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
-import psutil
 import torch
 
 from db.store import Store, StoreError
-from runner import ablation, answers, data
-from runner.ablation import Reference, Variant
+from runner import ablation, answers, data, memory
+from runner.ablation import Reference
+from runner.errors import SweepError
+from runner.executor import BatchJob, BatchResult, LocalExecutor, ModelShape
 from runner.model import LatentReasoner, ModelSpec
 
 PHASES = ("validation", "full")
@@ -53,7 +57,8 @@ class SweepConfig:
     max_new_tokens: int = 24
     checkpoint_every: int | None = None  # write the old script's checkpoint_N.json every N problems
     checkpoint_dir: str | None = None
-    max_gpu_memory_gb: float | None = None  # auto batch size stops growing before this
+    max_gpu_memory_gb: float | None = None  # GPU memory a batch may use at most (CUDA)
+    memory_budget_gb: float | None = None  # memory a batch may use (None: a share of free RAM / GPU memory)
     # Checkpoint options (runner/checkpoint.py); None: what the checkpoint declares, else the released value.
     num_latent: int | None = None
     lora_alpha: float | None = None
@@ -99,20 +104,45 @@ class SweepConfig:
             raise SweepError(f"--num-latent must be 0 or more, got {self.num_latent}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise SweepError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        ablation.expand(self.schemes, self.methods, self.site, self.mode, 0)  # the names only: raises AblationError
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise SweepError(f"--memory-budget-gb must be positive, got {self.memory_budget_gb}")
+        # The names only (AblationError): T is the model's, known once it is loaded.
+        ablation.expand(self.schemes, self.methods, self.site, self.mode, num_latent=0)
 
 
-class SweepError(ValueError):
-    """A sweep that cannot start or continue; the message says why."""
+def prepare(config: SweepConfig) -> list[data.Problem]:
+    """Validate a new run's options and read its problems: once per start, before any model is loaded."""
+    config.check()
+    problems = data.load_problems(config.dataset, limit=config.limit, seed=config.seed if config.shuffle else None)
+    if not problems:
+        raise SweepError(f"dataset {config.dataset!r} has no problems")
+    return problems
+
+
+def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, questions: list[str]) -> int:
+    """The run's problems per batch: the fixed size, or `auto`'s pick from the memory estimate (runner/memory.py).
+
+    Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget.
+    """
+    budget = shape.memory_budget if shape.memory_budget is not None else memory.device_budget(config.device)
+    if config.memory_budget_gb is not None:
+        budget = int(config.memory_budget_gb * 2**30)
+    if config.max_gpu_memory_gb is not None and config.device.startswith("cuda"):
+        budget = min(budget, int(config.max_gpu_memory_gb * 2**30))
+    # Characters bound a BPE prompt's tokens from above; the model's context bounds them too.
+    longest = max(map(len, questions), default=0) + 8
+    prompt = min(longest, shape.max_positions or longest)
+    auto = memory.auto_batch_size(shape, n_variants, prompt, config.max_new_tokens, config.device, budget)
+    return auto if config.batch_size == "auto" else int(config.batch_size)
 
 
 @dataclass(frozen=True)
 class Progress:
     """What the dashboard and the CLI show; a snapshot, safe to hand to another thread."""
-    run_id: int
-    status: str  # running | finished | stopped | failed | interrupted
-    phase: str | None
-    done: int
+    run_id: int | None  # None: the run is not created yet (its model is loading)
+    status: str  # starting | running | finished | stopped | failed | interrupted
+    phase: str | None  # load | reference | validation | full
+    done: int  # problems handled: stored, or skipped as unrunnable
     total: int
     elapsed_s: float
     problems_per_hour: float | None = None
@@ -125,165 +155,63 @@ class Progress:
     gpu_peak_mb: float | None = None
     latest: tuple[dict, ...] = ()
     error: str | None = None
-
-
-class BatchSizer:
-    """Fixed, or 'auto': double while throughput improves and memory allows; halve on out-of-memory.
-
-    'auto' starts at about START_ROWS rollouts (problems x variants): smaller batches waste most of
-    a short sweep warming up, and 256 rows of a 1B model fit any GPU this tool targets.
-    """
-    START_ROWS = 256
-
-    def __init__(self, requested: int | str, n_variants: int, device: str, max_gpu_memory_gb: float | None):
-        self.auto = requested == "auto"
-        self.size = max(1, self.START_ROWS // n_variants) if self.auto else int(requested)
-        self.max_rows = 8192 if device.startswith("cuda") else 2048
-        self.growing, self.best = self.auto, 0.0
-        self.n_variants, self.device, self.cap_gb = n_variants, device, max_gpu_memory_gb
-
-    def succeeded(self, problems: int, seconds: float) -> None:
-        rate = problems / max(seconds, 1e-9)
-        if not self.growing or problems < self.size:
-            return
-        room = (self.size * 2 * self.n_variants <= self.max_rows)
-        if self.cap_gb is not None and self.device.startswith("cuda"):
-            room &= torch.cuda.max_memory_allocated(self.device) * 2 < self.cap_gb * 2**30
-        if rate > self.best * 1.05 and room:
-            self.best, self.size = rate, self.size * 2
-        else:
-            self.growing = False
-
-    def out_of_memory(self) -> None:
-        if self.size == 1:
-            raise SweepError("out of memory with a batch of 1 problem: use a smaller model, dtype or fewer variants")
-        self.size, self.growing = max(1, self.size // 2), False
-
-
-def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list,
-            tokens: list[list[int]] | None = None) -> list[dict]:
-    """The measures of DESIGN.md section 4 for one problem's rows (baseline first).
-
-    The answer value is CODI's official one (last number, commas removed) and `correct` is its
-    test.py comparison (equal to the gold value); `prefix_value` is the number after "The answer is:".
-    """
-    values = [answers.official_answer(t) for t in texts]
-    gold = problem["gold_value"]
-    correct = [v is not None and gold is not None and v == gold for v in values]
-    base, base_correct = values[0], correct[0]
-    base_lp = None if logprobs is None else float(logprobs[0])
-    rows = []
-    for v, (variant, value, is_correct, text) in enumerate(zip(variants, values, correct, texts)):
-        if value is not None or base is not None:
-            changed = not answers.same_number(value, base)
-        else:
-            changed = text != texts[0]
-        stated = answers.extract_answer(text)
-        lp = None if logprobs is None else float(logprobs[v])
-        rows.append({"problem_id": problem["problem_id"], "variant": variant.key, "scheme": variant.scheme,
-                     "k": variant.k, "method": variant.method, "site": variant.site, "mode": variant.mode,
-                     "answer_text": text, "answer_value": value,
-                     "extraction": "last-number" if value is not None else "none",
-                     "prefix_value": stated.value if stated.extraction == "codi" else None,
-                     "tokens": None if tokens is None else tokens[v],
-                     "correct": is_correct, "changed": changed, "flip": is_correct != base_correct,
-                     "harm": base_correct and not is_correct, "help": (not base_correct) and is_correct,
-                     "gold_logprob": lp, "logprob_drop": None if lp is None else base_lp - lp,
-                     "lens": json.dumps(lens[v])})
-    return rows
-
-
-def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> list:
-    """(R, T, k) ids and probs -> per row, per latent, [[token, prob], ...] with readable tokens."""
-    vocab = {i: reasoner.tokenizer.decode([i]) for i in torch.unique(ids).tolist()}
-    return [[[[vocab[i], round(p, 4)] for i, p in zip(ti, tp)] for ti, tp in zip(ri, rp)]
-            for ri, rp in zip(ids.tolist(), probs.tolist())]
-
-
-def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch: list[dict], references: dict,
-                 seed: int, max_new_tokens: int) -> list[dict]:
-    """One batch of problems under every variant -> its result rows, problem-major, baseline first.
-
-    The one path from a rollout to stored rows: the local loop and every Ray worker
-    (runner/distributed.py) call it, so both store the same rows for the same batches.
-    """
-    plan = ablation.make_plan(list(variants), [p["problem_id"] for p in batch], reasoner.num_latent,
-                              reasoner.d_model, references, seed)
-    out = reasoner.rollout([p["question"] for p in batch], plan, golds=[p["gold"] for p in batch],
-                           max_new_tokens=max_new_tokens)
-    V, lens = len(variants), _lens(reasoner, out.lens_ids, out.lens_probs)
-    rows = []
-    for b, problem in enumerate(batch):
-        part = slice(b * V, (b + 1) * V)
-        logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
-        rows += measure(problem, variants, out.texts[part], logprobs, lens[part], out.tokens[part])
-    return rows
-
-
-def reference_values(reasoner: LatentReasoner, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
-    """Baseline values fed at each latent step (layer None) or block `layer`'s output there: (N, T, d)."""
-    values = []
-    for start in range(0, len(questions), max(1, batch_size)):
-        chunk = questions[start : start + max(1, batch_size)]
-        plan = ablation.make_plan([ablation.BASELINE], [str(i) for i in range(len(chunk))],
-                                  reasoner.num_latent, reasoner.d_model)
-        out = reasoner.rollout(chunk, plan, max_new_tokens=1, capture=() if layer is None else (layer,))
-        values.append(out.latents if layer is None else out.captured[layer])
-    return torch.cat(values).numpy()
-
-
-def measure_resources(process: psutil.Process, device: str) -> dict:
-    """This process's memory and CPU, and the device's memory: one `run_metrics` row's worth."""
-    gpu = peak = None
-    if device.startswith("cuda"):
-        gpu = torch.cuda.memory_allocated(device) / 2**20
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    return {"rss_mb": process.memory_info().rss / 2**20, "cpu_pct": process.cpu_percent(None),
-            "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
+    skipped: int = 0  # problems the model cannot run (problems.skip_reason says why)
 
 
 class Sweep:
-    """One run: create or resume it, then `run()` until done, stopped or failed."""
+    """One run: create or resume it, then `run()` until done, stopped or failed.
 
-    def __init__(self, store: Store, reasoner: LatentReasoner, config: SweepConfig, run_id: int,
+    `executor` runs the batches (runner/executor.py); a `LatentReasoner` is run in this process.
+    """
+
+    def __init__(self, store: Store, executor, config: SweepConfig, run_id: int,
                  stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None):
-        self.store, self.reasoner, self.config, self.run_id = store, reasoner, config, run_id
+        self.executor = LocalExecutor(executor) if isinstance(executor, LatentReasoner) else executor
+        self.store, self.config, self.run_id = store, config, run_id
         self.stop = stop or threading.Event()
         self.on_progress = on_progress or (lambda progress: None)
-        T = reasoner.num_latent
-        self.variants = tuple(ablation.expand(config.schemes, config.methods, config.site, config.mode, T))
-        self.sizer = BatchSizer(config.batch_size, len(self.variants), config.device, config.max_gpu_memory_gb)
-        self.process = psutil.Process()
-        self.process.cpu_percent(None)  # starts the CPU-time window
-        self.latest: deque = deque(maxlen=8)
+        shape = self.executor.shape
+        self.variants = tuple(ablation.expand(config.schemes, config.methods, config.site, config.mode,
+                                              shape.num_latent))
         row = store.run_row(run_id)
+        # The size the run was created with (auto's pick, or what out-of-memory halved it to): a resume
+        # cuts the batches of an uninterrupted run.
+        recorded = row["batch_size"]
+        self.batch_size = int(recorded) if recorded is not None and recorded == recorded else None
         self.elapsed_before = float(np.nan_to_num(row["elapsed_s"]))  # summed over resumes
         # Known before run() reads the problems, so a failure that comes earlier can still be reported.
         self.done, self.total = int(row["done"]), int(row["total"])
         self.peak_rss = float(np.nan_to_num(row["peak_rss_mb"]))
+        self.phase: str | None = row["phase"]
+        self.skipped = 0
+        self.started, self.session_done = time.time(), 0
+        self.latest: deque = deque(maxlen=8)
 
     # --- public -----------------------------------------------------------------------------------
     @staticmethod
-    def create(store: Store, reasoner: LatentReasoner, config: SweepConfig) -> int:
-        """Store a new run and its problems (with their phase); returns the run id."""
-        config.check()
-        ablation.parse_site(config.site, reasoner.n_layers)
-        problems = data.load_problems(config.dataset, limit=config.limit,
-                                      seed=config.seed if config.shuffle else None)
-        if not problems:
-            raise SweepError(f"dataset {config.dataset!r} has no problems")
+    def create(store: Store, model: LatentReasoner | ModelShape, config: SweepConfig,
+               problems: list[data.Problem] | None = None) -> int:
+        """Store a new run and its problems (with their phase); returns the run id.
+
+        `problems`: what `prepare(config)` read (validated then); else it is called here.
+        """
+        shape = ModelShape.of(model)
+        problems = prepare(config) if problems is None else problems
+        ablation.parse_site(config.site, shape.n_layers)
         validation_ids: set[str] = set()
         if config.validation:
             chosen, _ = data.stratified_sample(problems, config.validation, config.seed)
             validation_ids = {p.problem_id for p in chosen}
-        variants = ablation.expand(config.schemes, config.methods, config.site, config.mode, reasoner.num_latent)
+        variants = ablation.expand(config.schemes, config.methods, config.site, config.mode, shape.num_latent)
+        batch_size = batch_size_for(config, shape, len(variants), [p.question for p in problems])
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
         # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
-        stored = config.to_json() | {"checkpoint_options": getattr(reasoner, "options", None) or {}}
+        stored = config.to_json() | {"checkpoint_options": shape.options or {}}
         # One transaction: a crash (or text DuckDB cannot store) leaves no run without its problems.
         return store.create_run(
-            name=name, model=config.model, dataset=config.dataset, config=stored, num_latent=reasoner.num_latent,
-            n_variants=len(variants), total=len(problems), status="stopped", device=config.device, problems=[
+            name=name, model=config.model, dataset=config.dataset, config=stored, num_latent=shape.num_latent,
+            n_variants=len(variants), total=len(problems), status="stopped", device=config.device,
+            batch_size=batch_size, problems=[
                 {"problem_id": p.problem_id, "ord": i, "question": p.question, "gold": p.gold,
                  "gold_value": answers.parse_number(p.gold), "difficulty": p.difficulty, "solution": p.solution,
                  "phase": "validation" if p.problem_id in validation_ids else "full"}
@@ -291,24 +219,28 @@ class Sweep:
 
     def run(self) -> str:
         """Sweep until every requested phase is stored (-> 'finished') or a stop (-> 'stopped')."""
-        self.started = time.time()
-        self.session_done = 0
+        self.started, self.session_done = time.time(), 0
         try:
-            # Inside the try: a file that cannot take this first write (disk full) is a failed run too.
-            self.store.claim_run(self.run_id, self.sizer.size, self.config.device)
-            references = self._references()
             problems = self.store.run_problems(self.run_id)
-            self.total = len(problems)
-            stored = self.store.stored_problem_ids(self.run_id)
-            self.done = len(stored)
+            if self.batch_size is None:  # a run stored before sizes were recorded at creation
+                self.batch_size = batch_size_for(self.config, self.executor.shape, len(self.variants),
+                                                 [p["question"] for p in problems])
+            # Inside the try: a file that cannot take this first write (disk full) is a failed run too.
+            self.store.claim_run(self.run_id, self.batch_size, self.config.device)
+            handled = self.store.stored_problem_ids(self.run_id)
+            self.total, self.done = len(problems), len(handled)
             self._emit("running")
+            if self.stop.is_set():  # asked while the model loaded
+                return self._finish("stopped")
+            references = self._references()
             for phase in self.config.phases:
-                pending = [p for p in problems if p["problem_id"] not in stored
-                           and (phase == "full" or p["phase"] == "validation")]
-                self.store.update_run(self.run_id, phase=phase)
-                if not self._run_phase(phase, pending, references):
+                if self.stop.is_set():
                     return self._finish("stopped")
-                stored |= {p["problem_id"] for p in pending}
+                self.phase = phase
+                self.store.update_run(self.run_id, phase=phase)
+                if not self._run_phase(self._batches(phase, problems, handled), references):
+                    return self._finish("stopped")
+                handled |= {p["problem_id"] for p in problems if phase == "full" or p["phase"] == "validation"}
             return self._finish("finished")
         except KeyboardInterrupt:
             self.store.update_run(self.run_id, status="interrupted", pid=None)
@@ -329,53 +261,58 @@ class Sweep:
         site = self.config.site
         loaded = self.store.load_reference(self.run_id, site)
         if loaded is None:
+            self.phase = "reference"
             self.store.update_run(self.run_id, phase="reference")
             problems = self.store.run_problems(self.run_id)[: self.config.reference_size]
-            layer = ablation.parse_site(site, self.reasoner.n_layers)
-            values = self._reference_values([p["question"] for p in problems], layer)
+            layer = ablation.parse_site(site, self.executor.shape.n_layers)
+            values = self.executor.references([p["question"] for p in problems], layer, self.batch_size)
             loaded = ([p["problem_id"] for p in problems], values)
             self.store.save_reference(self.run_id, site, *loaded)
         problem_ids, values = loaded
         return {site: Reference(site, tuple(problem_ids), torch.from_numpy(values))}
 
-    def _reference_values(self, questions: list[str], layer: int | None) -> np.ndarray:
-        return reference_values(self.reasoner, questions, layer, self.sizer.size)
+    def _batches(self, phase: str, problems: list[dict], handled: set[str]) -> deque:
+        """The phase's batches still to run: cut in run order at the batch size, validation problems first
+        and among themselves (as the validation phase cuts them), whatever earlier sessions stored."""
+        groups = [[p for p in problems if p["phase"] == "validation"]]
+        if phase == "full":
+            groups.append([p for p in problems if p["phase"] != "validation"])
+        size = self.batch_size
+        chunks = (group[i : i + size] for group in groups for i in range(0, len(group), size))
+        return deque(left for chunk in chunks if (left := [p for p in chunk if p["problem_id"] not in handled]))
 
-    def _run_phase(self, phase: str, pending: list[dict], references: dict) -> bool:
-        self.phase = phase
-        index = 0
-        while index < len(pending):
-            if self.stop.is_set():
-                return False
-            batch = pending[index : index + self.sizer.size]
-            started = time.time()
-            try:
-                rows = self._rollout(batch, references)
-            except torch.OutOfMemoryError:
-                self.sizer.out_of_memory()  # the batch is retried smaller; nothing was written
-                if self.config.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                self.store.update_run(self.run_id, batch_size=self.sizer.size)
+    def _run_phase(self, queue: deque, references: dict) -> bool:
+        """Every batch of `queue` through the executor, written as it comes back; False on a stop."""
+        job = BatchJob(self.variants, references, self.config.seed, self.config.max_new_tokens)
+        for result in self.executor.run(job, queue, self.stop):
+            if result.rows is None:
+                self._out_of_memory(result.batch, queue)
                 continue
-            seconds = time.time() - started
-            self.session_done += len(batch)
-            self.done += len(batch)
-            self._write(batch, rows, seconds)
-            self.sizer.succeeded(len(batch), seconds)
-            index += len(batch)
-        return True
+            self._write(result)
+        return not queue
 
-    def _rollout(self, batch: list[dict], references: dict) -> list[dict]:
-        rows = rollout_rows(self.reasoner, self.variants, batch, references, self.config.seed,
-                            self.config.max_new_tokens)
-        self._remember(batch, rows)
-        return rows
+    def _out_of_memory(self, batch: list[dict], queue: deque) -> None:
+        """Halve the batch size (recorded: a resume cuts the same batches); the batch and the queue are re-cut.
 
-    def _remember(self, batch: list[dict], rows: list[dict]) -> None:
+        Halving keeps the cut in problem order (the halves of a batch are the batches of the new size).
+        A batch cut before another one's out-of-memory halved the size is split without halving again.
+        """
+        if len(batch) <= self.batch_size:
+            if self.batch_size == 1:
+                raise SweepError("out of memory with a batch of 1 problem: use a smaller model, dtype, "
+                                 "fewer latents or fewer variants")
+            self.batch_size //= 2
+            self.store.update_run(self.run_id, batch_size=self.batch_size)
+        size, waiting = self.batch_size, [batch, *queue]
+        queue.clear()
+        queue.extend(b[i : i + size] for b in waiting for i in range(0, len(b), size))
+
+    def _remember(self, result: BatchResult) -> None:
         """The newest baseline answers, for the live view (rows are problem-major, baseline first)."""
         V = len(self.variants)
-        for b, problem in enumerate(batch):
-            mine = rows[b * V : (b + 1) * V]
+        ran = [p for p in result.batch if p["problem_id"] not in result.skipped]
+        for b, problem in enumerate(ran):
+            mine = result.rows[b * V : (b + 1) * V]
             self.latest.appendleft({"problem_id": problem["problem_id"], "question": problem["question"],
                                     "gold": problem["gold"], "answer": mine[0]["answer_text"],
                                     "correct": mine[0]["correct"], "flips": sum(r["flip"] for r in mine)})
@@ -387,17 +324,21 @@ class Sweep:
         left = self.total - self.done
         return self.elapsed_before + session, rate, (left / rate * 3600 if rate else None)
 
-    def _write(self, batch: list[dict], rows: list[dict], seconds: float, measured: dict | None = None) -> None:
-        """Commit one batch with its metrics; `measured`: resources of the process that ran it (default: this one)."""
-        resources = measured or measure_resources(self.process, self.config.device)
+    def _write(self, result: BatchResult) -> None:
+        """Commit one batch with its metrics (the resources of the process that ran it) and skipped problems."""
+        batch, resources = result.batch, result.resources
+        self._remember(result)
+        self.session_done += len(batch)
+        self.done += len(batch)
+        self.skipped += len(result.skipped)
         self.peak_rss = max(self.peak_rss, resources["rss_mb"])
         elapsed, rate, _ = self._rates()
         metrics = {"elapsed_s": elapsed, "phase": self.phase, "done": self.done, "batch_problems": len(batch),
-                   "batch_size": self.sizer.size, "problems_per_hour": len(batch) / max(seconds, 1e-9) * 3600,
-                   **resources}
-        self.store.write_batch(self.run_id, rows, metrics, done=self.done, elapsed_s=elapsed,
+                   "batch_size": self.batch_size,
+                   "problems_per_hour": len(batch) / max(result.seconds, 1e-9) * 3600, **resources}
+        self.store.write_batch(self.run_id, result.rows, metrics, done=self.done, elapsed_s=elapsed,
                                problems_per_hour=rate, peak_rss_mb=self.peak_rss,
-                               peak_gpu_mb=resources["gpu_peak_mb"], batch_size=self.sizer.size)
+                               peak_gpu_mb=resources["gpu_peak_mb"], batch_size=self.batch_size)
         self._checkpoint(before=self.done - len(batch))
         self._emit("running", resources)
 
@@ -415,11 +356,10 @@ class Sweep:
     def _emit(self, status: str, resources: dict | None = None, error: str | None = None) -> None:
         elapsed, rate, eta = self._rates()
         resources = resources or {}
-        self.on_progress(Progress(self.run_id, status, getattr(self, "phase", None), getattr(self, "done", 0),
-                                  getattr(self, "total", 0), elapsed, rate, eta, self.sizer.size,
-                                  resources.get("rss_mb"), self.peak_rss, resources.get("cpu_pct"),
-                                  resources.get("gpu_mem_mb"), resources.get("gpu_peak_mb"),
-                                  tuple(self.latest), error))
+        self.on_progress(Progress(self.run_id, status, self.phase, self.done, self.total, elapsed, rate, eta,
+                                  self.batch_size, resources.get("rss_mb"), self.peak_rss, resources.get("cpu_pct"),
+                                  resources.get("gpu_mem_mb"), resources.get("gpu_peak_mb"), tuple(self.latest),
+                                  error, self.skipped))
 
     def _finish(self, status: str) -> str:
         elapsed, rate, _ = self._rates()

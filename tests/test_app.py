@@ -17,7 +17,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from db import queries
-from db.queries import Filters
+from db.figures import early_late
+from db.scope import Scope
 from db.seed import SCORES, VALIDATION, import_seed
 from db.store import Store
 from runner.sweep import Sweep, SweepConfig
@@ -47,7 +48,7 @@ def database(tmp_path_factory, tiny_model_dir, tiny_reasoner) -> Database:
     sweep_id = Sweep.create(store, tiny_reasoner, config)
     assert Sweep(store, tiny_reasoner, config, sweep_id).run() == "finished"
     seed_id = import_seed(store, SEED_FILES / SCORES, SEED_FILES / VALIDATION, name="seed import")
-    table = queries.problems_table(store, sweep_id, Filters())
+    table = queries.problems_table(store, Scope(sweep_id))
     difficulties = table["difficulty"].value_counts().to_dict()
     store.close()  # the dashboard opens it through its own cached Store
     with pytest.MonkeyPatch.context() as patch:
@@ -353,12 +354,12 @@ def test_cached_numbers_follow_the_data_version(database, tiny_reasoner):
     try:
         half = state.version(store.run_row(run_id))
         assert half == (4, "stopped")
-        assert data.baseline_accuracy(db, run_id, half, Filters())["n"] == 4
+        assert data.baseline_accuracy(db, half, Scope(run_id))["n"] == 4
         Sweep(store, tiny_reasoner, config, run_id).run()  # resumed to the end
         full = state.version(store.run_row(run_id))
         assert full == (8, "finished")
-        assert data.baseline_accuracy(db, run_id, half, Filters())["n"] == 4  # that key is cached...
-        assert data.baseline_accuracy(db, run_id, full, Filters())["n"] == 8  # ...and the new one is fresh
+        assert data.baseline_accuracy(db, half, Scope(run_id))["n"] == 4  # that key is cached...
+        assert data.baseline_accuracy(db, full, Scope(run_id))["n"] == 8  # ...and the new one is fresh
     finally:
         store.delete_run(run_id)
 
@@ -484,7 +485,7 @@ def test_runs_table_settings_results_filters_and_selection(database):
     assert {"model", "dataset", "schemes", "methods", "site", "mode", "batch", "device", "seed", "baseline acc.",
             "acc. 95% CI", "flip, all ablated", "flip 95% CI", "minutes", "problems/h"} <= set(table.columns)
     sweep = table[table["id"] == database.sweep_id].iloc[0]
-    accuracy = queries.baseline_accuracy(_store(database), database.sweep_id)
+    accuracy = queries.baseline_accuracy(_store(database), Scope(database.sweep_id))
     assert sweep["baseline acc."] == pytest.approx(accuracy["accuracy"])
     assert sweep["acc. 95% CI"] == f"[{100 * accuracy['lo']:.1f}, {100 * accuracy['hi']:.1f}]"
     assert (sweep["schemes"], sweep["methods"], sweep["site"], sweep["mode"]) == \
@@ -525,8 +526,8 @@ def test_importance_cards_follow_the_measure(database):
     store = _store(database)
     for measure, label in (("harm", "Harm rate (right → wrong)"), ("logprob_drop", "Drop in gold log-prob (nats)")):
         at.segmented_control(key="importance_measure").set_value(measure).run()
-        expected = queries.early_late_of(store, database.sweep_id, Filters(), measure, "prefix", "zero", "latent",
-                                         "recompute")
+        expected = early_late(store, Scope(database.sweep_id, scheme="prefix", method="zero", site="latent",
+                                           mode="recompute"), measure)
         shown = metric(at, f"{label}, early latents (0–2)")
         assert shown == (f"{100 * expected['early']:.1f}%" if measure == "harm" else f"{expected['early']:.2f}")
         assert not any(m.label.startswith("Flip rate") for m in at.metric)

@@ -91,11 +91,12 @@ def local_run(tmp_path_factory, tiny_reasoner, tiny_model_dir):
     return store, run_id
 
 
-def ray_sweep(store, pool, shape, cfg, run_id=None, sweep_class=None, **kwargs):
-    from runner.distributed import DistributedSweep
-    run_id = Sweep.create(store, shape, cfg) if run_id is None else run_id
-    sweep = (sweep_class or DistributedSweep)(store, shape, cfg, run_id, pool, **kwargs)
-    return run_id, sweep, sweep.run()
+def ray_sweep(store, pool, shape, cfg, run_id=None, executor_class=None, **kwargs):
+    """The one Sweep loop with its batches on the pool's actors; (run id, executor, status)."""
+    from runner.distributed import RayExecutor
+    executor = (executor_class or RayExecutor)(pool)
+    run_id = Sweep.create(store, executor.shape, cfg) if run_id is None else run_id
+    return run_id, executor, Sweep(store, executor, cfg, run_id, **kwargs).run()
 
 
 def test_two_actors_store_exactly_the_rows_of_a_local_sweep(tmp_path, ray_pool, local_run, tiny_model_dir):
@@ -121,11 +122,11 @@ def test_two_actors_store_exactly_the_rows_of_a_local_sweep(tmp_path, ray_pool, 
 
 
 def test_a_killed_actor_loses_only_its_batch_in_flight(tmp_path, ray_pool, local_run, tiny_model_dir):
-    from runner.distributed import DistributedSweep
+    from runner.distributed import RayExecutor
     pool, shape = ray_pool
     local_store, local_id = local_run
 
-    class KillOnThirdBatch(DistributedSweep):
+    class KillOnThirdBatch(RayExecutor):
         """SIGKILLs the actor just handed the third batch: that batch is in flight when its worker dies."""
         killed = None
 
@@ -137,7 +138,7 @@ def test_a_killed_actor_loses_only_its_batch_in_flight(tmp_path, ray_pool, local
             return ref
 
     store = Store(tmp_path / "ray.duckdb")
-    run_id, sweep, status = ray_sweep(store, pool, shape, config(tiny_model_dir), sweep_class=KillOnThirdBatch)
+    run_id, sweep, status = ray_sweep(store, pool, shape, config(tiny_model_dir), executor_class=KillOnThirdBatch)
     assert status == "finished" and sweep.killed is not None and sweep.requeued == 1
     assert not psutil.pid_exists(sweep.killed) or psutil.Process(sweep.killed).status() == psutil.STATUS_ZOMBIE
     n, distinct = store.query("SELECT count(*), count(DISTINCT (problem_id, variant)) FROM results WHERE run_id = ?",
@@ -218,23 +219,21 @@ def test_workers_without_ray_exit_with_one_line_naming_the_requirements_file(tmp
 
 def test_out_of_memory_on_an_actor_halves_the_batch_size_once_and_splits_the_batch(tmp_path, tiny_reasoner,
                                                                                    tiny_model_dir):
+    """The sweep loop's out-of-memory handling, which a Ray actor's out-of-memory result goes through."""
     from collections import deque
-
-    from runner.distributed import DistributedSweep
-
-    class NoPool:  # _halve touches neither Ray nor the actors
-        ray = None
 
     store = Store(tmp_path / "oom.duckdb")
     cfg = config(tiny_model_dir, batch_size=8, methods=("zero",))
     run_id = Sweep.create(store, tiny_reasoner, cfg)
-    sweep = DistributedSweep(store, tiny_reasoner, cfg, run_id, NoPool())
-    batch, retry = [{"problem_id": str(i)} for i in range(8)], deque()
-    assert sweep._halve(batch, 0, retry) is None and sweep.sizer.size == 4
-    assert [[p["problem_id"] for p in piece] for piece, _ in retry] == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
+    sweep = Sweep(store, tiny_reasoner, cfg, run_id)
+    batch, queue = [{"problem_id": str(i)} for i in range(8)], deque()
+    sweep._out_of_memory(batch, queue)
+    assert sweep.batch_size == 4
+    assert [[p["problem_id"] for p in piece] for piece in queue] == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
     assert store.run_row(run_id)["batch_size"] == 4
     # A second actor's batch, cut at the old size before the halving, is split but does not halve again.
-    assert sweep._halve(batch, 0, retry) is None and sweep.sizer.size == 4 and len(retry) == 4
+    sweep._out_of_memory(batch, queue)
+    assert sweep.batch_size == 4 and len(queue) == 4
 
 
 def test_the_local_ray_token_is_written_readable_by_its_owner_only(tmp_path):

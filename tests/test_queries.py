@@ -1,4 +1,5 @@
-"""db/queries.py against a hand-built run whose numbers are known (a real DuckDB file in tmp_path).
+"""db/queries.py, db/figures.py and stats_json against a hand-built run whose numbers are known (a real DuckDB
+file in tmp_path).
 
 The run: 10 problems p0..p9, T = 6, baseline right on p0..p7 and wrong on p8, p9, p0..p3 in the
 validation phase; variants prefix k=1..6 and single k=0..5 (zero/latent/recompute) and prefix k=1..6
@@ -14,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from db import queries
+from db import figures, queries, report
+from db.scope import Scope
 from db.stats import _distinct_rows, bootstrap_means, percentile_interval
-from db.queries import Curve, Filters
 from db.store import Store
 
 T = 6
@@ -85,7 +86,7 @@ def row(frame: pd.DataFrame, **match) -> pd.Series:
 
 
 def test_wilson_for_three_of_ten_is_the_hand_value(store, run_id):
-    curve = queries.position_curve(store, run_id, Filters(), "flip", "prefix", "zero")
+    curve = figures.position_curve(store, Scope(run_id, scheme="prefix", method="zero"), "flip")
     k3 = row(curve, k=3)
     assert (k3["n"], k3["value"]) == (10, 0.3)
     assert k3["value_lo"] == pytest.approx(0.1078, abs=1e-4) and k3["value_hi"] == pytest.approx(0.6032, abs=1e-4)
@@ -94,110 +95,110 @@ def test_wilson_for_three_of_ten_is_the_hand_value(store, run_id):
 
 
 def test_baseline_accuracy_and_filters(store, run_id):
-    acc = queries.baseline_accuracy(store, run_id)
+    acc = queries.baseline_accuracy(store, Scope(run_id))
     assert (acc["n"], acc["correct"], acc["accuracy"]) == (10, 8, 0.8)
     assert (acc["lo"], acc["hi"]) == pytest.approx(wilson(8, 10))
-    assert queries.baseline_accuracy(store, run_id, Filters(phase="full")) == acc  # full = every problem
-    val = queries.baseline_accuracy(store, run_id, Filters(phase="validation"))
+    assert queries.baseline_accuracy(store, Scope(run_id, phase="full")) == acc  # full = every problem
+    val = queries.baseline_accuracy(store, Scope(run_id, phase="validation"))
     assert (val["n"], val["correct"]) == (4, 4)
-    hard = queries.baseline_accuracy(store, run_id, Filters(difficulties=(6, 7, 5)))
+    hard = queries.baseline_accuracy(store, Scope(run_id, difficulties=(6, 7, 5)))
     assert (hard["n"], hard["correct"]) == (3, 1)
-    wrong = queries.baseline_accuracy(store, run_id, Filters(baseline_correct=False))
+    wrong = queries.baseline_accuracy(store, Scope(run_id, baseline_correct=False))
     assert (wrong["n"], wrong["correct"], wrong["accuracy"]) == (2, 0, 0.0)
     with pytest.raises(ValueError, match="phase"):
-        Filters(phase="everything")
+        Scope(run_id, phase="everything")
 
 
 def test_rates_change_with_filters(store, run_id):
     k3 = dict(scheme="prefix", method="zero", k=3)
-    right = row(queries.position_curve(store, run_id, Filters(baseline_correct=True), "flip"), **k3)
+    right = row(figures.position_curve(store, Scope(run_id, baseline_correct=True), "flip"), **k3)
     assert (right["n"], right["value"]) == (8, 2 / 8)
-    harm = row(queries.position_curve(store, run_id, Filters(), "harm"), **k3)
-    help_ = row(queries.position_curve(store, run_id, Filters(), "help"), **k3)
+    harm = row(figures.position_curve(store, Scope(run_id), "harm"), **k3)
+    help_ = row(figures.position_curve(store, Scope(run_id), "help"), **k3)
     assert (harm["value"], help_["value"]) == (0.2, 0.1)
     assert (harm["value_lo"], harm["value_hi"]) == pytest.approx(wilson(2, 10))
-    val = row(queries.position_curve(store, run_id, Filters(phase="validation"), "flip"), **k3)
+    val = row(figures.position_curve(store, Scope(run_id, phase="validation"), "flip"), **k3)
     assert (val["n"], val["value"]) == (4, 0.5)
-    easy = row(queries.position_curve(store, run_id, Filters(difficulties=(1,)), "changed"), **k3)
+    easy = row(figures.position_curve(store, Scope(run_id, difficulties=(1,)), "changed"), **k3)
     assert (easy["n"], easy["value"]) == (2, 1.0)
-    singles = queries.position_curve(store, run_id, Filters(), "flip", scheme="single")
+    singles = figures.position_curve(store, Scope(run_id, scheme="single"), "flip")
     assert set(singles["scheme"]) == {"single"} and list(singles["position"]) == list(range(6))
     assert all(singles["value"] == 0.1)
 
 
 def test_logprob_drop_mean_and_seeded_bootstrap(store, run_id):
-    curve = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero")
+    curve = figures.position_curve(store, Scope(run_id, scheme="prefix", method="zero"), "logprob_drop")
     k3 = row(curve, k=3)
     assert k3["n"] == 10 and k3["value"] == pytest.approx(0.3 + 0.01 * 4.5)
     assert k3["value_lo"] < k3["value"] < k3["value_hi"]
     assert k3["value_lo"] >= 0.3 and k3["value_hi"] <= 0.39  # drops range over 0.30..0.39
-    again = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero")
+    again = figures.position_curve(store, Scope(run_id, scheme="prefix", method="zero"), "logprob_drop")
     pd.testing.assert_frame_equal(curve, again)
-    other = queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "zero", seed=1)
+    other = figures.position_curve(store, Scope(run_id, scheme="prefix", method="zero"), "logprob_drop", seed=1)
     assert not other["value_lo"].equals(curve["value_lo"])
-    flat = row(queries.position_curve(store, run_id, Filters(), "logprob_drop", "prefix", "mean"), k=2)
+    flat = row(figures.position_curve(store, Scope(run_id, scheme="prefix", method="mean"), "logprob_drop"), k=2)
     assert (flat["value"], flat["value_lo"], flat["value_hi"]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="measure"):
-        queries.position_curve(store, run_id, Filters(), "flip; DROP TABLE results")
+        figures.position_curve(store, Scope(run_id), "flip; DROP TABLE results")
 
 
 def test_early_late_by_hand(store, run_id):
     # Prefix k -> position k-1. Per-problem early = mean flip over k=1..3, late over k=4..6.
-    el = queries.early_late(store, run_id, Filters(), "prefix")
+    el = figures.early_late(store, Scope(run_id, scheme="prefix"))
     assert (el["method"], el["site"], el["mode"], el["n"]) == ("zero", "latent", "recompute", 10)
     assert el["early"] == pytest.approx(4 / 3 / 10) and el["late"] == pytest.approx(0.6)
     assert el["ratio"] == pytest.approx((4 / 30) / 0.6)
     assert el["early_lo"] <= el["early"] <= el["early_hi"] and el["late_lo"] <= el["late"] <= el["late_hi"]
     assert el["ratio_lo"] <= el["ratio"] <= el["ratio_hi"]
-    single = queries.early_late(store, run_id, Filters(), "single")
+    single = figures.early_late(store, Scope(run_id, scheme="single"))
     assert single["early"] == pytest.approx(0.1) and single["late"] == pytest.approx(0.1)
-    assert queries.early_late(store, run_id, Filters(), "suffix")["n"] == 0  # no such variants
+    assert figures.early_late(store, Scope(run_id, scheme="suffix"))["n"] == 0  # no such variants
 
 
 def test_difficulty_table_steps_and_buckets(store, run_id):
-    steps = queries.difficulty_table(store, run_id, Filters(), "prefix", by="steps")
+    steps = figures.difficulty_table(store, Scope(run_id, scheme="prefix"), by="steps")
     assert list(steps["difficulty"]) == [1, 2, 3, 4, 5, 6, 7] and list(steps["n"]) == [2, 2, 2, 1, 1, 1, 1]
     one = row(steps, difficulty=1)  # p0: early 2/3, late 1; p1: early 1/3, late 1
     assert (one["early"], one["late"], one["accuracy"]) == pytest.approx((0.5, 1.0, 1.0))
     assert one["ratio"] == pytest.approx(0.5)
     six = row(steps, difficulty=6)  # p8, baseline wrong
     assert (six["accuracy"], six["early"], six["late"]) == pytest.approx((0.0, 1 / 3, 1.0))
-    buckets = queries.difficulty_table(store, run_id, Filters(), "prefix", by="bucket")
+    buckets = figures.difficulty_table(store, Scope(run_id, scheme="prefix"), by="bucket")
     assert list(buckets["bucket"]) == ["1-2", "3-4", "5+"] and list(buckets["n"]) == [4, 3, 3]
     low = row(buckets, bucket="1-2")  # p0..p3: early (2/3+1/3+0+0)/4, late (1+1+1+2/3)/4
     assert (low["early"], low["late"]) == pytest.approx((0.25, 11 / 12))
     assert (low["accuracy_lo"], low["accuracy_hi"]) == pytest.approx(wilson(4, 4))
-    narrowed = queries.difficulty_table(store, run_id, Filters(difficulties=(1, 2)), "prefix", by="bucket")
+    narrowed = figures.difficulty_table(store, Scope(run_id, difficulties=(1, 2), scheme="prefix"), by="bucket")
     assert list(narrowed["bucket"]) == ["1-2"]
     with pytest.raises(ValueError):
-        queries.difficulty_table(store, run_id, Filters(), by="size")
+        figures.difficulty_table(store, Scope(run_id), by="size")
 
 
 def test_heatmap_is_difficulty_by_k(store, run_id):
-    heat = queries.difficulty_heatmap(store, run_id, Filters(), "prefix", "zero", "latent", "recompute", "flip")
+    heat = figures.difficulty_heatmap(store, Scope(run_id).group("prefix", "zero", "latent", "recompute"), "flip")
     assert list(heat.index) == [1, 2, 3, 4, 5, 6, 7] and list(heat.columns) == [1, 2, 3, 4, 5, 6]
     assert heat.loc[1, 3] == 1.0 and heat.loc[3, 6] == 1.0 and heat.loc[4, 6] == 0.0 and heat.loc[2, 5] == 1.0
 
 
 def test_problems_table_search_is_a_parameter(store, run_id):
-    table = queries.problems_table(store, run_id, Filters(), None, None, "ord", 100)
+    table = queries.problems_table(store, Scope(run_id), None, None, "ord", 100)
     assert list(table["problem_id"]) == [f"p{i}" for i in range(10)]
     p0 = row(table, problem_id="p0")  # prefix k=2..6 and single k=0
     assert (p0["n_flips"], p0["baseline_correct"], p0["baseline_answer"]) == (6, True, "The answer is: 0")
-    assert list(queries.problems_table(store, run_id, search="janet's")["problem_id"]) == ["p0"]
-    assert list(queries.problems_table(store, run_id, search='says "hi"')["problem_id"]) == ["p1"]
+    assert list(queries.problems_table(store, Scope(run_id), search="janet's")["problem_id"]) == ["p0"]
+    assert list(queries.problems_table(store, Scope(run_id), search='says "hi"')["problem_id"]) == ["p1"]
     for hostile in ("'; DROP TABLE results; --", "%", "_", "\\", "' OR 1=1 --"):
-        assert queries.problems_table(store, run_id, search=hostile).empty
+        assert queries.problems_table(store, Scope(run_id), search=hostile).empty
     assert store.query("SELECT count(*) FROM results")[0][0] == 10 * 19
-    flipped = queries.problems_table(store, run_id, any_flip=True)
+    flipped = queries.problems_table(store, Scope(run_id), any_flip=True)
     assert set(flipped["problem_id"]) == {f"p{i}" for i in (0, 1, 2, 3, 4, 5, 8, 9)}
-    calm = queries.problems_table(store, run_id, any_flip=False)
+    calm = queries.problems_table(store, Scope(run_id), any_flip=False)
     assert set(calm["problem_id"]) == {"p6", "p7"}
-    by_flips = queries.problems_table(store, run_id, order_by="-n_flips", limit=2)
+    by_flips = queries.problems_table(store, Scope(run_id), order_by="-n_flips", limit=2)
     assert list(by_flips["problem_id"]) == ["p0", "p1"] and list(by_flips["n_flips"]) == [6, 5]
     for bad in ("question; DROP TABLE results", "ord DESC", "-"):
         with pytest.raises(ValueError, match="order_by"):
-            queries.problems_table(store, run_id, order_by=bad)
+            queries.problems_table(store, Scope(run_id), order_by=bad)
 
 
 def test_problem_detail_latest_and_metrics(store, run_id):
@@ -222,24 +223,26 @@ def test_runs_groups_and_latest(store, run_id):
     groups = queries.variant_groups(store, run_id)
     assert [tuple(g) for g in groups[["scheme", "method"]].itertuples(index=False)] == [
         ("prefix", "zero"), ("single", "zero"), ("prefix", "mean")]
-    assert queries.first_group(store, run_id, "prefix") == ("zero", "latent", "recompute")
-    assert queries.first_group(store, run_id, "prefix", "mean") == ("mean", "latent", "recompute")
+    assert queries.first_group(store, Scope(run_id, scheme="prefix")).keys == ("prefix", "zero", "latent", "recompute")
+    assert queries.first_group(store, Scope(run_id, scheme="prefix", method="mean")).keys == \
+        ("prefix", "mean", "latent", "recompute")
     assert queries.latest_run_id(Store(store.path.with_name("empty.duckdb"))) is None
 
 
 def test_compare_validation_against_full(store, run_id):
-    both = queries.compare(store, Curve(run_id, Filters(phase="validation")), Curve(run_id))
+    both = figures.compare(store, Scope(run_id, phase="validation", scheme="prefix"), Scope(run_id, scheme="prefix"))
     k3 = row(both, k=3)
     assert (k3["value_a"], k3["value_b"], k3["diff"]) == pytest.approx((0.5, 0.3, 0.2))
     assert k3["overlap"]
     assert (k3["lo_a"], k3["hi_a"]) == pytest.approx(wilson(2, 4))
-    methods = queries.compare(store, Curve(run_id, method="zero"), Curve(run_id, method="mean"))
+    methods = figures.compare(store, Scope(run_id, scheme="prefix", method="zero"),
+                              Scope(run_id, scheme="prefix", method="mean"))
     k6 = row(methods, k=6)
     assert (k6["value_a"], k6["value_b"]) == (0.8, 0.0) and not k6["overlap"]
 
 
 def test_stats_json_is_plain_json_with_seed_keys(store, run_id):
-    stats = queries.stats_json(store, run_id)
+    stats = report.stats_json(store, run_id)
     text = json.dumps(stats, allow_nan=False)
     assert json.loads(text) == stats
     assert stats["n_problems"] == 10 and stats["baseline_accuracy"] == 0.8
@@ -257,7 +260,7 @@ def test_stats_json_is_plain_json_with_seed_keys(store, run_id):
     assert {"flip", "harm", "help", "changed", "logprob_drop"} <= set(k3)
     assert extras["groups"][0]["early_late"]["late"] == pytest.approx(0.6)
     assert [r["bucket"] for r in extras["groups"][0]["by_difficulty"]["bucket"]] == ["1-2", "3-4", "5+"]
-    mean = queries.stats_json(store, run_id, method="mean")
+    mean = report.stats_json(store, run_id, method="mean")
     assert mean["position_importance"]["6"] == 0.0 and mean["extras"]["summary_group"]["method"] == "mean"
 
 
@@ -267,19 +270,20 @@ def test_runs_do_not_mix(store, run_id):
                                    "difficulty": 1, "solution": "", "phase": "full"} for i in range(3)])
     store.write_batch(other, [result(i, "baseline", 0, False, method="none") for i in range(3)]
                       + [result(i, "prefix", k, True) for i in range(3) for k in range(1, T + 1)])
-    assert list(queries.position_curve(store, other, Filters(), "flip")["value"]) == [1.0] * 6
-    assert row(queries.position_curve(store, run_id, Filters(), "flip", "prefix", "zero"), k=1)["value"] == 0.0
-    assert queries.baseline_accuracy(store, run_id)["n"] == 10
+    assert list(figures.position_curve(store, Scope(other), "flip")["value"]) == [1.0] * 6
+    zero = figures.position_curve(store, Scope(run_id, scheme="prefix", method="zero"), "flip")
+    assert row(zero, k=1)["value"] == 0.0
+    assert queries.baseline_accuracy(store, Scope(run_id))["n"] == 10
 
 
 def test_a_run_with_nothing_stored_yet(store):
     empty = store.create_run(name="new", model="toy", dataset="builtin", config={}, num_latent=T, n_variants=7)
-    assert queries.baseline_accuracy(store, empty) == {"n": 0, "correct": 0, "accuracy": None, "lo": None,
+    assert queries.baseline_accuracy(store, Scope(empty)) == {"n": 0, "correct": 0, "accuracy": None, "lo": None,
                                                          "hi": None}
-    assert queries.position_curve(store, empty, Filters(), "logprob_drop").empty
-    assert queries.difficulty_table(store, empty).empty and queries.problems_table(store, empty).empty
-    assert queries.early_late(store, empty)["n"] == 0 and queries.difficulty_heatmap(store, empty).empty
-    stats = queries.stats_json(store, empty)
+    assert figures.position_curve(store, Scope(empty), "logprob_drop").empty
+    assert figures.difficulty_table(store, Scope(empty)).empty and queries.problems_table(store, Scope(empty)).empty
+    assert figures.early_late(store, Scope(empty))["n"] == 0 and figures.difficulty_heatmap(store, Scope(empty)).empty
+    stats = report.stats_json(store, empty)
     assert stats["n_problems"] == 0 and stats["extras"]["groups"] == [] and json.dumps(stats, allow_nan=False)
 
 
@@ -351,5 +355,6 @@ def test_rows_are_described_when_stored(store, run_id):
                        "WHERE run_id = ?", [run_id])
     assert len(rows) == 19
     for key, ablated, fed, position in rows:
-        assert {"ablated_positions": ablated, "latents_fed": fed, "position": position} == Variant.from_key(key).describe(T)
+        stored = {"ablated_positions": ablated, "latents_fed": fed, "position": position}
+        assert stored == Variant.from_key(key).describe(T)
     assert ("prefix:4/zero/latent/recompute", [0, 1, 2, 3], 6, 3) in rows

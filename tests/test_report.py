@@ -1,4 +1,5 @@
-"""db/report.py: CSV/Parquet exports, the experiment report and the live status page, on the run of test_queries.py."""
+"""db/exports.py, db/report.py, db/status_page.py: CSV/Parquet exports, the experiment report and the live
+status page, on the run of test_queries.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from db import report, seed
-from db.queries import Filters
+from db import exports, report, seed, status_page
+from db.scope import Scope
 from db.store import Store
 from test_queries import build_run  # the hand-built 10-problem run (numbers known)
 
@@ -29,7 +30,7 @@ def run_id(store):
 
 
 def test_csv_has_one_row_per_problem_and_variant(store, run_id, tmp_path):
-    path = report.export_csv(store, run_id, tmp_path / "new" / "dir")
+    path = exports.export_csv(store, run_id, tmp_path / "new" / "dir")
     assert path == tmp_path / "new" / "dir" / "results.csv"
     frame = pd.read_csv(path)
     assert list(frame.columns[:4]) == ["run_id", "problem_id", "difficulty", "phase"] and set(REQUIRED) <= set(frame)
@@ -38,13 +39,13 @@ def test_csv_has_one_row_per_problem_and_variant(store, run_id, tmp_path):
     assert (first["problem_id"], first["scheme"], first["k"], first["method"]) == ("p0", "baseline", 0, "none")
     k3 = frame[(frame.problem_id == "p8") & (frame.variant == "prefix:3/zero/latent/recompute")].iloc[0]
     assert (bool(k3["flip"]), bool(k3["help"]), bool(k3["correct"]), k3["difficulty"]) == (True, True, True, 6)
-    only = pd.read_csv(report.export_csv(store, run_id, tmp_path / "v", Filters(phase="validation")))
+    only = pd.read_csv(exports.export_csv(store, run_id, tmp_path / "v", Scope(run_id, phase="validation")))
     assert len(only) == 4 * 19 and set(only["phase"]) == {"validation"}
 
 
 def test_parquet_matches_csv(store, run_id, tmp_path):
-    csv = pd.read_csv(report.export_csv(store, run_id, tmp_path))
-    parquet = pd.read_parquet(report.export_parquet(store, run_id, tmp_path))
+    csv = pd.read_csv(exports.export_csv(store, run_id, tmp_path))
+    parquet = pd.read_parquet(exports.export_parquet(store, run_id, tmp_path))
     assert list(parquet.columns) == list(csv.columns) and len(parquet) == len(csv)
     assert parquet["gold_logprob"].tolist() == pytest.approx(csv["gold_logprob"].tolist())
 
@@ -52,16 +53,16 @@ def test_parquet_matches_csv(store, run_id, tmp_path):
 @pytest.mark.parametrize("name", ["../results.csv", "sub/results.csv", "..", "results.txt", "/etc/passwd"])
 def test_export_names_cannot_escape(store, run_id, tmp_path, name):
     with pytest.raises(ValueError, match="export name"):
-        report.export_csv(store, run_id, tmp_path / "out", name=name)
+        exports.export_csv(store, run_id, tmp_path / "out", name=name)
     assert not (tmp_path / "results.csv").exists()
 
 
 def test_export_dispatch(store, run_id, tmp_path):
-    names = {fmt: [p.name for p in report.export(store, run_id, fmt, tmp_path / fmt)] for fmt in report.FORMATS}
+    names = {fmt: [p.name for p in exports.export(store, run_id, fmt, tmp_path / fmt)] for fmt in exports.FORMATS}
     assert names == {"seed-json": [seed.SCORES, seed.SUMMARY, seed.VALIDATION], "csv": ["results.csv"],
                      "parquet": ["results.parquet"], "markdown": ["report.md"]}
     with pytest.raises(ValueError, match="format"):
-        report.export(store, run_id, "xlsx", tmp_path)
+        exports.export(store, run_id, "xlsx", tmp_path)
 
 
 def test_markdown_report_holds_the_numbers(store, run_id):
@@ -85,7 +86,7 @@ def test_status_page_of_a_running_sweep(store, run_id):
                                     "gold_value": 1.0, "difficulty": 2, "solution": "", "phase": "full"}
                                    for i in range(10)])
     store.update_run(run_id, total=20, phase="full", status="running")
-    text = report.status_markdown(store, run_id)
+    text = status_page.status_markdown(store, run_id)
     for expected in ("— running (phase full)", "10/20 problems (50.0%)", "1800 problems/hour", "2s per problem",
                      "ETA: 20s", "| validation | 4/4 | 8s |", "| full (the other problems) | 6/16 | 32s | 20s so far | "
                      "running |", "RSS now 510 MB, peak 510 MB", "## Validation vs full run so far",
@@ -93,7 +94,7 @@ def test_status_page_of_a_running_sweep(store, run_id):
                      "kill -INT"):
         assert expected in text, expected
     store.update_run(run_id, status="stopped")
-    stopped = report.status_markdown(store, run_id)
+    stopped = status_page.status_markdown(store, run_id)
     assert "kill -INT" not in stopped and "ETA: –" in stopped and "| stopped |" in stopped
 
 
@@ -106,9 +107,9 @@ def test_pages_of_a_run_that_has_just_started(store, tmp_path):
     run_id = store.create_run(name="new", model="toy", dataset="builtin", config={}, num_latent=6, n_variants=7,
                               total=5)
     assert "# ThoughtSweep run" in report.markdown_report(store, run_id)
-    status = report.status_markdown(store, run_id)
+    status = status_page.status_markdown(store, run_id)
     assert "0/5 problems" in status and "No batch stored yet" in status and "--resume" in status
-    assert pd.read_csv(report.export_csv(store, run_id, tmp_path)).empty
+    assert pd.read_csv(exports.export_csv(store, run_id, tmp_path)).empty
 
 
 def test_generated_tokens_are_exported_and_old_databases_migrate(tmp_path, tiny_reasoner, tiny_model_dir):
@@ -137,8 +138,8 @@ def test_generated_tokens_are_exported_and_old_databases_migrate(tmp_path, tiny_
                              [run_id])
         assert all(text == tiny_reasoner.decode(list(tokens)) for text, tokens in stored)
         assert any(len(tokens) > 1 for _, tokens in stored)
-        parquet = pd.read_parquet(report.export_parquet(store, run_id, tmp_path / "out"))
-        csv = pd.read_csv(report.export_csv(store, run_id, tmp_path / "out"), keep_default_na=False)
+        parquet = pd.read_parquet(exports.export_parquet(store, run_id, tmp_path / "out"))
+        csv = pd.read_csv(exports.export_csv(store, run_id, tmp_path / "out"), keep_default_na=False)
         assert [list(t) for t in parquet["tokens"]] == [s.split() and list(map(int, s.split())) for s in csv["tokens"]]
         assert {tuple(t) for t in parquet["tokens"]} == {tuple(t) for _, t in stored}
         assert "prefix_value" in csv and "prefix_value" in parquet

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from db import queries, seed
+from db import figures, queries, report, seed
+from db.scope import Scope
 from db.seed import SeedFormatError, export_seed, import_seed, seed_summary
 from db.store import Store
 
@@ -109,7 +110,7 @@ def test_reference_loop_agrees_with_seed_summary():
 def test_imported_stats_equal_the_seed_summary(store, scores_file):
     scores = json.loads(scores_file.read_text())
     run_id = import_seed(store, scores_file)
-    stats = top_level(queries.stats_json(store, run_id))
+    stats = top_level(report.stats_json(store, run_id))
     expected = reference_summary(scores)
     assert stats["n_problems"] == 50 and stats["baseline_accuracy"] == pytest.approx(expected["baseline_accuracy"])
     assert stats["position_importance"] == pytest.approx(expected["position_importance"])
@@ -132,7 +133,7 @@ def test_export_round_trips_the_scores_file(store, scores_file, tmp_path):
 def test_hand_fixture_trio(store, tmp_path):
     run_id = import_seed(store, FIXTURES / seed.SCORES, FIXTURES / seed.VALIDATION, name="fixture")
     summary = json.loads((FIXTURES / seed.SUMMARY).read_text())
-    assert top_level(queries.stats_json(store, run_id)) == summary
+    assert top_level(report.stats_json(store, run_id)) == summary
     assert seed_summary(json.loads((FIXTURES / seed.SCORES).read_text())) == summary
     run = store.run_row(run_id)
     assert (run["source"], run["status"], run["name"], run["done"], run["total"]) == ("import", "finished", "fixture",
@@ -152,9 +153,9 @@ def test_hand_fixture_trio(store, tmp_path):
 
 def test_site_argument_and_native_group_choice(store, tmp_path):
     run_id = import_seed(store, FIXTURES / seed.SCORES, site="resid:8")
-    assert queries.first_group(store, run_id, "prefix") == ("zero", "resid:8", "recompute")
+    assert queries.first_group(store, Scope(run_id, scheme="prefix")).keys == ("prefix", "zero", "resid:8", "recompute")
     summary = json.loads((FIXTURES / seed.SUMMARY).read_text())
-    assert top_level(queries.stats_json(store, run_id, site="resid:8")) == summary
+    assert top_level(report.stats_json(store, run_id, site="resid:8")) == summary
     with pytest.raises(ValueError, match="site"):
         import_seed(store, FIXTURES / seed.SCORES, site="resid:8; DROP TABLE runs")
 
@@ -168,25 +169,25 @@ def test_native_run_exports_positions_up_to_T(store, tmp_path):
     assert [r["position"] for r in scores[0]["position_results"]] == list(range(7))
     assert scores[8]["position_results"][3]["baseline_to_ablated"] == "0 \u2192 1"
     assert scores[0]["expected_answer"] == 0 and isinstance(scores[0]["expected_answer"], int)
-    assert top_level(queries.stats_json(store, run_id)) == seed_summary(scores)
+    assert top_level(report.stats_json(store, run_id)) == seed_summary(scores)
     again = import_seed(store, scores_path)
-    assert top_level(queries.stats_json(store, again)) == seed_summary(scores)
+    assert top_level(report.stats_json(store, again)) == seed_summary(scores)
 
 
 def test_filtered_seed_files_and_their_summary_in_sql(store, scores_file):
     """The export page's summary (SQL) equals the seed's arithmetic over the filtered records it would download."""
     run_id = import_seed(store, scores_file)
-    group = queries.first_group(store, run_id, "prefix")
-    everything = seed.seed_scores(store, run_id)
-    for filters in (queries.Filters(), queries.Filters(difficulties=(2, 5, 7)), queries.Filters(baseline_correct=True),
-                    queries.Filters(difficulties=(3,), baseline_correct=False)):
-        documents = seed.seed_documents(store, run_id, filters=filters)
+    group = queries.first_group(store, Scope(run_id, scheme="prefix"))
+    everything = seed.seed_scores(store, Scope(run_id))
+    for filters in (group, group.replace(difficulties=(2, 5, 7)), group.replace(baseline_correct=True),
+                    group.replace(difficulties=(3,), baseline_correct=False)):
+        documents = seed.seed_documents(store, filters)
         kept = [r for r in everything if (not filters.difficulties or r["difficulty"] in filters.difficulties)
                 and filters.baseline_correct in (None, r["baseline_correct"])]
         assert documents[seed.SCORES] == kept and kept
-        assert queries.seed_keys(store, run_id, group, filters) == seed_summary(kept) == documents[seed.SUMMARY]
+        assert figures.old_script_summary(store, filters) == seed_summary(kept) == documents[seed.SUMMARY]
         for name in (seed.SUMMARY, seed.VALIDATION):  # one file per download click: the same document
-            assert seed.seed_documents(store, run_id, filters=filters, names=(name,)) == {name: documents[name]}
+            assert seed.seed_documents(store, filters, names=(name,)) == {name: documents[name]}
 
 
 def broken(tmp_path, edit) -> Path:

@@ -13,7 +13,9 @@ import json
 import math
 import re
 
+from db import figures as figures_of
 from db import queries
+from db.scope import Scope
 from db.store import Store
 
 STEP = re.compile(r"<<[^=]*=(-?\d+)>>")
@@ -32,7 +34,7 @@ def lens_readout(store, run_id: int, num_latent: int) -> dict:
     producing latent j is the value after step j+1 (the answer once the steps run out), and, over
     problems with at least j+2 steps, the share reading that intermediate (not yet final) value."""
     aligned, inter, inter_n, n = [0] * num_latent, [0] * num_latent, [0] * num_latent, 0
-    for problem_id in queries.problems_table(store, run_id)["problem_id"]:
+    for problem_id in queries.problems_table(store, Scope(run_id))["problem_id"]:
         detail = queries.problem_detail(store, run_id, problem_id)
         values = [int(v) for v in STEP.findall(detail["problem"]["solution"] or "")]
         baseline = detail["variants"][detail["variants"]["scheme"] == "baseline"]
@@ -51,26 +53,26 @@ def lens_readout(store, run_id: int, num_latent: int) -> dict:
 
 
 def figures(store, run_id: int) -> dict:
-    group = dict(method="zero", site="latent", mode="recompute")
-    base = queries.baseline_accuracy(store, run_id)
+    scope = Scope(run_id, method="zero", site="latent", mode="recompute")
+    base = queries.baseline_accuracy(store, scope)
     curves = {}
     for scheme in ("prefix", "single"):
-        frame = queries.position_curve(store, run_id, queries.Filters(), "flip", scheme, **group)
+        frame = figures_of.position_curve(store, scope.replace(scheme=scheme), "flip")
         curves[scheme] = [{"k": int(r.k), "flip": r.value, "lo": r.value_lo, "hi": r.value_hi, "n": int(r.n)}
                           for r in frame.itertuples()]
     T = len(curves["prefix"])  # prefix k = 1..T
     # Accuracy with every latent zeroed: baseline accuracy - harm + help of prefix k = T.
-    rates = {m: queries.position_curve(store, run_id, queries.Filters(), m, "prefix", **group).set_index("k")
+    rates = {m: figures_of.position_curve(store, scope.replace(scheme="prefix"), m).set_index("k")
              for m in ("harm", "help")}
     n = base["n"]
     correct = round(base["accuracy"] * n - rates["harm"].loc[T, "value"] * n + rates["help"].loc[T, "value"] * n)
     all_zero = wilson(correct, n)
     single = [c["flip"] for c in curves["single"]]
-    buckets = queries.difficulty_table(store, run_id, queries.Filters(), "single", by="bucket", **group)
+    buckets = figures_of.difficulty_table(store, scope.replace(scheme="single"), by="bucket")
     by_bucket = {r["bucket"]: {"n": int(r["n"]), "late": r["late"], "late_lo": r["late_lo"], "late_hi": r["late_hi"],
                                "early": r["early"], "early_lo": r["early_lo"], "early_hi": r["early_hi"]}
                  for r in buckets.to_dict("records")}
-    heat = queries.difficulty_heatmap(store, run_id, queries.Filters(), "single", measure="flip", **group)
+    heat = figures_of.difficulty_heatmap(store, scope.replace(scheme="single"), "flip")
     return {"run": run_id, "n_problems": n, "baseline": base,
             "all_zero_accuracy": {"value": all_zero[0], "lo": all_zero[1], "hi": all_zero[2], "correct": correct},
             "prefix": curves["prefix"], "single": curves["single"],

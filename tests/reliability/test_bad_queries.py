@@ -1,7 +1,7 @@
 """Bad input that aims past the CLI: SQL in filters and names, paths in export and upload names.
 
-Filters reach SQL as `?` parameters and names through whitelists (db/queries.py); export files get
-fixed names inside the folder asked for (db/report.py, db/seed.py); uploads are saved under
+A Scope reaches SQL as `$name` parameters and names through whitelists (db/queries.py); export files get
+fixed names inside the folder asked for (db/exports.py, db/seed.py); uploads are saved under
 uploads/ beside the database (dashboard/sweep_form.py). Every case also checks that the database's
 rows are what they were.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from db import queries, report
-from db.queries import Filters
+from db import exports, figures, queries
+from db.scope import Scope
 from db.store import Store
 from tests.reliability.support import REPO
 
@@ -43,7 +43,7 @@ def _rows(store) -> dict:
 def test_problem_search_text_is_a_parameter_never_sql(search, finished_db, query_store, ledger):
     with ledger.bad_input(f"query: problem search {search!r}"):
         before = _rows(query_store)
-        table = queries.problems_table(query_store, finished_db.sweep_id, Filters(), search=search)
+        table = queries.problems_table(query_store, Scope(finished_db.sweep_id), search=search)
         problems = query_store.run_problems(finished_db.sweep_id)
         literal = [p["problem_id"] for p in problems
                    if search.lower() in p["question"].lower() or search.lower() in p["problem_id"].lower()]
@@ -52,10 +52,10 @@ def test_problem_search_text_is_a_parameter_never_sql(search, finished_db, query
 
 
 @pytest.mark.parametrize("name, call, message", [
-    ("problem order", lambda s, r: queries.problems_table(s, r, order_by="ord; DROP TABLE runs"), "order_by"),
-    ("measure", lambda s, r: queries.position_curve(s, r, measure="flip FROM results; --"), "measure"),
-    ("phase filter", lambda s, r: Filters(phase="full' OR '1'='1"), "phase filter"),
-    ("difficulty filter", lambda s, r: Filters(difficulties=("1) OR (1=1",)), "invalid literal"),
+    ("problem order", lambda s, r: queries.problems_table(s, Scope(r), order_by="ord; DROP TABLE runs"), "order_by"),
+    ("measure", lambda s, r: figures.position_curve(s, Scope(r), measure="flip FROM results; --"), "measure"),
+    ("phase filter", lambda s, r: Scope(r, phase="full' OR '1'='1"), "phase filter"),
+    ("difficulty filter", lambda s, r: Scope(r, difficulties=("1) OR (1=1",)), "invalid literal"),
 ])
 def test_names_that_reach_sql_text_come_from_whitelists(name, call, message, finished_db, query_store, ledger):
     with ledger.bad_input(f"query: {name} with SQL in it"):
@@ -84,7 +84,7 @@ def test_notes_tags_and_names_are_stored_as_text(finished_db, query_store, ledge
 def test_export_names_cannot_leave_the_export_folder(name, finished_db, query_store, tmp_path, ledger):
     with ledger.bad_input(f"export: file name {name!r}"):
         with pytest.raises(ValueError, match="export name"):
-            report.export_csv(query_store, finished_db.sweep_id, tmp_path / "out", name=name)
+            exports.export_csv(query_store, finished_db.sweep_id, tmp_path / "out", name=name)
         assert not list(tmp_path.rglob("*.csv")) and not Path(ABSOLUTE).exists()
 
 

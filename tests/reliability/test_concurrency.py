@@ -13,6 +13,7 @@ import time
 import pytest
 
 from db import queries
+from db.scope import Scope
 from db.store import Store
 from runner.service import SweepBusy, SweepService
 from tests.reliability.support import REPO, sweep_config, whole_batches
@@ -46,7 +47,7 @@ def test_sessions_during_a_sweep_see_whole_batches_one_sweep_and_each_others_sto
                 while time.monotonic() < deadline:
                     numbers = whole_batches(store, run_id)  # raises on a torn batch
                     runs = queries.runs(store)
-                    table = queries.problems_table(store, run_id, limit=LONG)
+                    table = queries.problems_table(store, Scope(run_id), limit=LONG)
                     assert (table["n_variants"] == n_variants - 1).all(), "a problem with some variants missing"
                     assert len(table) >= numbers["done"], "a stored problem disappeared"  # read after: only more
                     queries.latest_results(store, run_id)

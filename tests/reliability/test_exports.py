@@ -85,7 +85,7 @@ def test_the_dashboards_csv_download_is_neutralised_unless_the_box_is_ticked(hos
     from streamlit.testing.v1 import AppTest
 
     from dashboard import data, state
-    from db.queries import Filters
+    from db.scope import Scope
     from tests.reliability.support import REPO
     db = str(hostile_db.resolve())
     with ledger.bad_input("the same ids in the dashboard's results.csv download"):
@@ -98,8 +98,8 @@ def test_the_dashboards_csv_download_is_neutralised_unless_the_box_is_ticked(hos
             assert box.value is False and "results.csv" in {b.label for b in at.download_button}
             box.check().run()
             assert not at.exception, [e.message for e in at.exception]
-            _check_neutralised(_cells(data.results_csv(db, 1, Filters()).decode()))  # what the button serves
-            raw = _cells(data.results_csv(db, 1, Filters(), True).decode())
+            _check_neutralised(_cells(data.results_csv(db, Scope(1)).decode()))  # what the button serves
+            raw = _cells(data.results_csv(db, Scope(1), True).decode())
             assert {r["problem_id"] for r in raw} == {r["id"] for r in HOSTILE}
         finally:
             state.open_service.clear(db)

@@ -1,0 +1,68 @@
+"""How many problems fit in one batch: bytes per problem from the model's shape, against a budget.
+
+`auto` batch size is decided once per run from this estimate (not from timings or the memory
+pressure of the moment), recorded in the run and reused on resume, so a resumed run cuts the
+batches an uninterrupted one cuts. The budget is RAM on the CPU (psutil) and GPU memory on CUDA
+(capped by --max-gpu-memory-gb), or `memory_budget_gb` when given. A configuration that does not
+fit even one problem at a time is refused with one line before anything runs.
+"""
+from __future__ import annotations
+
+import psutil
+import torch
+
+from runner.errors import MemoryBudgetError
+
+# Rows (problems x variants) of an `auto` batch at most: on a CPU bigger batches stop paying off
+# and hold progress back; a GPU keeps gaining up to thousands of rows.
+MAX_ROWS = {"cpu": 256, "cuda": 4096}
+ANSWER_TOKENS = 16  # teacher-forced gold answer width allowed for (`The answer is: N` is ~6-10 tokens)
+SAFETY = 1.5  # allocator slack and transients the sum below does not itemise
+USABLE = 0.7  # share of the free RAM / GPU memory a batch may take
+
+
+def device_budget(device: str, max_gpu_memory_gb: float | None = None) -> int:
+    """Bytes a batch may use on `device` now: a share of free RAM, or of free GPU memory (and the cap)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = free * USABLE
+        if max_gpu_memory_gb is not None:
+            budget = min(budget, max_gpu_memory_gb * 2**30 - torch.cuda.memory_allocated(device))
+        return int(max(budget, 0))
+    return int(psutil.virtual_memory().available * USABLE)
+
+
+def bytes_per_problem(shape, n_variants: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Peak bytes one problem adds to a batch under `n_variants` variants (its rows, R = V per problem).
+
+    The prompt's KV is stored once per problem (shared-prefix cache); each row holds its own KV for
+    the T latents, EOT and the answer, the fed latents and logit-lens tensors, and the logits of the
+    teacher-forced gold answer (float32 log-softmax beside them).
+    """
+    T, e = shape.num_latent, shape.dtype_bytes
+    kv_per_token = 2 * shape.n_layers * shape.kv_dim * e  # keys + values, every layer
+    row_tokens = T + 2 + max(max_new_tokens, ANSWER_TOKENS)
+    row = (kv_per_token * row_tokens
+           + T * shape.d_model * (e + 4)  # latents (R, T, d), and their float32 copy
+           + shape.vocab * (ANSWER_TOKENS + 2) * (e + 8)  # gold logits (R, A, V'), softmax / log-softmax
+           + 4 * shape.d_model * e * 4)  # one token's MLP activations
+    prompt = kv_per_token * prompt_tokens + 4 * shape.d_model * e * prompt_tokens
+    return int(SAFETY * (prompt + n_variants * row))
+
+
+def auto_batch_size(shape, n_variants: int, prompt_tokens: int, max_new_tokens: int, device: str,
+                    budget: int) -> int:
+    """Problems per batch for `auto`: as many as the row cap and the budget allow; refuses below one."""
+    need = bytes_per_problem(shape, n_variants, prompt_tokens, max_new_tokens)
+    if need > budget:
+        raise MemoryBudgetError(
+            f"one problem needs about {need / 2**30:.1f} GB ({n_variants} variants x {shape.num_latent} latents, "
+            f"{shape.n_layers} layers of width {shape.d_model}) but the memory budget is {budget / 2**30:.1f} GB: "
+            f"use fewer latents (--num-latent), fewer schemes or methods, or a bigger budget")
+    rows = MAX_ROWS["cuda" if device.startswith("cuda") else "cpu"]
+    return max(1, min(rows // n_variants, budget // need))
+
+
+def check_fixed(shape, n_variants: int, prompt_tokens: int, max_new_tokens: int, budget: int) -> None:
+    """A fixed batch size still needs one problem to fit; bigger batches are the user's call (out-of-memory halves)."""
+    auto_batch_size(shape, n_variants, prompt_tokens, max_new_tokens, "cpu", budget)
