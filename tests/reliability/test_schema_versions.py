@@ -12,7 +12,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from db import queries
+from db import report
 from db.migrations import LATEST, MIGRATIONS, RECORD, schema_at
 from db.store import Store, StoreError
 from runner.sweep import Sweep
@@ -76,7 +76,7 @@ def test_a_file_from_every_earlier_schema_is_migrated_in_order_and_keeps_its_row
             assert tables == schema_at(LATEST)
             assert _rows(store, version) == old_rows[version], "rows changed in the columns the old file had"
             assert store.run_row(finished_db.sweep_id)["status"] == "finished"
-            stats = queries.stats_json(store, finished_db.sweep_id)
+            stats = report.stats_json(store, finished_db.sweep_id)
             assert stats["n_problems"] == 6
             config = sweep_config(tiny_model_dir, limit=2)
             run_id = Sweep.create(store, tiny_reasoner, config)  # and it takes new runs
