@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from db import queries, report  # noqa: E402
+from db import exports, queries  # noqa: E402
+from db.scope import Scope  # noqa: E402
 from db.store import Store  # noqa: E402
 from runner import distributed  # noqa: E402
 from runner.model import load  # noqa: E402
@@ -37,7 +38,9 @@ def timed(store: Store, sweep: Sweep, run_id: int) -> dict:
     seconds = time.perf_counter() - started
     metrics = queries.metrics(store, run_id)
     in_batches = float((metrics.batch_problems / metrics.problems_per_hour * 3600).sum())
-    results = report.results_frame(store, run_id).drop(columns="run_id")
+    results = exports.results_table(store, Scope(run_id)).to_pandas().drop(columns="run_id")
+    for column in ("tokens", "ablated_positions"):  # lists as tuples: DataFrame.equals compares them by value
+        results[column] = [None if v is None else tuple(v) for v in results[column]]
     return {"seconds": seconds, "in_batches_s": in_batches, "results": results}
 
 

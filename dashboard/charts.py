@@ -38,7 +38,7 @@ def ticks(curve: pd.DataFrame, num_latent: int) -> dict[int, str]:
     """{k: what the variant ablated} as the rows say themselves (db migration 3), for tick labels."""
     rows = curve.drop_duplicates("k").sort_values("k")
     return {int(r.k): ablated_label(r.ablated_positions, int(r.latents_fed), num_latent, short=True)
-            for r in rows.itertuples()}
+            if r.ablated_positions is not None else str(r.k) for r in rows.itertuples()}  # None: an undescribed row
 
 
 def lens_marks(ablated, latents_fed: int, num_latent: int) -> set[int]:

@@ -16,7 +16,7 @@ import pyarrow.parquet
 
 from db import files, queries
 from db.report import markdown_report
-from db.scope import PROBLEMS, Scope, bind
+from db.scope import PROBLEMS, QueryError, Scope, bind
 from db.seed import export_seed
 
 EXPORT_NAMES = ("results.csv", "results.parquet", "report.md")
@@ -30,7 +30,7 @@ EXPORT_COLUMNS = ("run_id", "problem_id", "difficulty", "phase", "variant", "sch
 def _target(out_dir, name: str) -> Path:
     """out_dir/name for a fixed export name; refuses any name that could leave out_dir."""
     if "/" in name or "\\" in name or ".." in name or name not in EXPORT_NAMES:
-        raise ValueError(f"export name {name!r} is not one of {', '.join(EXPORT_NAMES)}")
+        raise QueryError(f"export name {name!r} is not one of {', '.join(EXPORT_NAMES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out / name
@@ -107,4 +107,4 @@ def export(store, run_id: int, fmt: str, out_dir, scope: Scope | None = None, ra
         return [export_parquet(store, run_id, out_dir, scope)]
     if fmt == "markdown":
         return [export_markdown(store, run_id, out_dir)]
-    raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    raise QueryError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")

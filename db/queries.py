@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from db.scope import GROUP, PROBLEMS, Scope, bind
+from db.scope import GROUP, PROBLEMS, QueryError, Scope, bind
 from db.stats import BUCKET_EDGES, BUCKET_REST, GROUP_KEYS, wilson_sql  # noqa: F401 (GROUP_KEYS)
 
 RATE_MEASURES = ("flip", "harm", "help", "changed")
@@ -32,7 +32,7 @@ RUN_SETTINGS = ("model", "dataset", "positions", "schemes", "methods", "site", "
 
 def check_measure(measure: str) -> None:
     if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        raise QueryError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
 
 
 def _df(store, sql: str, scope: Scope | None = None, **extra) -> pd.DataFrame:
@@ -161,7 +161,7 @@ def scores(store, scope: Scope, measure: str = "flip") -> pd.DataFrame:
 def accuracy_by(store, scope: Scope, by: str) -> pd.DataFrame:
     """Per step count (by='steps') or bucket: n, correct and baseline accuracy with its Wilson interval."""
     if by not in ("steps", "bucket"):
-        raise ValueError(f"by must be 'steps' or 'bucket', got {by!r}")
+        raise QueryError(f"by must be 'steps' or 'bucket', got {by!r}")
     key, key_sql = ("difficulty", "s.difficulty") if by == "steps" else ("bucket", BUCKET)  # constants
     return _df(store, f"WITH {PROBLEMS}, c AS (SELECT {key_sql} AS {key}, min(s.difficulty) AS d, count(*) AS n, "
                       f"count(*) FILTER (WHERE s.baseline_correct) AS x FROM scope s GROUP BY 1) "
@@ -202,7 +202,7 @@ def problems_table(store, scope: Scope, any_flip: bool | None = None, search: st
     """One row per problem in scope: baseline answer, flip count; `order_by` a PROBLEM_ORDER key, '-key' descending."""
     name = order_by.lstrip("-")
     if name not in PROBLEM_ORDER:
-        raise ValueError(f"order_by must be one of {', '.join(PROBLEM_ORDER)} (optionally '-name'), got {order_by!r}")
+        raise QueryError(f"order_by must be one of {', '.join(PROBLEM_ORDER)} (optionally '-name'), got {order_by!r}")
     direction = "DESC" if order_by.startswith("-") else "ASC"
     return _df(store, (
         f"WITH {PROBLEMS}, f AS (SELECT problem_id, count(*) FILTER (WHERE flip) AS n_flips, count(*) AS n_variants "

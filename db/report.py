@@ -12,7 +12,7 @@ import pandas as pd
 
 from db import figures, queries
 from db.figures import FIGURES, ablated_label
-from db.scope import Scope
+from db.scope import QueryError, Scope
 from db.stats import GROUP_KEYS, drop_intervals, early_late_table
 
 
@@ -45,7 +45,7 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 def run(store, run_id: int) -> dict:
     row = store.run_row(run_id)
     if row is None:
-        raise ValueError(f"no run {run_id} in {store.path}")
+        raise QueryError(f"no run {run_id} in {store.path}")
     return {k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in row.items()}  # NaN -> None
 
 

@@ -12,6 +12,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from runner.errors import ThoughtSweepError
+
+class QueryError(ThoughtSweepError, ValueError):
+    """A filter, measure, ordering, run or export that no read takes; the message says which."""
+
+
 # The problems in scope, with their baseline answer.
 PROBLEMS = """scope AS (
     SELECT p.problem_id, p.ord, p.difficulty, p.phase, p.gold, p.question, b.correct AS baseline_correct,
@@ -40,7 +46,7 @@ class Scope:
 
     def __post_init__(self):
         if self.phase not in (None, "full", "validation"):
-            raise ValueError(f"phase filter must be None, 'full' or 'validation', got {self.phase!r}")
+            raise QueryError(f"phase filter must be None, 'full' or 'validation', got {self.phase!r}")
         object.__setattr__(self, "run_id", int(self.run_id))
         object.__setattr__(self, "difficulties", tuple(sorted(int(d) for d in self.difficulties)))
 

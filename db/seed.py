@@ -32,6 +32,8 @@ import numpy as np
 
 from db import files, queries
 from db.scope import GROUP, PROBLEMS, Scope, bind
+from db.stats import old_script_early_late
+from runner.errors import ThoughtSweepError
 
 SCORES = "step_importance_scores.json"
 SUMMARY = "step_importance_summary_stats.json"
@@ -45,17 +47,16 @@ ANSWER_PATTERNS = (r"answer is:?\s*(-?\d+(?:\.\d+)?)", r"####\s*(-?\d+(?:\.\d+)?
                    r"(?:answer|total|result)(?:\s+is)?\s*[:=]?\s*\$?\s*(-?\d+(?:\.\d+)?)")
 
 
-class SeedFormatError(ValueError):
+class SeedFormatError(ThoughtSweepError, ValueError):
     """A seed file that cannot be imported; the message names the file and what is wrong."""
 
 
 def seed_summary(scores: list[dict]) -> dict:
     """The summary dict exactly as the seed's `compute_statistics` built it from a scores list.
 
-    Read literally (DESIGN.md section 7): position "0" is the baseline, so its importance is 0 and
-    early = np.mean of the per-position means of positions 0, 1, 2 *including* that baseline
-    position; late = positions 3, 4, 5; pattern_validated = early >= late. Positions beyond 5 appear
-    in position_importance but in neither early nor late. An empty list (which made the seed
+    Read literally (DESIGN.md section 7): position "0" is the baseline, so its importance is 0, and
+    by_difficulty holds the old script's early/late (db.stats.old_script_early_late: positions 0-2,
+    the baseline's included, vs 3-5). Positions beyond 5 appear in position_importance only. An empty list (which made the seed
     divide by zero) gives n_problems 0 and nulls.
     """
     if not scores:
@@ -73,15 +74,10 @@ def seed_summary(scores: list[dict]) -> dict:
         for record in records:
             for result in record["position_results"]:
                 positions[result["position"]].append(result["importance_score"])
-        early = [np.mean(positions[i]) for i in (0, 1, 2) if i in positions]
-        late = [np.mean(positions[i]) for i in (3, 4, 5) if i in positions]
-        early_imp = float(np.mean(early)) if early else None
-        late_imp = float(np.mean(late)) if late else None
         difficulty_stats[str(difficulty)] = {
             "n_problems": len(records),
             "baseline_accuracy": float(sum(r["baseline_correct"] for r in records) / len(records)),
-            "early_importance": early_imp, "late_importance": late_imp,
-            "pattern_validated": bool(early_imp is not None and late_imp is not None and early_imp >= late_imp)}
+            **old_script_early_late({p: float(np.mean(v)) for p, v in positions.items()})}
     return {"n_problems": len(scores),
             "baseline_accuracy": float(sum(r["baseline_correct"] for r in scores) / len(scores)),
             "position_importance": {str(p): float(np.mean(v)) for p, v in per_position.items()},
@@ -297,7 +293,7 @@ def import_seed(store, scores_path, validation_path=None, name: str | None = Non
     run is named after the scores file unless `name` is given.
     """
     if not re.fullmatch(r"latent|resid:\d+", site):
-        raise ValueError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
+        raise SeedFormatError(f"site must be 'latent' or 'resid:L' (the seed zeroed resid:8), got {site!r}")
     scores_path = Path(scores_path)
     records = _load(scores_path, validation=False)
     validation_ids: set[str] = set()

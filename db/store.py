@@ -25,6 +25,7 @@ import pyarrow
 
 from db import status_file
 from db.migrations import SchemaError, describe_variants, migrate
+from runner.errors import ThoughtSweepError
 
 # Runs that a thread of this process claimed, per database file: {(path, run_id): thread}. DuckDB gives one
 # process the file, so while we hold it a 'running' row is live only if it is in here and its thread is
@@ -53,7 +54,7 @@ CONNECT_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions
                   "lock_configuration": True}
 
 
-class StoreError(RuntimeError):
+class StoreError(ThoughtSweepError, RuntimeError):
     """A database problem, phrased so that a person can act on it."""
 
 
@@ -247,11 +248,13 @@ class Store:
         with self.transaction("creating a run") as cursor:
             (run_id,) = cursor.execute(
                 "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
-                "device, batch_size, pid, host, positions, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) RETURNING id",
-                [name, model, dataset, json.dumps(config), source, status, num_latent, n_variants, total, device,
-                 batch_size, os.getpid() if status == "running" else None, socket.gethostname(),
-                 positions]).fetchone()
+                "device, batch_size, pid, host, positions, started) VALUES ($name, $model, $dataset, $config, "
+                "$source, $status, $num_latent, $n_variants, $total, $device, $batch_size, $pid, $host, $positions, "
+                "current_timestamp) RETURNING id",
+                {"name": name, "model": model, "dataset": dataset, "config": json.dumps(config), "source": source,
+                 "status": status, "num_latent": num_latent, "n_variants": n_variants, "total": total,
+                 "device": device, "batch_size": batch_size, "pid": os.getpid() if status == "running" else None,
+                 "host": socket.gethostname(), "positions": positions}).fetchone()
             if frame is not None:
                 self._append(cursor, "problems", frame.assign(run_id=run_id), PROBLEM_COLUMNS)
         if status == "running":
@@ -289,9 +292,10 @@ class Store:
             raise StoreError(f"run {run_id}: {DAMAGED}")  # else it would 'finish' with 0 of 0 problems
         with self._errors(f"resuming run {run_id}"):
             self.cursor().execute(
-                "UPDATE runs SET status = 'running', pid = ?, host = ?, error = NULL, finished = NULL, "
-                "batch_size = ?, device = ? WHERE id = ?",
-                [os.getpid(), socket.gethostname(), batch_size, device, run_id])
+                "UPDATE runs SET status = 'running', pid = $pid, host = $host, error = NULL, finished = NULL, "
+                "batch_size = $batch_size, device = $device WHERE id = $id",
+                {"pid": os.getpid(), "host": socket.gethostname(), "batch_size": batch_size, "device": device,
+                 "id": run_id})
         self._claim(run_id)
         self.publish_status(run_id)
 
@@ -375,8 +379,10 @@ class Store:
         values = np.ascontiguousarray(values, dtype=np.float32)
         with self.transaction(f"storing reference latents of run {run_id}") as cursor:
             cursor.execute("DELETE FROM reference_latents WHERE run_id = ? AND site = ?", [run_id, site])
-            cursor.execute("INSERT INTO reference_latents VALUES (?, ?, ?, ?, ?)",
-                           [run_id, site, json.dumps(problem_ids), json.dumps(list(values.shape)), values.tobytes()])
+            cursor.execute("INSERT INTO reference_latents (run_id, site, problem_ids, shape, data) "
+                           "VALUES ($run, $site, $ids, $shape, $data)",
+                           {"run": run_id, "site": site, "ids": json.dumps(problem_ids),
+                            "shape": json.dumps(list(values.shape)), "data": values.tobytes()})
 
     def load_reference(self, run_id: int, site: str) -> tuple[list[str], np.ndarray] | None:
         rows = self.query("SELECT problem_ids, shape, data FROM reference_latents WHERE run_id = ? AND site = ?",

@@ -456,33 +456,40 @@ COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "expor
             "import-seed": cmd_import_seed, "validate-data": cmd_validate_data}
 
 
+# The errors whose message is written for a person: (module, class). Only a module already imported can have
+# raised one, so recognising them imports nothing: a bad argument is refused before torch is imported.
+EXPLAINED = (("db.store", "StoreError"), ("db.seed", "SeedFormatError"), ("db.files", "ExportError"),
+             ("runner.ablation", "AblationError"), ("runner.data", "DatasetError"),
+             ("runner.model", "ModelLoadError"), ("runner.sweep", "SweepError"))
+
+
+def _explained(error: Exception) -> bool:
+    return isinstance(error, CliError) or any(
+        isinstance(error, cls) for module, name in EXPLAINED
+        if (cls := getattr(sys.modules.get(module), name, None)) is not None)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    from db.store import StoreError
-    from runner.ablation import AblationError
-    from runner.data import DatasetError
-    from runner.model import ModelLoadError
-    from runner.sweep import SweepError
-    from db.files import ExportError
-    from db.seed import SeedFormatError
-    expected = (CliError, StoreError, AblationError, DatasetError, ModelLoadError, SweepError, SeedFormatError,
-                ExportError)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "sweep":
             args.given = vars(build_parser(defaults=False).parse_args(argv))  # what --resume must not contradict
         return COMMANDS[args.command](args)
-    except expected as error:
-        if os.environ.get("THOUGHTSWEEP_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
     except Exception as error:
         if os.environ.get("THOUGHTSWEEP_DEBUG"):
             raise
-        print(f"error: {type(error).__name__}: {error} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
+        if _explained(error):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        print(f"error: {type(error).__name__}: {first} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -411,46 +411,12 @@ def _accept_all(source: _Source, question_field: str, answer_field: str) -> list
     return problems
 
 
-class _LastRead:
-    """The problems of the last file read, while it is unchanged: the CLI reads a dataset to fail fast before
-    a model load, the sweep reads it again to store it, and this makes those one parse."""
-
-    def __init__(self):
-        self.last = (None, ())  # (key, problems): one attribute, so a thread never sees one's key, another's rows
-
-    @staticmethod
-    def key_of(source: str, question_field: str, answer_field: str):
-        if source in HUB:
-            return None  # the Hub's own cache holds it
-        if source == "builtin":
-            from runner.toy.problems import BUILTIN_PATH as path
-        else:
-            path = Path(source)
-        if not path.is_file():
-            return None  # missing: _read says so
-        stat = path.stat()
-        return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, question_field, answer_field
-
-    def problems_of(self, source: str, question_field: str, answer_field: str) -> tuple[Problem, ...]:
-        key = self.key_of(source, question_field, answer_field)
-        last_key, last_problems = self.last
-        if key is not None and key == last_key:
-            return last_problems
-        problems = tuple(_accept_all(_read(source, question_field, answer_field), question_field, answer_field))
-        if key is not None:
-            self.last = (key, problems)
-        return problems
-
-
-_LAST_READ = _LastRead()
-
-
 def load_problems(source: str, *, limit: int | None = None, seed: int | None = None,
                   question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
     """Every problem of `source`, shuffled by `seed` when given, then the first `limit`."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    problems = list(_LAST_READ.problems_of(source, question_field, answer_field))
+    problems = _accept_all(_read(source, question_field, answer_field), question_field, answer_field)
     if seed is not None:
         random.Random(seed).shuffle(problems)
     return problems if limit is None else problems[:limit]

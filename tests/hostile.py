@@ -29,8 +29,8 @@ def raw_fragments(host: str) -> list[str]:
 
 
 def hostile_text_database(path: Path, model_dir: Path, reasoner, host: str) -> tuple[int, int]:
-    """(a finished-then-failed sweep of 6 problems, 2 of them a validation subset; a stopped run with no results),
-    payloads everywhere."""
+    """(a finished-then-failed sweep of 6 problems, 2 of them a validation subset, the newest run; an older
+    stopped run with no results), payloads everywhere."""
     payloads = list(text_payloads(host).values())
     dataset = path.parent / "hostile.jsonl"
     with dataset.open("w") as out:
@@ -40,14 +40,14 @@ def hostile_text_database(path: Path, model_dir: Path, reasoner, host: str) -> t
                                   "She eats one. How many are left?", "answer": f"{i + 2} - 1 = {i + 1}\n"
                                   f"#### {i + 1}"}) + "\n")
     store = Store(path)
+    empty_id = store.create_run(name=f"empty {payloads[3]}", model=payloads[4], dataset=payloads[0], config={},
+                                num_latent=6, n_variants=1, total=3, status="stopped")
     config = SweepConfig(model=str(model_dir), dataset=str(dataset), validation=2, batch_size=4,
                          run_name=f"run {payloads[0]}")
     run_id = Sweep.create(store, reasoner, config)
     assert Sweep(store, reasoner, config, run_id).run() == "finished"
     store.update_run(run_id, notes=f"notes {payloads[1]}", tags=f"tag {payloads[2]}, {payloads[4]}",
                      status="failed", error=f"it broke on {payloads[0]}")
-    empty_id = store.create_run(name=f"empty {payloads[3]}", model=payloads[4], dataset=payloads[0], config={},
-                                num_latent=6, n_variants=1, total=3, status="stopped")
     store.close()
     conn = duckdb.connect(str(path))  # what Store never writes: names that came from another machine
     conn.execute("UPDATE runs SET model = $model, dataset = $dataset WHERE id = $id",

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from db.store import Store
 from runner.__main__ import main
 
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -122,6 +124,28 @@ def test_bad_arguments_give_one_line_and_a_nonzero_exit(argv, message, capsys, s
     assert Store(swept).query("SELECT count(*) FROM results")[0][0] == before
 
 
+def test_a_sweep_reads_its_dataset_once(tmp_path, tiny_model_dir, capsys):
+    """Checked before the model load (a bad file fails at once) and stored from that same read (issue 15)."""
+    from runner import data
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Ann has {n} apples. How many?", "answer": str(n)}) + "\n"
+                            for n in range(3)))
+    reads = []
+
+    def profile(frame, event, arg):  # every call of the one function that reads a dataset source
+        if event == "call" and frame.f_code is data._read.__code__:
+            reads.append(frame.f_locals["source"])
+
+    sys.setprofile(profile)
+    try:
+        code = main(["sweep", "--model", str(tiny_model_dir), "--dataset", str(path), "--db", str(tmp_path / "x.duckdb"),
+                     "--schemes", "prefix", "--quiet"])
+    finally:
+        sys.setprofile(None)
+    assert code == 0 and reads == [str(path)], capsys.readouterr().err
+    assert Store(tmp_path / "x.duckdb").query("SELECT count(*) FROM problems") == [(3,)]
+
+
 def test_stats_on_a_run_with_no_results_is_one_line(tmp_path, tiny_reasoner, tiny_model_dir, capsys):
     from runner.sweep import Sweep, SweepConfig
     store = Store(tmp_path / "empty.duckdb")
@@ -220,3 +244,84 @@ def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, 
     assert snapshot["runs"][0]["notes"] == "checked" and "12/12 problems" in snapshot["markdown"][str(run_id)]
     store.update_run(run_id, status="stopped")  # a new status rebuilds the page at once
     assert "— stopped" in status_file.read(store.path)["markdown"][str(run_id)]
+
+
+# --- every CLI error is one line on stderr, from a real `python -m runner` process ----------------------------
+
+@pytest.fixture(scope="module")
+def closed_db(tmp_path_factory, tiny_reasoner, tiny_model_dir):
+    """A file no process holds: run 1 a finished 4-problem sweep, run 2 created with no results yet."""
+    from runner.sweep import Sweep, SweepConfig
+    path = tmp_path_factory.mktemp("real-cli") / "runs.duckdb"
+    store = Store(path)
+    config = SweepConfig(model=str(tiny_model_dir), limit=4, batch_size=4, schemes=("prefix",))
+    assert Sweep(store, tiny_reasoner, config, Sweep.create(store, tiny_reasoner, config)).run() == "finished"
+    Sweep.create(store, tiny_reasoner, config)
+    store.close()
+    return path
+
+
+def _rows(path) -> list[tuple]:
+    store = Store(path, read_only=True)
+    try:
+        return store.query("SELECT * FROM runs ORDER BY id")
+    finally:
+        store.close()  # the children need the file
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9: the Hub as seen offline
+BROKEN_COPIES = {"six": "num_latent six", "zero": "num_latent 0", "tokenizer": "tokenizer.json random bytes",
+                 "nan": "NaN in a weight"}  # placeholder -> a copy of models/default broken as test_checkpoint says
+REAL_PROCESS_CASES = {  # name -> (argv with {db} {root} {six}..., extra environment, text of the one line)
+    "--workers 0": (["sweep", "--workers", "0"], {}, "--workers: expected a positive integer, got 0"),
+    "--workers -2": (["sweep", "--workers", "-2"], {}, "--workers: expected a positive integer, got -2"),
+    "unknown scheme": (["sweep", "--schemes", "prefix,sideways"], {}, "sideways"),
+    "missing dataset": (["sweep", "--dataset", "{root}/none.jsonl"], {}, "no such file"),
+    "gsm8k, Hub unreachable": (["sweep", "--dataset", "gsm8k"], UNREACHABLE, "127.0.0.1 is unreachable"),
+    "gsm8k, HF_HUB_OFFLINE": (["validate-data", "gsm8k"], OFFLINE, "cannot load openai/gsm8k"),
+    "checkpoint num_latent six": (["sweep", "--model", "{six}"], {}, "got 'six'"),
+    "checkpoint num_latent 0": (["sweep", "--model", "{zero}"], {}, "nothing to ablate"),
+    "checkpoint garbage tokenizer": (["sweep", "--model", "{tokenizer}"], {}, "tokenizer.json: not a tokenizer file"),
+    "checkpoint NaN weights": (["sweep", "--model", "{nan}"], {}, "every answer would be garbage"),
+    "resume with another --limit": (["sweep", "--resume", "1", "--limit", "9"], {}, "--limit 9 (run 1: 4)"),
+    "resume of a missing run": (["sweep", "--resume", "99"], {}, "no run 99"),
+    "stats --method typo": (["stats", "--run", "1", "--method", "typo"], {}, "it has method 'zero'"),
+    "stats of a run with no results": (["stats", "--run", "2"], {}, "run 2 has no results yet"),
+    "stats of a missing run": (["stats", "--run", "99"], {}, "no run 99"),
+    "export --format pdf": (["export", "--format", "pdf", "--out", "{root}/out"], {}, "invalid choice: 'pdf'"),
+    "status of a missing database": (["status", "--db", "{root}/none.duckdb"], {}, "does not exist"),
+    "unknown command": (["frobnicate"], {}, "invalid choice: 'frobnicate'"),
+}
+
+
+def test_every_cli_error_is_one_line_from_a_real_process(closed_db, tmp_path):
+    """What a shell user sees: the exit status and the whole of stderr, import-time warnings included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_checkpoint import broken_default
+    import shutil
+    before = (closed_db.read_bytes(), _rows(closed_db))
+    places = {"root": str(tmp_path)} | {key: str(broken_default(tmp_path / key, name))
+                                        for key, name in BROKEN_COPIES.items()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "THOUGHTSWEEP_DEBUG")) and
+           "PROXY" not in k.upper()} | {"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+    def run(numbered):
+        number, (argv, extra, _) = numbered
+        db = shutil.copy(closed_db, tmp_path / f"case{number}.duckdb")  # its own file: DuckDB's lock is per process
+        argv = [part.format(**places) for part in argv]
+        argv += ["--db", db] if argv[0] in ("sweep", "stats", "export") else []
+        done = subprocess.run([sys.executable, "-m", "runner", *argv], cwd=REPO_ROOT, env=env | extra,
+                              capture_output=True, text=True, timeout=600)
+        return done, (Path(db).read_bytes(), _rows(db)) == before
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: a 2-core machine
+        done = dict(zip(REAL_PROCESS_CASES, pool.map(run, enumerate(REAL_PROCESS_CASES.values()))))
+    for name, (_, _, message) in REAL_PROCESS_CASES.items():
+        process, unchanged = done[name]
+        lines = process.stderr.splitlines()
+        assert process.returncode != 0, f"{name}: exit 0 ({process.stdout}{process.stderr})"
+        assert len(lines) == 1 and lines[0].strip() and lines[0].startswith("error: "), f"{name}: {lines}"
+        assert message in lines[0] and "Traceback" not in process.stdout + process.stderr, f"{name}: {lines[0]}"
+        assert unchanged, f"{name}: the database changed"

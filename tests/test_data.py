@@ -118,17 +118,6 @@ def test_gsm8k_with_the_hub_unreachable_is_one_line(tmp_path):
                                   "its cache (127.0.0.1 is unreachable: Connection refused)"), done.stderr
 
 
-def test_a_file_is_parsed_once_while_it_is_unchanged(tmp_path):
-    """The CLI reads a dataset before the model load (to fail fast) and the sweep reads it again: one parse."""
-    path = tmp_path / "set.jsonl"
-    path.write_text('{"question": "One?", "answer": "1"}\n{"question": "Two?", "answer": "2"}\n')
-    first, again = load_problems(str(path)), load_problems(str(path), limit=1)
-    assert again[0] is first[0]  # the same objects: not parsed again
-    path.write_text('{"question": "Three?", "answer": "3"}\n')
-    changed = load_problems(str(path))
-    assert [p.question for p in changed] == ["Three?"] and load_problems(str(path))[0] is changed[0]
-
-
 def test_data_module_does_not_import_torch():
     code = "import sys, runner.data\nassert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -19,6 +19,7 @@ import torch
 
 from db.store import Store
 from tests.checkpoints import build_codi, save_checkpoint
+from tests.test_checkpoint import BROKEN, broken_default
 from tests.reliability.support import file_digest, table_dump
 
 GOOD = b'{"question": "Ann has 2 apples and buys 3. How many?", "answer": "2+3=<<2+3=5>>5\\n#### 5"}\n'
@@ -89,6 +90,7 @@ def world(tmp_path_factory, tiny_model_dir, finished_db) -> SimpleNamespace:
     bad_options = shutil.copytree(tiny_model_dir, models / "bad_codi_config")
     (bad_options / "codi_config.json").write_text("{num_latent: 6,")
     save_checkpoint(codi, models / "foreign_keys", state={"encoder.weight": torch.zeros(4, 4)})
+    broken = {name: broken_default(models / f"broken{i}", name) for i, name in enumerate(BROKEN)}
 
     files = root / "files"
     files.mkdir()
@@ -96,7 +98,7 @@ def world(tmp_path_factory, tiny_model_dir, finished_db) -> SimpleNamespace:
     (files / "truncated.duckdb").write_bytes(db.read_bytes()[:65536])
     (files / "afile").write_text("not a folder\n")
     return SimpleNamespace(root=root, db=db, kept=kept, sweep_id=finished_db.sweep_id, seed_id=finished_db.seed_id,
-                           tiny=tiny_model_dir, data=data, models=models, files=files)
+                           tiny=tiny_model_dir, data=data, models=models, files=files, broken=broken)
 
 
 def _sweep(*argv) -> list:
@@ -139,6 +141,14 @@ CLI_CASES |= {
     "model weights of another architecture": (["sweep", "--model", "{models}/foreign_keys", "--db", "{db}"],
                                               "unexpected keys outside codi.* and prj.*"),
     "model path is a file": (["sweep", "--model", "{tiny}/config.json", "--db", "{db}"], "is a file"),
+    "option --workers 0": (_sweep("--workers", "0"), "--workers: expected a positive integer, got 0"),
+    "option --workers -2": (_sweep("--workers", "-2"), "--workers: expected a positive integer, got -2"),
+    "option --resume with another --limit": (["sweep", "--resume", "{sweep_id}", "--limit", "99", "--db", "{db}"],
+                                             "--limit 99 (run {sweep_id}: 6)"),
+    "stats --method typo": (["stats", "--run", "{sweep_id}", "--method", "typo", "--db", "{db}"],
+                            "it has method 'zero'"),
+    "stats --site of another run": (["stats", "--run", "{sweep_id}", "--site", "resid:1", "--db", "{db}"],
+                                    "it has site 'latent'"),
     "option --limit -1": (_sweep("--limit", "-1"), "--limit must be at least 1, got -1"),
     "option --limit 0": (_sweep("--limit", "0"), "--limit must be at least 1, got 0"),
     "option --limit ten": (_sweep("--limit", "ten"), "invalid int value: 'ten'"),
@@ -178,6 +188,8 @@ CLI_CASES |= {
                                      "does not exist"),
     "status of a missing database": (["status", "--db", "{root}/missing.duckdb"], "does not exist"),
 }
+CLI_CASES |= {f"checkpoint {name}": (["sweep", "--model", f"{{broken[{name}]}}", "--db", "{db}", "--quiet"], message)
+              for name, (_, message) in BROKEN.items()}
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))
@@ -190,7 +202,7 @@ def test_the_cli_refuses_bad_input_in_one_line_and_loses_nothing(name, world, fo
         lines = err.strip().splitlines()
         assert code != 0, f"exit 0 for {argv}: {out}{err}"
         assert len(lines) == 1 and lines[0].startswith("error: "), err
-        assert message in lines[0], lines[0]
+        assert message.format(**vars(world)) in lines[0], lines[0]
         assert "Traceback" not in out + err
         world.kept.assert_unchanged()
         assert {p: file_digest(p) for p in world.files.iterdir()} == untouched  # the bad files too
