@@ -347,11 +347,13 @@ class Sweep:
         every = self.config.checkpoint_every
         if not every or self.done // every == before // every:
             return
-        from db import seed  # the old script's file formats
+        from db import files, seed  # the old script's file formats; written whole or not at all
+        from db.scope import Scope
         folder = self.config.checkpoint_dir or f"{self.store.path.with_suffix('')}_checkpoints/run_{self.run_id}"
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"checkpoint_{self.done // every * every}.json"), "w") as f:
-            json.dump(seed.seed_scores(self.store, self.run_id), f, indent=2, ensure_ascii=False)
+        scores = seed.seed_scores(self.store, Scope(self.run_id))
+        files.write_text(os.path.join(folder, f"checkpoint_{self.done // every * every}.json"),
+                         json.dumps(scores, indent=2, ensure_ascii=False))
 
     def _emit(self, status: str, resources: dict | None = None, error: str | None = None) -> None:
         elapsed, rate, eta = self._rates()
