@@ -7,8 +7,10 @@ test questions. Decoding is forced to 8 answer tokens (EOS disabled) so that ran
 run to the cap. Prints problems/hour and peak GPU memory of the engine (`--batch-size auto`, the
 product's memory estimate, runner/memory.py, capped by --max-gpu-memory-gb) and of the old loop (bench/reference.py) on
 a small subset, and their ratio, and the engine's model FLOP utilisation (model FLOPs counted as in
-bench/throughput.py, over the device's bf16 matmul rate measured in the same run). `--tiny` runs the same code on a 2-block model on the CPU so
-that this script cannot rot on machines without a GPU.
+bench/throughput.py, over the device's bf16 matmul rate measured in the same run). The engine runs
+as on any CUDA device: static shapes (runner/forward.py's Attended: fixed-capacity cache, finished
+rows masked, not dropped), shared-prefix attention, SDPA for the prompt. `--tiny` runs the same code
+on a 2-block model on the CPU so that this script cannot rot on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> LatentReasoner:
                                   torch.nn.Linear(d, d), torch.nn.LayerNorm(d)).to(dtype).eval()
     reasoner = LatentReasoner(hf, prj, IdTokenizer(config.vocab_size - 3), 6, config.vocab_size - 3, name="random-1b")
     reasoner.eos_ids = []  # forced-length decoding
+    reasoner.static_shapes = True  # the CUDA default, also for --tiny on the CPU: the same code path
     return reasoner
 
 
@@ -157,6 +160,7 @@ def main() -> None:
     ref_seconds = time.perf_counter() - started
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny shape)",
               "dtype": str(dtype).removeprefix("torch."), "variants": len(variants), "problems": n,
+              "static_shapes": reasoner.static_shapes, "shared_prefix": reasoner.shared_prefix is not False,
               "engine_problems_per_hour": n / seconds * 3600, "engine_batch_problems": batch,
               "reference_problems_per_hour": n_ref / ref_seconds * 3600,
               "speedup": (n / seconds) / (n_ref / ref_seconds), "peak_gpu_memory_gb": peak_gb,

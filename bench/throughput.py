@@ -92,14 +92,14 @@ class ModelFlops:
         self.block_params = sum(p.numel() for p in reasoner.blocks.parameters() if p.dim() == 2)
         self.prj_params = sum(p.numel() for p in reasoner.prj.parameters() if p.dim() == 2)
 
-    def _model(self, cache, mask, position_ids, inputs_embeds=None, input_ids=None, keep=1, **kwargs):
+    def _model(self, cache, attended, position_ids, inputs_embeds=None, input_ids=None, keep=1, **kwargs):
         x = input_ids if input_ids is not None else inputs_embeds
         rows, q = x.shape[:2]
         past = cache.get_seq_length()
         keys = q * past + q * (q + 1) // 2  # per row
         self.tokens += rows * q
         self.flops += rows * (2 * self.block_params * q + 4 * self.d * keys * self.layers + 2 * self.d * self.vocab * keep)
-        return self.forward(cache, mask, position_ids, inputs_embeds, input_ids, keep, **kwargs)
+        return self.forward(cache, attended, position_ids, inputs_embeds, input_ids, keep, **kwargs)
 
     def _prj(self, module, args, output):
         self.flops += 2 * self.prj_params * output[..., 0].numel()

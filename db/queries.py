@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from db.scope import GROUP, PROBLEMS, QueryError, Scope, bind
-from db.stats import BUCKET_EDGES, BUCKET_REST, GROUP_KEYS, wilson_sql  # noqa: F401 (GROUP_KEYS)
+from db.stats import BUCKET_EDGES, BUCKET_REST, wilson_sql
 
 RATE_MEASURES = ("flip", "harm", "help", "changed")
 MEASURES = RATE_MEASURES + ("logprob_drop",)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from db import figures, queries
 from db.figures import FIGURES, ablated_label
+from db.markdown import text
 from db.scope import QueryError, Scope
 from db.stats import GROUP_KEYS, drop_intervals, early_late_table
 
@@ -132,14 +133,18 @@ def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int 
 
 
 # --- the experiment report ------------------------------------------------------------------------------
+def _group(g: dict) -> str:
+    return f"{g['scheme']} · {g['method']} · {g['site']} · {g['mode']}"
+
+
 def markdown_report(store, run_id: int) -> str:
     """An experiment report to paste into a journal: setup, baseline, per-position effects, difficulty, early/late."""
     about = run(store, run_id)
     config = json.loads(about["config"]) if isinstance(about["config"], str) else dict(about["config"] or {})
     T = int(about["num_latent"])
-    out = [f"# ThoughtSweep run {run_id}: {about['name']}", "",
-           f"{about['created']:%Y-%m-%d %H:%M} · status **{about['status']}** · {about['done']}/{about['total']} "
-           f"problems · source {about['source']}", "", "## Setup", ""]
+    out = [f"# ThoughtSweep run {run_id}: {text(about['name'])}", "",
+           f"{about['created']:%Y-%m-%d %H:%M} · status **{text(about['status'])}** · "
+           f"{about['done']}/{about['total']} problems · source {text(about['source'])}", "", "## Setup", ""]
     setup = [["model", about["model"]], ["dataset", about["dataset"]], ["latents (T)", T],
              ["positions", about["positions"]], ["variants per problem", about["n_variants"]],
              ["device", about["device"] or "–"], ["batch size", about["batch_size"] or "–"],
@@ -147,7 +152,7 @@ def markdown_report(store, run_id: int) -> str:
     shown = {"model", "dataset", "device", "batch_size"}  # already in the rows above
     setup += [[key, value if isinstance(value, (str, int, float)) else json.dumps(value)]
               for key, value in config.items() if key not in shown and value not in (None, [], ())]
-    out += table(["setting", "value"], setup)
+    out += table(["setting", "value"], [[key, text(value)] for key, value in setup])  # the file's own text
 
     stats = stats_json(store, run_id)
     extras = stats["extras"]
@@ -161,7 +166,7 @@ def markdown_report(store, run_id: int) -> str:
 
     out += ["## Effect of ablating latent positions", ""]
     for g in extras["groups"]:
-        out += [f"### {g['scheme']} · {g['method']} · {g['site']} · {g['mode']}", ""]
+        out += [f"### {text(_group(g))}", ""]
         rows = [[p["k"], ablated_label(p["ablated_positions"] or [], p["latents_fed"] or T, T), p["n"],
                  *(ci(p[m]["value"], p[m]["lo"], p[m]["hi"]) for m in queries.MEASURES)] for p in g["positions"]]
         out += table(["k", "ablated", "n", "flip", "harm", "help", "changed", "Δ gold log-prob"], rows)
@@ -172,7 +177,7 @@ def markdown_report(store, run_id: int) -> str:
 
     out += ["## Named early/late figures", ""]
     for name, figure in extras["figures"].items():
-        where = " · ".join(str(v) for v in figure["group"].values()) if figure["group"] else "no such variants"
+        where = text(" · ".join(str(v) for v in figure["group"].values())) if figure["group"] else "no such variants"
         out.append(f"- **{figure['name']}** ({where}): {figure['definition']}.")
     out.append("")
     for by, key in (("steps", "difficulty"), ("bucket", "bucket")):
@@ -183,8 +188,7 @@ def markdown_report(store, run_id: int) -> str:
     chosen = next((g for g in extras["groups"] if all(g[key] == wanted[key] for key in wanted)),
                   extras["groups"][0] if extras["groups"] else None)
     if chosen:
-        out += [f"## By difficulty ({chosen['scheme']} · {chosen['method']} · {chosen['site']} · {chosen['mode']})",
-                ""]
+        out += [f"## By difficulty ({text(_group(chosen))})", ""]
         for by, key, label in (("steps", "difficulty", "steps"), ("bucket", "bucket", "bucket")):
             out += table([label, "n", "baseline accuracy", f"early (positions 0–{T // 2 - 1})",
                           f"late ({T // 2}–{T - 1})", "early/late"],
@@ -194,7 +198,7 @@ def markdown_report(store, run_id: int) -> str:
                              for m in ("early", "late", "ratio"))] for r in chosen["by_difficulty"][by]])
 
     out += ["## Early vs late positions, per variant group", ""]
-    rows = [[f"{g['scheme']} · {g['method']} · {g['site']} · {g['mode']}", g["early_late"].get("n", 0),
+    rows = [[text(_group(g)), g["early_late"].get("n", 0),
              *(ci(g["early_late"].get(m), g["early_late"].get(f"{m}_lo"), g["early_late"].get(f"{m}_hi"),
                   2 if m == "ratio" else 3) for m in ("early", "late", "ratio"))] for g in extras["groups"]]
     out += table(["variant group", "problems", "early", "late", "early/late"], rows)

@@ -3,6 +3,7 @@ phases with expected vs actual time, ETA, throughput, memory, validation vs full
 from __future__ import annotations
 
 from db import figures, queries, report
+from db.markdown import code, text
 from db.scope import Scope
 
 
@@ -30,15 +31,16 @@ def status_markdown(store, run_id: int) -> str:
     per_problem = None if rate is None else 3600.0 / rate
     done, total = int(run["done"]), int(run["total"])
     eta = None if per_problem is None or run["status"] != "running" else (total - done) * per_problem
-    out = [f"# Run {run_id}: {run['name']} — {run['status']}" + (f" (phase {run['phase']})" if run["phase"] else ""),
+    out = [f"# Run {run_id}: {text(run['name'])} — {text(run['status'])}"
+           + (f" (phase {text(run['phase'])})" if run["phase"] else ""),
            "", f"- progress: {done}/{total} problems ({100 * done / max(total, 1):.1f}%)",
            f"- time sweeping: {report.duration(run['elapsed_s'])}; ETA: {report.duration(eta)}"
            + ("" if eta is None else " at the current throughput"),
            f"- throughput: {'–' if rate is None else f'{rate:.0f}'} problems/hour; "
            f"{report.duration(per_problem)} per problem ({run['n_variants']} variants each, batch size "
-           f"{run['batch_size'] or '–'}, device {run['device'] or '–'})"]
+           f"{run['batch_size'] or '–'}, device {text(run['device'] or '–')})"]
     if run["error"]:
-        out.append(f"- error: {run['error']}")
+        out.append(f"- error: {text(run['error'])}")
     out += ["", "## Phases", ""]
     counts, spent = _phase_rows(store, run_id)
     order = ["reference"] if "reference" in spent or run["phase"] == "reference" else []
@@ -82,7 +84,7 @@ def status_markdown(store, run_id: int) -> str:
     group = queries.first_group(store, Scope(run_id, scheme="prefix"))
     if group and val["n"]:
         both = figures.compare(store, group.replace(phase="validation"), group)
-        out += [f"Flip rate, {' · '.join(group.keys)}:", ""]
+        out += [f"Flip rate, {text(' · '.join(group.keys))}:", ""]
         out += report.table(["k", "validation", "full so far", "intervals overlap"],
                       [[int(r["k"]), report.ci(r["value_a"], r["lo_a"], r["hi_a"]),
                         report.ci(r["value_b"], r["lo_b"], r["hi_b"]),
@@ -90,10 +92,10 @@ def status_markdown(store, run_id: int) -> str:
 
     out += ["## Control", ""]
     if run["status"] == "running":
-        where = f" on {run['host']}" if run["host"] else ""
+        where = f" on {text(run['host'])}" if run["host"] else ""
         out.append(f"- stop: Ctrl-C in the sweep's terminal, or `kill -INT {run['pid']}`{where} (or Stop in the "
                    "dashboard for a sweep it started); stored batches are kept, the batch in flight is redone "
                    "on resume")
-    out.append(f"- resume: `python -m runner sweep --resume {run_id} --db {store.path}`")
-    out.append(f"- this page: `python -m runner status --markdown --run {run_id} --db {store.path}`")
+    out.append(f"- resume: {code(f'python -m runner sweep --resume {run_id} --db {store.path}')}")
+    out.append(f"- this page: {code(f'python -m runner status --markdown --run {run_id} --db {store.path}')}")
     return "\n".join(out) + "\n"

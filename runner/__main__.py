@@ -73,7 +73,8 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID")
+    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID",
+                       help="continue a run with its own options (any other given must equal the run's)")
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
@@ -158,10 +159,6 @@ def _run_id(store, requested: int | None) -> int:
     return run_id
 
 
-# Options of `sweep` that are not part of a run's stored config: how and where this process runs it.
-NOT_CONFIG = {"command", "db", "resume", "phase", "workers", "ray_address", "quiet", "allow_nonfinite_weights"}
-
-
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else "default" if value is None else str(value)
 
@@ -177,9 +174,9 @@ def _resume_config(store, args):
     if row["source"] != "sweep":
         raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
     config = SweepConfig.from_json(json.loads(row["config"]))
+    stored = config.to_json()  # --db, --workers, --phase, --quiet...: how this process runs it, not the run's config
     differing = [f"--{name.replace('_', '-')} {_shown(value)} (run {args.resume}: {_shown(getattr(config, name))})"
-                 for name, value in args.given.items()
-                 if name not in NOT_CONFIG and value != getattr(config, name)]
+                 for name, value in args.given.items() if name in stored and value != getattr(config, name)]
     if differing:
         raise CliError(f"--resume {args.resume} continues the run as it was configured, but "
                        f"{'; '.join(differing)} differ: drop them, or start a new run")
@@ -445,11 +442,15 @@ def cmd_validate_data(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+        print(f"{report.n_problems} problems; difficulty " + (", ".join(
+            f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
-    return 1 if report.rejected and report.n_problems == 0 else 0
+    if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
+        print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "export": cmd_export,

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 
-def causal(mask: torch.Tensor | None, rows: int, q: int, kv: int, device) -> torch.Tensor:
-    """(rows, 1, q, kv) bool: query i (the last q positions) sees key j <= kv - q + i, where `mask` allows."""
-    allowed = torch.ones(q, kv, dtype=torch.bool, device=device).tril(kv - q)  # (q, kv)
+def causal(mask: torch.Tensor | None, rows: int, q: int, kv: int, device, start: int | None = None) -> torch.Tensor:
+    """(rows, 1, q, kv) bool: query i, at position start + i (default: the last q positions), sees key
+    j <= start + i where `mask` (rows, kv) allows."""
+    start = kv - q if start is None else start
+    allowed = torch.arange(kv, device=device)[None, :] <= start + torch.arange(q, device=device)[:, None]  # (q, kv)
     if mask is None:
         return allowed.expand(rows, 1, q, kv)
     return mask[:, None, None, :] & allowed  # (rows, 1, q, kv)
@@ -39,57 +41,51 @@ def plain(query, keys, values, allowed, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale)
 
 
-def partial(scores: torch.Tensor, values: torch.Tensor):
-    """Unnormalised softmax(scores) @ values with its max and sum (float32), for a log-sum-exp merge.
-
-    scores (..., n, S), values (..., S, d). One query per matrix (n = 1) multiplies and sums: a
-    batch of matrix-vector products is 3x slower as bmm on the CPU.
-    """
-    scores = scores.float()
-    top = scores.amax(-1, keepdim=True)
-    top = top.masked_fill(top == float("-inf"), 0.0)  # a row with nothing to attend adds exp(-inf) = 0
-    weights = (scores - top).exp()
-    if scores.shape[-2] == 1:
-        out = (weights.to(values.dtype).transpose(-1, -2) * values).sum(-2, keepdim=True)
-    else:
-        out = weights.to(values.dtype) @ values
-    return out.float(), top, weights.sum(-1, keepdim=True)
+def blocked(layer, suffix_allowed: torch.Tensor) -> torch.Tensor:
+    """(R, 1, q, L + S) bool, True where row r's query may NOT look: its problem's prompt padding, then its
+    own suffix as `suffix_allowed` (R, 1, q, S) says. Built once per forward; every layer shares it."""
+    R, _, q, _ = suffix_allowed.shape
+    prefix = layer.prefix_mask[layer.problem][:, None, None, :].expand(R, 1, q, -1)  # (R, 1, q, L)
+    return ~torch.cat([prefix, suffix_allowed], dim=-1)
 
 
-def merged(query, layer, suffix_keys, suffix_values, suffix_mask, scale: float) -> torch.Tensor:
+def merged(query, layer, suffix_keys, suffix_values, blocked: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact attention over [shared prefix ; own suffix] for R rows: (R, H, q, d).
 
-    layer.prefix_keys_t (P, Hkv, d, L) and prefix_values (P, Hkv, L, d) with prefix_mask (P, L);
-    row r reads prefix layer.problem[r] and sits in slot layer.slot[r] of its problem's V slots.
+    suffix_keys/values (S, R, Hkv, d), sequence-major as runner/cache.py's SharedPrefixLayer keeps them.
+    layer.prefix_keys_t (P, Hkv, d, L) and prefix_values (P, Hkv, L, d); row r reads prefix
+    layer.problem[r] and sits in slot layer.slot[r] of its problem's V slots. The prefix scores of a
+    problem's V variants come from one matmul per (problem, KV head); prefix and suffix scores then
+    share one softmax, so the split changes nothing but the order of the sums.
     """
     R, H, q, d = query.shape
     P, Hkv, _, L = layer.prefix_keys_t.shape
+    G, V, S = H // Hkv, layer.variants, suffix_keys.shape[0]
     dtype = query.dtype  # bf16/fp16: scores and sums in float32, as SDPA's kernels accumulate them
-    query, suffix_keys, suffix_values = query.float(), suffix_keys.float(), suffix_values.float()
+    query = (query.float() * scale).reshape(R, Hkv, G * q, d)  # (R, Hkv, Gq, d): a KV head's queries together
+    suffix_keys, suffix_values = suffix_keys.float(), suffix_values.float()
     prefix_keys_t, prefix_values = layer.prefix_keys_t.float(), layer.prefix_values.float()
-    G, V = H // Hkv, layer.variants
-    # Prefix: the queries of a problem's V variants (x G query heads per KV head) as one matrix.
-    if layer.dense:  # rows are exactly problem-major b*V + v: a view, no scatter
-        grouped = query.reshape(P, V, Hkv, G, q, d)
+    rows = None if layer.dense else layer.problem * V + layer.slot  # rows that left: scatter into P*V slots
+    grouped = query if rows is None else query.new_zeros(P * V, Hkv, G * q, d).index_copy_(0, rows, query)
+    grouped = grouped.view(P, V, Hkv, G * q, d).transpose(1, 2).reshape(P, Hkv, V * G * q, d)
+    prefix = (grouped @ prefix_keys_t).view(P, Hkv, V, G * q, L).transpose(1, 2).reshape(P * V, Hkv, G * q, L)
+    if rows is not None:
+        prefix = prefix[rows]
+    if G * q == 1:  # one query per row: multiply and sum (a batch of 1 x S matmuls is slower as bmm on a CPU)
+        suffix = (query.view(R, Hkv, d) * suffix_keys).sum(-1).permute(1, 2, 0)[:, :, None]  # (R, Hkv, 1, S)
     else:
-        grouped = query.new_zeros(P * V, H, q, d)
-        grouped[layer.problem * V + layer.slot] = query
-        grouped = grouped.view(P, V, Hkv, G, q, d)
-    grouped = grouped.permute(0, 2, 1, 3, 4, 5).reshape(P, Hkv, V * G * q, d)
-    scores = (grouped @ prefix_keys_t) * scale  # (P, Hkv, VGq, L)
-    scores = scores.masked_fill(~layer.prefix_mask[:, None, None, :], float("-inf"))
-    out1, top1, sum1 = (t.view(P, Hkv, V, G, q, -1).permute(0, 2, 1, 3, 4, 5).reshape(P * V, H, q, -1)
-                        for t in partial(scores, prefix_values))
-    if not layer.dense:
-        rows = layer.problem * V + layer.slot
-        out1, top1, sum1 = out1[rows], top1[rows], sum1[rows]
-    # Suffix: each row's own tokens, causal within this step's q tokens.
+        suffix = query @ suffix_keys.permute(1, 2, 3, 0)  # (R, Hkv, Gq, S)
+    scores = torch.cat([prefix, suffix], dim=-1).view(R, Hkv, G, q, L + S)
+    weights = scores.masked_fill_(blocked[:, :, None], float("-inf")).softmax(-1).view(R, Hkv, G * q, L + S)
+    prefix_weights = weights[..., :L]
+    if rows is not None:
+        prefix_weights = prefix_weights.new_zeros(P * V, Hkv, G * q, L).index_copy_(0, rows, prefix_weights)
+    prefix_weights = prefix_weights.reshape(P, V, Hkv, G * q, L).transpose(1, 2).reshape(P, Hkv, V * G * q, L)
+    out = (prefix_weights @ prefix_values).view(P, Hkv, V, G * q, d).transpose(1, 2).reshape(P * V, Hkv, G * q, d)
+    if rows is not None:
+        out = out[rows]
     if G * q == 1:
-        scores = (query * suffix_keys).sum(-1, keepdim=True).transpose(-1, -2) * scale  # (R, H, 1, S)
+        out = out + (weights[..., L:].permute(3, 0, 1, 2).contiguous() * suffix_values).sum(0)[:, :, None]
     else:
-        scores = query.reshape(R, Hkv, G * q, d) @ suffix_keys.transpose(-1, -2) * scale  # (R, Hkv, Gq, S)
-    scores = scores.view(R, Hkv, G, q, -1).masked_fill(~suffix_mask[:, :, None], float("-inf"))
-    out2, top2, sum2 = (t.reshape(R, H, q, -1) for t in partial(scores.view(R, Hkv, G * q, -1), suffix_values))
-    top = torch.maximum(top1, top2)
-    w1, w2 = (top1 - top).exp(), (top2 - top).exp()
-    return ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).to(dtype)
+        out = out + weights[..., L:] @ suffix_values.permute(1, 2, 0, 3)  # (R, Hkv, S, d)
+    return out.reshape(R, H, q, d).to(dtype)

@@ -6,16 +6,24 @@ model.py does only when a model is loaded (the dashboard and the CLI start witho
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 class GrowingCache(DynamicCache):
-    """A DynamicCache whose layers (created on first use, one per block) are GrowingLayers."""
+    """A DynamicCache whose layers (created on first use, one per block) are GrowingLayers.
 
-    def __init__(self):
+    With `capacity`, static shapes: every layer holds `capacity` positions from the start and
+    `keys`/`values` are always all of them (what is not written yet is masked by the caller), so
+    each step's tensors have the same shapes, as CUDA graphs and torch.compile want.
+    """
+
+    def __init__(self, capacity: int | None = None):
         super().__init__()
-        self.layer_class_to_replicate = GrowingLayer
+        self.capacity = capacity
+        self.layer_class_to_replicate = partial(GrowingLayer, capacity=capacity)
 
 
 class GrowingLayer(DynamicLayer):
@@ -24,19 +32,30 @@ class GrowingLayer(DynamicLayer):
     DynamicLayer copies its whole cache at every step (torch.cat); this one doubles a buffer when it
     is full, so a step copies only its own tokens. `keys`/`values` are views of the first `length`
     positions: attention sees exactly what a DynamicLayer would hold (bit-identical rollouts; 18%
-    faster on CPU with the embedded model).
+    faster on CPU with the embedded model). With a `capacity` they are the whole buffer (static shapes).
     """
+
+    def __init__(self, capacity: int | None = None):
+        super().__init__()
+        self.capacity = capacity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.length, self.key_buffer, self.value_buffer = 0, None, None
+
+    def room(self, end: int) -> int:
+        """Positions to allocate for `end`: doubling, or the fixed capacity."""
+        if self.capacity is None:
+            return max(end, 2 * self.length, 16)
+        assert end <= self.capacity, f"{end} positions, the static cache holds {self.capacity}"
+        return self.capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            self._grow(key_states, value_states, max(end, 2 * self.length, 16))
+            self._grow(key_states, value_states, self.room(end))
         self.key_buffer[..., self.length:end, :] = key_states
         self.value_buffer[..., self.length:end, :] = value_states
         self._set_length(end)
@@ -45,8 +64,10 @@ class GrowingLayer(DynamicLayer):
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int, copy: int = 0) -> None:
         """Buffers of `capacity` positions shaped like `key_states`; the cached positions (or the first
         `copy` positions of key/value_states themselves) are copied in."""
-        keys = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])  # (B, H, capacity, dk)
-        values = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
+        # Static shapes attend over unwritten positions too (masked): they must hold numbers, not NaN garbage.
+        new = torch.Tensor.new_empty if self.capacity is None else torch.Tensor.new_zeros
+        keys = new(key_states, (*key_states.shape[:-2], capacity, key_states.shape[-1]))  # (B, H, capacity, dk)
+        values = new(value_states, (*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if copy:
             keys[..., :copy, :], values[..., :copy, :] = key_states[..., :copy, :], value_states[..., :copy, :]
         elif self.length:
@@ -55,7 +76,8 @@ class GrowingLayer(DynamicLayer):
 
     def _set_length(self, length: int) -> None:
         self.length = length
-        self.keys, self.values = self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
+        shown = length if self.capacity is None else self.capacity
+        self.keys, self.values = self.key_buffer[..., :shown, :], self.value_buffer[..., :shown, :]
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -70,8 +92,9 @@ class GrowingLayer(DynamicLayer):
         if self.get_seq_length() > 0:  # with spare room: the next step must not copy the repeated cache again
             keys, values = self.keys, self.values
             self.key_buffer = self.value_buffer = None
+            room = max(2 * self.length, self.length + 64) if self.capacity is None else self.capacity
             self._grow(keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0),
-                       max(2 * self.length, self.length + 64), copy=self.length)
+                       room, copy=self.length)
             self._set_length(self.length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -90,26 +113,30 @@ class SharedPrefixCache(DynamicCache):
     runner/forward.py attends to it with runner/attention.py's `merged`.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
         super().__init__()
-        self.layer_class_to_replicate = SharedPrefixLayer
+        self.capacity = capacity  # static shapes (see GrowingCache): prompt + suffix positions
+        self.layer_class_to_replicate = partial(SharedPrefixLayer, capacity=capacity)
         self.prefix_length = 0  # prompt positions stored once per problem; 0 until share_prefix
 
     def share_prefix(self, repeats: int, mask: torch.Tensor) -> None:
-        """mask (B, L): which prompt positions are attended (left padding)."""
-        self.prefix_length = mask.shape[-1]
+        """mask (B, L): which prompt positions are attended (left padding); static shapes: (B, capacity)."""
+        self.prefix_length = self.layers[0].length
         for layer in self.layers:
             layer.share_prefix(repeats, mask)
 
 
 class SharedPrefixLayer(GrowingLayer):
-    """prefix_keys_t (P, Hkv, d, L) and prefix_values (P, Hkv, L, d) once per problem; keys/values
-    (R, Hkv, S, d) per row.
+    """prefix_keys_t (P, Hkv, d, L) and prefix_values (P, Hkv, L, d) once per problem; after them each
+    row's own keys/values, stored sequence-major: `keys`/`values` are (S, R, Hkv, d).
 
-    Row r reads prefix `problem[r]` and is slot `slot[r]` of its problem's `variants` slots; `dense`
-    while the rows are exactly problem-major (r = problem * variants + slot), which attention uses
-    to skip a scatter. Finished rows leave (`batch_select_indices`); a prefix nobody reads any more
-    is dropped once a quarter of them are unread.
+    Sequence-major because the suffix is read whole at every step: the first S positions of an
+    (S_max, R, Hkv, d) buffer are one contiguous block, where those of an (R, Hkv, S_max, d) one are R * Hkv
+    pieces (a broadcast multiply over them ran 5x slower). Row r reads prefix `problem[r]` and is
+    slot `slot[r]` of its problem's `variants` slots; `dense` while the rows are exactly
+    problem-major (r = problem * variants + slot), which attention uses to skip a scatter. Finished
+    rows leave (`batch_select_indices`); a prefix nobody reads any more is dropped once a quarter of
+    them are unread. Until `share_prefix` it is a GrowingLayer (the prompt forward).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -120,12 +147,39 @@ class SharedPrefixLayer(GrowingLayer):
     def share_prefix(self, repeats: int, mask: torch.Tensor) -> None:
         assert self.prefix_keys_t is None, "the prefix is shared once"
         # Keys transposed once, (B, Hkv, d, L): every step's q @ k^T then reads them contiguously.
-        self.prefix_keys_t, self.prefix_values = self.keys.transpose(-1, -2).contiguous(), self.values
-        self.prefix_mask, self.prefix_length, self.variants = mask.bool(), self.length, repeats
-        rows = torch.arange(self.keys.shape[0] * repeats, device=self.keys.device)
+        keys, values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+        self.prefix_keys_t, self.prefix_values = keys.transpose(-1, -2).contiguous(), values.contiguous()
+        self.prefix_mask, self.prefix_length, self.variants = mask[:, : self.length].bool(), self.length, repeats
+        rows = torch.arange(keys.shape[0] * repeats, device=keys.device)
         self.problem, self.slot = rows // repeats, rows % repeats
         self.length, self.key_buffer, self.value_buffer = 0, None, None
         self.keys = self.values = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key/value_states (R, Hkv, q, d) -> the suffix so far, (S, R, Hkv, d) each."""
+        if not self.is_initialized or self.prefix_keys_t is None:
+            return super().update(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[0]:
+            capacity = max(end, 2 * self.length, 16) if self.capacity is None else self.capacity - self.prefix_length
+            assert end <= capacity, f"{self.prefix_length + end} positions, the static cache holds {self.capacity}"
+            new = torch.Tensor.new_empty if self.capacity is None else torch.Tensor.new_zeros  # as in _grow
+            keys = new(key_states, (capacity, *key_states.shape[:2], key_states.shape[-1]))  # (S_max, R, Hkv, d)
+            values = new(value_states, (capacity, *value_states.shape[:2], value_states.shape[-1]))
+            if self.length:
+                keys[: self.length], values[: self.length] = self.keys, self.values
+            self.key_buffer, self.value_buffer = keys, values
+        self.key_buffer[self.length : end] = key_states.permute(2, 0, 1, 3)
+        self.value_buffer[self.length : end] = value_states.permute(2, 0, 1, 3)
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _set_length(self, length: int) -> None:
+        if self.prefix_keys_t is None:
+            return super()._set_length(length)
+        self.length = length
+        shown = length if self.capacity is None else self.key_buffer.shape[0]
+        self.keys, self.values = self.key_buffer[:shown], self.value_buffer[:shown]
 
     def get_seq_length(self) -> int:
         return self.prefix_length + self.length if self.is_initialized else 0
@@ -140,8 +194,9 @@ class SharedPrefixLayer(GrowingLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.prefix_keys_t is None:
             return super().batch_select_indices(indices)
-        if self.length:
-            super().batch_select_indices(indices)
+        if self.key_buffer is not None:
+            self.key_buffer, self.value_buffer = self.key_buffer[:, indices], self.value_buffer[:, indices]
+            self._set_length(self.length)
         self.problem, self.slot, self.dense = self.problem[indices], self.slot[indices], False
         alive = torch.unique(self.problem)  # sorted
         if len(alive) <= 0.75 * self.prefix_keys_t.shape[0]:

@@ -2,7 +2,7 @@
 difficulty (DESIGN.md section 4), dataset validation (section 6) and stratified sampling.
 
 Sources: "builtin" (runner/toy/builtin.jsonl), the Hugging Face sets CODI's test.py evaluates
-("gsm8k", "gsm-hard", "svamp", "multi-arith": HUB, with test.py's names, splits and fields) or a
+("gsm8k", "gsm-hard", "svamp", "multi-arith": runner/hub.py, with test.py's names, splits and fields) or a
 path: .jsonl (GSM8K as OpenAI ships it), .json (the old script's list of problems), .csv,
 .parquet. A file in the shape of one of the hub sets (its question and answer fields) reads as
 that set does. Each reader turns its format into numbered records (plain dicts); every record then
@@ -11,7 +11,6 @@ goes through the same `_problem` so gold, difficulty and id rules are identical 
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -24,15 +23,11 @@ from pathlib import Path
 
 from runner.answers import canonical, parse_number
 from runner.errors import DatasetError  # noqa: F401  (raised here; listed in runner/errors.py)
+from runner.hub import HUB, load_hub
 
 MAX_FIELD_CHARS = 20_000  # GSM8K's longest question is 848 characters; far beyond is a broken record
 DIFFICULTY_BUCKETS = ("1-2", "3-4", "5+", "unknown")
 UNKNOWN_DIFFICULTY = -1  # no solution and no step count: nothing to derive a difficulty from
-# CODI test.py's data sets: name -> (repository, config, splits concatenated in order, question field, answer field).
-HUB = {"gsm8k": ("openai/gsm8k", "main", ("test",), "question", "answer"),
-       "gsm-hard": ("juyoung-trl/gsm-hard", None, ("train",), "instruction", "response"),
-       "svamp": ("ChilleD/SVAMP", None, ("train", "test"), "question_concat", "Answer"),
-       "multi-arith": ("ChilleD/MultiArith", None, ("test",), "question", "final_ans")}
 # The (question, answer) fields a file may use when it has no "question" + "answer": the hub sets' shapes.
 SHAPES = tuple(dict.fromkeys((q, a) for *_, q, a in HUB.values()))
 SOURCES_HELP = (f"builtin, {', '.join(HUB)}, or a path to a .jsonl (GSM8K), .json (old script), .csv or "
@@ -298,70 +293,9 @@ def _hf_records(dataset, id_prefix: str) -> list[_Record]:
     return [_Record(index + 1, f"{id_prefix}-{index:04d}", dict(row)) for index, row in enumerate(dataset)]
 
 
-def _hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached (DNS, refused, no route), or None; a few seconds at most.
-
-    huggingface_hub retries an unreachable host five times over ~25 s, logging two lines per try:
-    knowing first, the load runs in offline mode (the cache only) and fails, if it does, in one line.
-    """
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # reached through a proxy: a direct connection says nothing
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError as error:
-        return f"{url.hostname} is unreachable: {error.strerror or error}"
-    return None
-
-
-@contextlib.contextmanager
-def _offline(datasets, reason: str | None):
-    """Offline mode (HF_HUB_OFFLINE) for the duration, when `reason` says the Hub is unreachable."""
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    if reason:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
-def _from_hub(name: str):
-    """A data set of CODI's test.py from the Hugging Face Hub (or its cache), its splits concatenated."""
-    repository, config, splits, _, _ = HUB[name]
-    unreachable = None
-    try:
-        import datasets
-        from huggingface_hub.utils import logging as hub_logging
-
-        unreachable = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
-        verbosity = hub_logging.get_verbosity()
-        hub_logging.set_verbosity_error()  # its retry warnings would add lines to the CLI's one-line error
-        try:
-            with _offline(datasets, unreachable):
-                loaded = [datasets.load_dataset(repository, config, split=split) for split in splits]
-        finally:
-            hub_logging.set_verbosity(verbosity)
-        return loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
-    except Exception as error:  # offline, `datasets` raises anything from ConnectionError to ValueError
-        reason = unreachable or (str(error).strip().splitlines() or [type(error).__name__])[0]
-        where = f"{repository} ({', '.join(filter(None, (config, *splits)))})"
-        raise DatasetError(f"{name}: cannot load {where} from the Hugging Face Hub or its cache ({reason}); "
-                           f"without network, pass a file instead, e.g. --dataset ../shared/data/gsm8k/test.jsonl "
-                           f"(a file in {name}'s shape reads as {name} does)") from None
-
-
 def _read(source: str, question_field: str, answer_field: str) -> _Source:
     if source in HUB:
-        dataset = _from_hub(source)
+        dataset = load_hub(source)
         fields = HUB[source][3:] if (question_field, answer_field) == ("question", "answer") \
             else (question_field, answer_field)
         _require_columns(source, dataset.column_names, *fields)

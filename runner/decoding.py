@@ -9,14 +9,19 @@ from __future__ import annotations
 import torch
 
 
-def gold_logprob(reasoner, golds: list[str], V: int, logits, cache, mask, out: torch.Tensor):
+def answer_ids(reasoner, golds: list[str]) -> list[list[int]]:
+    """The teacher-forced answer of each gold: `The answer is: {gold}` as ids, no special tokens."""
+    return [reasoner.tokenizer(reasoner.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
+
+
+def gold_logprob(reasoner, answers: list[list[int]], V: int, logits, cache, attended, out: torch.Tensor):
     """Sum of log p(`The answer is: {gold}`) after EOT, teacher-forced, (R,) on the CPU; and the
     forced answer as a draft of greedy decoding, accepted while greedy agrees with it (speculative
     decoding, the gold as the draft): the accepted tokens go into `out` without a forward of their
     own, the rest of the draft is masked out of later attention instead of cropped. Returns
-    (log-probs, the logits after the accepted tokens (R, V'), the mask, accepted counts (R,))."""
+    (log-probs, the logits after the accepted tokens (R, V'), accepted counts (R,)); `attended`
+    (runner/forward.py) is updated in place."""
     R, max_new_tokens = out.shape
-    answers = [reasoner.tokenizer(reasoner.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
     width = max(map(len, answers))
     answer_ids = torch.tensor([a + [reasoner.pad_id] * (width - len(a)) for a in answers],
                               device=reasoner.device).repeat_interleave(V, dim=0)  # (R, A), right-padded
@@ -28,9 +33,8 @@ def gold_logprob(reasoner, golds: list[str], V: int, logits, cache, mask, out: t
     draft, length = reasoner.dtype == torch.float32, cache.get_seq_length()
     if width > 1:  # causal: the padding after a short answer changes none of its own logits
         fed = answer_ids[:, :-1]  # (R, A-1)
-        position_ids = mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=reasoner.device)
-        step_mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
-        more, _, cache = reasoner._forward(cache, step_mask, position_ids, input_ids=fed, keep=width - 1)
+        start, position_ids = attended.n, attended.add(torch.ones_like(fed))
+        more, _, cache = reasoner._forward(cache, attended, position_ids, input_ids=fed, keep=width - 1)
         scores = torch.cat([scores, more], dim=1)  # (R, A, V')
     logprobs = scores[..., : reasoner.decode_vocab].float().log_softmax(-1)  # (R, A, V)
     # Padding positions are gathered at id 0 (a padding id need not lie in the slice); masked below.
@@ -39,7 +43,8 @@ def gold_logprob(reasoner, golds: list[str], V: int, logits, cache, mask, out: t
     if not draft:
         if width > 1:
             cache.crop(length - cache.get_seq_length())  # negative = tokens to drop: back to "... EOT"
-        return gold_logprob, logits, mask, torch.zeros(R, dtype=torch.long, device=reasoner.device)
+            attended.truncate(start)
+        return gold_logprob, logits, torch.zeros(R, dtype=torch.long, device=reasoner.device)
     eos = torch.tensor(reasoner.eos_ids, dtype=torch.long, device=reasoner.device)
     agree = (scores[..., : reasoner.decode_vocab].argmax(-1) == answer_ids) & valid & ~torch.isin(answer_ids, eos)
     # The last answer token was not fed: a row that agrees throughout emits it from the loop.
@@ -47,30 +52,37 @@ def gold_logprob(reasoner, golds: list[str], V: int, logits, cache, mask, out: t
     drafted = torch.arange(width - 1, device=reasoner.device)[None] < accepted[:, None]  # (R, A-1)
     room = min(width - 1, max_new_tokens)
     out[:, :room] = torch.where(drafted, answer_ids[:, :-1], -1)[:, :room]
-    mask = torch.cat([mask, drafted.long()], dim=-1)
-    return gold_logprob, scores[torch.arange(R, device=reasoner.device), accepted], mask, accepted
+    if width > 1:
+        attended.set(start, drafted.long())
+    return gold_logprob, scores[torch.arange(R, device=reasoner.device), accepted], accepted
 
-def greedy(reasoner, logits, cache, mask, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
+def greedy(reasoner, logits, cache, attended, out: torch.Tensor, filled: torch.Tensor) -> list[list[int]]:
     """Batched greedy decoding over `decode_vocab` until EOS into out (R, max_new_tokens), after the
-    `filled` (R,) tokens already there; finished rows leave the batch."""
+    `filled` (R,) tokens already there. Finished rows leave the batch, or, with static shapes
+    (`attended.static`), stay in it masked: their later tokens are computed and never written."""
     R, max_new_tokens = out.shape
+    if max_new_tokens == 0:
+        return [[] for _ in range(R)]
     eos = torch.tensor(reasoner.eos_ids, dtype=torch.long, device=reasoner.device)
-    active = torch.arange(R, device=reasoner.device)  # (A,) rows still decoding
+    active = torch.arange(R, device=reasoner.device)  # (A,) rows still in the batch
+    finished = torch.zeros(R, dtype=torch.bool, device=reasoner.device)  # static shapes: rows done
     while True:
         next_ids = logits[:, : reasoner.decode_vocab].argmax(-1)  # (A,)
-        done = torch.isin(next_ids, eos) | (filled >= max_new_tokens)
-        write = (~done).nonzero()[:, 0]
-        out[active[write], filled[write]] = next_ids[write]
+        done = torch.isin(next_ids, eos) | (filled >= max_new_tokens) | finished
+        slot = filled.clamp(max=max_new_tokens - 1)[:, None]  # where each row's next token goes
+        out[active] = out[active].scatter(1, slot, torch.where(done, out[active].gather(1, slot)[:, 0], next_ids)[:, None])
         filled = filled + ~done
         done |= filled >= max_new_tokens
         if bool(done.all()):
             break
-        if bool(done.any()):  # drop finished rows so later steps cost only what is left
+        if attended.static:
+            finished = done
+        elif bool(done.any()):  # drop finished rows so later steps cost only what is left
             keep = (~done).nonzero()[:, 0]
             cache.batch_select_indices(keep)
-            active, mask, next_ids, filled = active[keep], mask[keep], next_ids[keep], filled[keep]
-        position_ids = mask.sum(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits, _, cache = reasoner._forward(cache, mask, position_ids, input_ids=next_ids[:, None])
+            attended.select(keep)
+            active, next_ids, filled, finished = active[keep], next_ids[keep], filled[keep], finished[keep]
+        position_ids = attended.add(torch.ones_like(next_ids[:, None]))
+        logits, _, cache = reasoner._forward(cache, attended, position_ids, input_ids=next_ids[:, None])
         logits = logits[:, -1]
     return [[t for t in row if t >= 0] for row in out.tolist()]

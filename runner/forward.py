@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from runner.attention import causal, merged, plain
+from runner.attention import blocked, causal, merged, plain
 
 # A block's output passes through this between blocks: (layer, hidden (R, q, d)) -> hidden.
 AfterBlock = Callable[[int, torch.Tensor], torch.Tensor]
@@ -36,6 +36,47 @@ def supported(config) -> bool:
     if getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:
         return False
     return config.model_type == "llama" or (config.model_type == "gpt2" and not config.add_cross_attention)
+
+
+class Attended:
+    """Which cache positions each row attends, `mask` (R, K), and where the next tokens go (`n`).
+
+    Dynamic: the mask grows by the new tokens' columns at every step. Static (`capacity`): one
+    (R, capacity) mask from the start whose columns are filled in place, so every forward of a
+    rollout sees the same shapes (CUDA graphs, torch.compile); unwritten positions stay masked.
+    """
+
+    def __init__(self, mask: torch.Tensor, capacity: int | None = None):
+        self.n, self.start = mask.shape[-1], 0  # positions written; where the last forward's tokens began
+        if capacity is not None:
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], capacity - self.n)], dim=-1)  # (R, capacity)
+        self.mask, self.static = mask, capacity is not None
+
+    def add(self, columns: torch.Tensor) -> torch.Tensor:
+        """columns (R, q): 1 = attended, 0 = a hole, for q new tokens -> their position ids (R, q)."""
+        q = columns.shape[-1]
+        positions = self.mask.sum(-1, keepdim=True) + torch.arange(q, device=columns.device)
+        if self.static:
+            self.mask[:, self.n : self.n + q] = columns
+        else:
+            self.mask = torch.cat([self.mask, columns], dim=-1)
+        self.start, self.n = self.n, self.n + q
+        return positions
+
+    def set(self, start: int, columns: torch.Tensor) -> None:
+        """Rewrite the columns from `start` (tokens fed, then found not to count)."""
+        self.mask[:, start : start + columns.shape[-1]] = columns
+
+    def truncate(self, n: int) -> None:
+        """Forget the positions from n on (the cache was cropped back to n)."""
+        if self.static:
+            self.mask[:, n:] = 0
+        else:
+            self.mask = self.mask[:, :n]
+        self.n = n
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.mask = self.mask[rows]
 
 
 class Forward:
@@ -58,11 +99,15 @@ class Forward:
         self.head_dim = config.hidden_size // self.heads
 
     def __call__(self, cache, mask: torch.Tensor, position_ids: torch.Tensor, input_ids=None, inputs_embeds=None,
-                 keep: int = 1, after_block: AfterBlock | None = None):
+                 keep: int = 1, after_block: AfterBlock | None = None, start: int | None = None):
+        """mask (R, K) over the cache's K positions; the q new tokens sit at start.. (default: the last q)."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (R, q, d)
         R, q = hidden.shape[:2]
         prefix = getattr(cache, "prefix_length", 0)  # > 0: the prompt is shared (runner/cache.py)
-        allowed = causal(mask[:, prefix:].bool(), R, q, mask.shape[-1] - prefix, hidden.device)  # (R, 1, q, S)
+        start = mask.shape[-1] - q if start is None else start
+        allowed = causal(mask[:, prefix:].bool(), R, q, mask.shape[-1] - prefix, hidden.device, start - prefix)
+        if prefix:  # a shared prompt: what each row may not see, its prompt's padding included, (R, 1, q, L + S)
+            allowed = blocked(cache.layers[0], allowed)
         hidden, extra = self.start(hidden, position_ids)
         for i, block in enumerate(self.blocks):
             hidden = self.block(i, block, hidden, extra, lambda i, query, key, value, scale:
@@ -74,7 +119,8 @@ class Forward:
 
     @staticmethod
     def attend(cache, i: int, query, key, value, allowed, scale: float) -> torch.Tensor:
-        """query (R, H, q, dh), key/value (R, Hkv, q, dh) of this step -> (R, q, H, dh)."""
+        """query (R, H, q, dh), key/value (R, Hkv, q, dh) of this step -> (R, q, H, dh); `allowed` as
+        `__call__` built it (negated where the prompt is shared: `blocked`)."""
         keys, values = cache.update(key, value, i)
         layer = cache.layers[i]
         if getattr(layer, "prefix_keys_t", None) is not None:

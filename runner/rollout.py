@@ -18,7 +18,7 @@ import torch
 
 from runner import ablation, decoding
 from runner.ablation import Plan
-from runner.forward import Forward
+from runner.forward import Attended, Forward
 
 # The spaces a tokenizer's `clean_up_tokenization_spaces` removes when decoding (transformers' list).
 CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -67,6 +67,9 @@ class LatentReasoner:
         # Variants share the prompt's KV cache (runner/attention.py): None = whenever a plan has more
         # than one variant, False = always the plain repeated cache, True = always shared.
         self.shared_prefix = None
+        # Static shapes (runner/forward.py's Attended, a fixed-capacity cache; finished rows masked, not
+        # dropped) so that steps can run as CUDA graphs or under torch.compile. None = on CUDA only.
+        self.static_shapes = None
 
     @property
     def d_model(self) -> int:
@@ -107,28 +110,27 @@ class LatentReasoner:
         ids = ids + ([] if self.remove_eos else [self.tokenizer.eos_token_id])
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
-    def _forward(self, cache, mask, position_ids, inputs_embeds=None, input_ids=None, keep=1, after_block=None):
-        """One step: logits (R, keep, V'), final hidden state (R, q, d), the cache."""
-        logits, hidden = self.forward(cache, mask, position_ids, input_ids, inputs_embeds, keep, after_block)
+    def _forward(self, cache, attended, position_ids, inputs_embeds=None, input_ids=None, keep=1, after_block=None):
+        """One step over `attended` (runner/forward.py): logits (R, keep, V'), final hidden state (R, q, d), the cache."""
+        logits, hidden = self.forward(cache, attended.mask, position_ids, input_ids, inputs_embeds, keep, after_block,
+                                      start=attended.start)
         return logits, hidden, cache
 
-    def _encode(self, questions: list[str] | list[list[int]], shared: bool = False):
-        """Left-padded `question + BOT`; positions from the mask so a padded row equals its row alone.
-
-        A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
-        """
-        ids = [self.prompt_ids(q) for q in questions]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)  # (B, L)
+    def _encode(self, prompts: list[list[int]], shared: bool = False, capacity: int | None = None):
+        """Left-padded prompts (`prompt_ids`); positions from the mask so a padded row equals its row alone."""
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device)  # (B, L)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(self._new_cache(shared), mask, position_ids, input_ids=input_ids)
-        return logits[:, -1], hidden[:, -1:], cache, mask  # (B, V'), (B, 1, d), cache, (B, L)
+        attended = Attended(mask, capacity)
+        logits, hidden, cache = self._forward(self._new_cache(shared, capacity), attended, position_ids,
+                                              input_ids=input_ids)
+        return logits[:, -1], hidden[:, -1:], cache, attended  # (B, V'), (B, 1, d), cache, mask (B, L | capacity)
 
-    def _new_cache(self, shared: bool = False):
-        """A prompt cache shared by the variants, or one that grows in place (runner/cache.py)."""
+    def _new_cache(self, shared: bool = False, capacity: int | None = None):
+        """A prompt cache shared by the variants, or one that grows in place (runner/cache.py); static with a capacity."""
         from runner.cache import GrowingCache, SharedPrefixCache  # transformers is imported on first use
-        return SharedPrefixCache() if shared else GrowingCache()
+        return SharedPrefixCache(capacity) if shared else GrowingCache(capacity)
 
     @torch.inference_mode()
     def rollout(self, questions: list[str], plan: Plan, golds: list[str] | None = None,
@@ -139,13 +141,21 @@ class LatentReasoner:
         assert plan.ablate.shape == (R, T), f"plan is {tuple(plan.ablate.shape)}, expected ({R}, {T})"
         plan = plan.to(self.device, self.dtype)
 
+        # A question may also be given as token ids (benchmarks with random ids, pre-tokenised data).
+        prompts = [self.prompt_ids(q) for q in questions]
+        answers = None if golds is None else decoding.answer_ids(self, golds)
+        capacity = None
+        if self.static_shapes if self.static_shapes is not None else self.device.type == "cuda":
+            capacity = (max(map(len, prompts)) + T + len(self.answer_start) + max_new_tokens
+                        + (max(map(len, answers)) if answers else 0))  # every position this rollout can fill
+            capacity = -(-capacity // 64) * 64  # in steps of 64: batches of similar prompts share shapes
         shared = self.shared_prefix if self.shared_prefix is not None else V > 1
-        bot_logits, hidden, cache, mask = self._encode(questions, shared)  # one prompt cache for the V variants
+        bot_logits, hidden, cache, attended = self._encode(prompts, shared, capacity)  # one prompt cache for V variants
         if shared:
-            cache.share_prefix(V, mask)  # (B, L) stored once; each row's later tokens apart
+            cache.share_prefix(V, attended.mask)  # (B, L) stored once; each row's later tokens apart
         else:
             cache.batch_repeat_interleave(V)
-        mask = mask.repeat_interleave(V, dim=0)  # (R, L)
+        attended.select(torch.arange(B, device=self.device).repeat_interleave(V))  # (R, L | capacity)
         hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
         logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
         latents = torch.zeros(R, T, self.d_model, device=self.device, dtype=self.dtype)
@@ -163,27 +173,24 @@ class LatentReasoner:
             latent = ablation.apply(plan, step, latent, layer=-1)
             latents[:, step] = latent[:, 0]
             # Early exit: steps at or past `fed` are holes, masked out of all later attention.
-            live = (step < plan.fed).long()[:, None]  # (R, 1)
-            position_ids = mask.sum(-1, keepdim=True)  # (R, 1): attended tokens so far
-            mask = torch.cat([mask, live], dim=-1)
+            position_ids = attended.add((step < plan.fed).long()[:, None])  # (R, 1): attended tokens so far
             after_block = _at_blocks(plan, step, captured) if at_blocks else None
-            logits, hidden, cache = self._forward(cache, mask, position_ids, inputs_embeds=latent,
+            logits, hidden, cache = self._forward(cache, attended, position_ids, inputs_embeds=latent,
                                                   after_block=after_block)
             logits = logits[:, -1]
 
         # EOT (+ EOS when remove_eos is false) in a forward of its own, as test.py feeds it: a longer
         # forward would round differently in bf16.
         eot = torch.tensor([self.answer_start] * R, device=self.device)  # (R, P)
-        position_ids = mask.sum(-1, keepdim=True) + torch.arange(eot.shape[1], device=self.device)
-        mask = torch.cat([mask, torch.ones_like(eot)], dim=-1)
-        logits, _, cache = self._forward(cache, mask, position_ids, input_ids=eot)
+        position_ids = attended.add(torch.ones_like(eot))
+        logits, _, cache = self._forward(cache, attended, position_ids, input_ids=eot)
         logits = logits[:, -1]  # (R, V')
         gold_logprob, filled = None, torch.zeros(R, dtype=torch.long, device=self.device)
         out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=self.device)  # -1: no token
         if golds is not None:
             assert len(golds) == B, f"{len(golds)} golds for {B} questions"
-            gold_logprob, logits, mask, filled = decoding.gold_logprob(self, golds, V, logits, cache, mask, out)
-        tokens = decoding.greedy(self, logits, cache, mask, out, filled)
+            gold_logprob, logits, filled = decoding.gold_logprob(self, answers, V, logits, cache, attended, out)
+        tokens = decoding.greedy(self, logits, cache, attended, out, filled)
         return Rollout(tokens, [self.decode(t) for t in tokens], gold_logprob, latents.float().cpu(),
                        lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
 

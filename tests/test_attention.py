@@ -32,7 +32,7 @@ def plain_attention(query, keys, values, mask, scale):
 
 @pytest.mark.parametrize("heads, kv_heads, q", [(4, 4, 1), (4, 4, 5), (4, 2, 1), (8, 2, 3)])
 def test_merge_equals_attention_over_the_repeated_prefix(heads, kv_heads, q):
-    from runner.attention import causal, merged
+    from runner.attention import blocked, causal, merged
     torch.manual_seed(0)
     P, V, L, S, d = 3, 4, 6, 7, 8  # S includes this step's q tokens
     R = P * V
@@ -50,12 +50,15 @@ def test_merge_equals_attention_over_the_repeated_prefix(heads, kv_heads, q):
 
     layer = SimpleNamespace(prefix_keys_t=prefix_k.transpose(-1, -2), prefix_values=prefix_v, prefix_mask=prefix_mask,
                             variants=V, dense=True, problem=torch.arange(R) // V, slot=torch.arange(R) % V)
-    got = merged(query, layer, suffix_k, suffix_v, causal(suffix_mask, R, q, S, "cpu"), 0.3)
+    seq_major = lambda x: x.permute(2, 0, 1, 3)  # (R, Hkv, S, d) -> (S, R, Hkv, d), as SharedPrefixLayer stores it
+    got = merged(query, layer, seq_major(suffix_k), seq_major(suffix_v),
+                 blocked(layer, causal(suffix_mask, R, q, S, "cpu")), 0.3)
     torch.testing.assert_close(got, expected, **NOISE)
 
     keep = torch.tensor([0, 2, 3, 9, 11])  # rows that have left: the prefix is indexed per row's problem
     layer.dense, layer.problem, layer.slot = False, layer.problem[keep], layer.slot[keep]
-    got = merged(query[keep], layer, suffix_k[keep], suffix_v[keep], causal(suffix_mask[keep], 5, q, S, "cpu"), 0.3)
+    got = merged(query[keep], layer, seq_major(suffix_k[keep]), seq_major(suffix_v[keep]),
+                 blocked(layer, causal(suffix_mask[keep], 5, q, S, "cpu")), 0.3)
     torch.testing.assert_close(got, expected[keep], **NOISE)
 
 
@@ -68,12 +71,17 @@ def test_shared_prefix_layer_counts_prefix_and_suffix_and_drops_unread_prefixes(
     assert layer.get_seq_length() == 5 and layer.keys is None and layer.prefix_keys_t.shape == (4, 2, 3, 5)
     step = torch.randn(12, 2, 1, 3)
     keys, values = layer.update(step, -step)
-    assert torch.equal(keys, step) and layer.get_seq_length() == 6 and layer.get_mask_sizes(1) == (7, 0)
+    assert torch.equal(keys, step.permute(2, 0, 1, 3)) and layer.get_seq_length() == 6  # stored sequence-major
+    assert layer.get_mask_sizes(1) == (7, 0)
+    more = torch.randn(12, 2, 20, 3)  # past the first 16-position buffer: it grows, the first step kept
+    keys, values = layer.update(more, -more)
+    assert torch.equal(keys, torch.cat([step, more], 2).permute(2, 0, 1, 3)) and torch.equal(values, -keys)
+    layer.crop(-20)
     layer.batch_select_indices(torch.tensor([0, 1, 4, 7, 11]))  # every problem still read
     assert layer.prefix_keys_t.shape[0] == 4 and layer.problem.tolist() == [0, 0, 1, 2, 3]
     layer.batch_select_indices(torch.tensor([2, 4]))  # only problems 1 and 3: half the prefixes unread
     assert layer.prefix_keys_t.shape[0] == 2 and layer.problem.tolist() == [0, 1] and layer.slot.tolist() == [1, 2]
-    assert torch.equal(layer.prefix_values[1], -prompt[3]) and torch.equal(layer.keys, step[[4, 11]])
+    assert torch.equal(layer.prefix_values[1], -prompt[3]) and torch.equal(layer.keys, step[[4, 11]].permute(2, 0, 1, 3))
     with pytest.raises(AssertionError, match="prefix"):
         layer.crop(-2)
 

@@ -30,7 +30,7 @@ def test_throughput_engine_and_old_loop_agree_on_every_answer():
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_shape():
     report = bench("gpu.py", "--tiny", "--problems", "16", "--reference-problems", "2")
-    assert report["device"] == "cpu (tiny shape)" and report["variants"] == 7
+    assert report["device"] == "cpu (tiny shape)" and report["variants"] == 7 and report["static_shapes"] is True
     assert report["engine_problems_per_hour"] > report["reference_problems_per_hour"] > 0
     assert 0 < report["model_flop_utilisation"] < 1 and report["matmul_peak_tflops"] > 0
 

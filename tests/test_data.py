@@ -103,7 +103,7 @@ def test_gsm8k_from_the_hub_offline_says_what_to_do(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("runner.data.DatasetError: gsm8k: cannot load openai/gsm8k (main, test) from the")
+    assert last_line.startswith("runner.errors.DatasetError: gsm8k: cannot load openai/gsm8k (main, test) from the")
     assert "--dataset ../shared/data/gsm8k/test.jsonl" in last_line
 
 

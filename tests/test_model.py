@@ -207,9 +207,10 @@ def test_hub_id_offline_names_the_id_and_how_to_pass_a_folder(monkeypatch, tmp_p
     assert "hf download zen-E/no-such-codi-model --local-dir" in message and "pass the folder" in message
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_loads_and_runs_on_cpu(tiny, dtype):
+@pytest.mark.parametrize("dtype, static", [("float16", False), ("bfloat16", False), ("bfloat16", True)])
+def test_half_precision_loads_and_runs_on_cpu(tiny, dtype, static):
     half = load(ModelSpec(str(tiny[1]), dtype=dtype))
+    half.static_shapes = static  # bf16 with static shapes: the GPU's configuration
     assert half.dtype == getattr(torch, dtype) and next(half.prj.parameters()).dtype == half.dtype
     variants = [BASELINE, Variant("prefix", 2), Variant("single", 1, site="resid:0"), Variant("exit", 3, "none")]
     out = half.rollout(QUESTIONS, plan_for(half, variants, len(QUESTIONS)), GOLDS, STEPS, capture=(1,))
@@ -285,12 +286,44 @@ def test_growing_cache_is_bit_identical_to_the_models_own_cache(reasoner, monkey
     ours = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert type(reasoner._new_cache()).__name__ == "GrowingCache"
     from transformers.cache_utils import DynamicCache
-    monkeypatch.setattr(reasoner, "_new_cache", lambda shared=False: DynamicCache())  # transformers' own
+    monkeypatch.setattr(reasoner, "_new_cache", lambda shared=False, capacity=None: DynamicCache())  # transformers' own
     theirs = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))
     assert ours.tokens == theirs.tokens and len({len(t) for t in ours.tokens}) > 1  # rows left the batch
     for name in ("gold_logprob", "latents", "lens_probs"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
     assert torch.equal(ours.captured[1], theirs.captured[1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_static_shapes_give_the_answers_of_the_dynamic_path(reasoner, monkeypatch, shared):
+    """The CUDA path (fixed-capacity cache and mask; finished rows masked, not dropped), run on the CPU:
+    every step after the prompt sees the same shapes, and the answers are the dynamic path's."""
+    variants = [BASELINE, *ablation.expand(["prefix", "exit"], ["zero"], "latent", "frozen", 6)[1:],
+                Variant("single", 2, site="resid:1")]
+    plan = plan_for(reasoner, variants, len(QUESTIONS))
+    monkeypatch.setattr(reasoner, "shared_prefix", shared)
+    forward, outs, shapes = reasoner.forward, {}, {}
+
+    def recording(cache, mask, *args, **kwargs):  # observes the real forward: the shapes it was given and left
+        out = forward(cache, mask, *args, **kwargs)
+        shapes[static][-1].append((tuple(mask.shape), tuple(cache.layers[0].keys.shape)))
+        return out
+    monkeypatch.setattr(reasoner, "forward", recording)
+    for static in (False, True):
+        monkeypatch.setattr(reasoner, "static_shapes", static)
+        shapes[static] = [[]]
+        outs[static] = [reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(1,))]
+        shapes[static].append([])
+        outs[static].append(reasoner.rollout(QUESTIONS, plan, max_new_tokens=2))
+    for steps in shapes[True]:
+        assert len(set(steps[1:])) == 1, f"static steps changed shape: {sorted(set(steps))}"
+    assert len(set(shapes[False][0][1:])) > 1  # the dynamic path grows (and drops rows): the check can fail
+    (dynamic, short), (static, static_short) = outs[False], outs[True]
+    assert static.tokens == dynamic.tokens and static_short.tokens == short.tokens
+    assert len({len(t) for t in dynamic.tokens}) > 1, "all rows decode the same length: finished rows untested"
+    for name in ("gold_logprob", "latents", "lens_probs"):
+        torch.testing.assert_close(getattr(static, name), getattr(dynamic, name), atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(static.captured[1], dynamic.captured[1], **CLOSE)
 
 
 def test_growing_layer_grows_crops_and_selects_like_a_dynamic_layer():

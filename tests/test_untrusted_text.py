@@ -72,7 +72,7 @@ def hostile(tmp_path_factory, tiny_model_dir, tiny_reasoner):
     ids = hostile_text_database(path, tiny_model_dir, tiny_reasoner, HOST)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("THOUGHTSWEEP_DB", str(path))
-        yield ids
+        yield path, ids
 
 
 def _leaks(at: AppTest) -> list[str]:
@@ -97,15 +97,18 @@ def test_the_walk_would_catch_a_raw_payload(hostile):
 
 
 def test_no_page_renders_file_text_as_markup(hostile):
-    sweep_id, empty_id = hostile
+    sweep_id, empty_id = hostile[1]
     at = AppTest.from_file(APP, default_timeout=180).run()
     assert not at.exception, [e.message for e in at.exception]
+    charts = []
     for run_id in (empty_id, sweep_id):
         at.sidebar.selectbox(key="run_id").set_value(run_id).run()
         for page in PAGES:
             at.switch_page(page).run()
             assert not at.exception, (page, run_id, [e.message for e in at.exception])
             assert not _leaks(at), (page, run_id, _leaks(at))
+            charts += [text for _, kind, text in rendered(at._tree) if kind == "plotly"]
+    assert any("&lt;img src=http" in spec for spec in charts), "a variant's method name reaches a chart, escaped"
     # every problem's drill-down: its id, question and gold, and the logit lens of each variant
     at.switch_page("pages/problems.py").run()
     problem_ids = list(at.selectbox(key="problem_id").options)
@@ -118,3 +121,20 @@ def test_no_page_renders_file_text_as_markup(hostile):
     assert question and any(p in question[0] for p in text_payloads(HOST).values()), \
         "the question is shown, as the characters it is"
     assert any("run" in c.value and "image" in c.value for c in at.caption), "the run's name is in its caption"
+
+
+
+def test_the_markdown_documents_we_write_hold_file_text_as_text(hostile):
+    """The experiment report (export --format markdown, the Export page) and `status --markdown` are Markdown
+    that GitHub or an editor renders: the run's name, model, dataset, error and config are escaped there too."""
+    from dashboard import state
+    from db.report import markdown_report
+    from db.status_page import status_markdown
+    path, (sweep_id, empty_id) = hostile
+    store = state.open_service(str(path.resolve())).store  # the dashboard's Store holds the file in this process
+    for document in (markdown_report(store, sweep_id), status_markdown(store, sweep_id),
+                     status_markdown(store, empty_id)):
+        raw = [f for f in raw_fragments(HOST) if f in ESCAPED.sub("\0", document)]
+        assert not raw, (raw, document[:600])
+        assert "127\\.0\\.0\\.1\\:9" in document  # the payloads are there, escaped
+
