@@ -156,10 +156,6 @@ def _run_id(store, requested: int | None) -> int:
     return run_id
 
 
-# Options of `sweep` that are not part of a run's stored config: how and where this process runs it.
-NOT_CONFIG = {"command", "db", "resume", "phase", "workers", "ray_address", "quiet", "allow_nonfinite_weights"}
-
-
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else "default" if value is None else str(value)
 
@@ -175,9 +171,9 @@ def _resume_config(store, args):
     if row["source"] != "sweep":
         raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
     config = SweepConfig.from_json(json.loads(row["config"]))
+    stored = config.to_json()  # --db, --workers, --phase, --quiet...: how this process runs it, not the run's config
     differing = [f"--{name.replace('_', '-')} {_shown(value)} (run {args.resume}: {_shown(getattr(config, name))})"
-                 for name, value in args.given.items()
-                 if name not in NOT_CONFIG and value != getattr(config, name)]
+                 for name, value in args.given.items() if name in stored and value != getattr(config, name)]
     if differing:
         raise CliError(f"--resume {args.resume} continues the run as it was configured, but "
                        f"{'; '.join(differing)} differ: drop them, or start a new run")
