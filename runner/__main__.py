@@ -321,10 +321,11 @@ def _print_runs(args, runs: list[dict]) -> None:
         return
     if not runs:
         print(f"{args.db}: no runs yet")
+    from db.markdown import printable  # a file's names may hold terminal escape sequences
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
-        print(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/{run['total']:<6} "
-              f"{rate:>10}  {run['name']}")
+        print(printable(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
+                        f"{run['total']:<6} {rate:>10}  {run['name']}"))
 
 
 def _status_from_snapshot(args, locked) -> int:
