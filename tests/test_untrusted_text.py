@@ -6,19 +6,22 @@ questions and golds. Every element the browser would render as Markdown (bodies,
 metric values, expander and popover labels, radio and segmented-control options) or Plotly's HTML
 subset must hold no raw payload; the plain-text ones (st.text, st.code, dataframes, selectbox and
 multiselect options, input values and placeholders) may, and the question must reach one of them.
+The Markdown documents we write (report, `status --markdown`) and the terminal get the same care.
 """
 from __future__ import annotations
 
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 from google.protobuf.message import Message
 from streamlit.testing.v1 import AppTest
 
+from db.store import Store
 from tests.hostile import hostile_text_database, raw_fragments, text_payloads
+from tests.reliability.support import PYTHON, REPO, child_env
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+APP = str(REPO / "app.py")
 HOST = "127.0.0.1:9"
 PAGES = ["pages/run.py", "pages/progress.py", "pages/importance.py", "pages/difficulty.py", "pages/problems.py",
          "pages/compare.py", "pages/export.py"]
@@ -137,4 +140,19 @@ def test_the_markdown_documents_we_write_hold_file_text_as_text(hostile):
         raw = [f for f in raw_fragments(HOST) if f in ESCAPED.sub("\0", document)]
         assert not raw, (raw, document[:600])
         assert "127\\.0\\.0\\.1\\:9" in document  # the payloads are there, escaped
+
+
+def test_the_terminal_gets_no_escape_sequence_from_a_file(tmp_path):
+    """`status` and `status --markdown` print a run's name: its control characters come out as visible \\xNN."""
+    path = tmp_path / "escapes.duckdb"
+    store = Store(path)
+    store.create_run(name="run \x1b]0;pwned\x07\x1b[2J\x9b1m end", model="m\x1b[31m", dataset="d", config={},
+                     num_latent=6, n_variants=1, total=1, status="stopped")
+    store.close()
+    for flags in ([], ["--markdown"]):
+        done = subprocess.run([PYTHON, "-m", "runner", "status", "--db", str(path), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env=child_env())
+        assert done.returncode == 0, done.stderr
+        assert not any(c in done.stdout for c in "\x1b\x07\x9b"), repr(done.stdout)
+        assert "pwned" in done.stdout and "x1b" in done.stdout, repr(done.stdout)
 
