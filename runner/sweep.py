@@ -255,7 +255,7 @@ class Sweep:
 
     # --- phases -----------------------------------------------------------------------------------
     def _references(self) -> dict[str, Reference]:
-        """Baseline values at the sweep's site for the run's first problems, stored once per run."""
+        """Baseline values at the sweep's site for the run's first problems (that the model can run), stored once."""
         if not any(m != "zero" for m in self.config.methods):
             return {}
         site = self.config.site
@@ -264,10 +264,9 @@ class Sweep:
             self.phase = "reference"
             self.store.update_run(self.run_id, phase="reference")
             self._emit("running")  # a stop asked now is honoured once the references are stored
-            problems = self.store.run_problems(self.run_id)[: self.config.reference_size]
             layer = ablation.parse_site(site, self.executor.shape.n_layers)
-            values = self.executor.references([p["question"] for p in problems], layer, self.batch_size)
-            loaded = ([p["problem_id"] for p in problems], values)
+            loaded = self.executor.references(self.store.run_problems(self.run_id), self.config.reference_size,
+                                              layer, self.batch_size, self.config.max_new_tokens)
             self.store.save_reference(self.run_id, site, *loaded)
         problem_ids, values = loaded
         return {site: Reference(site, tuple(problem_ids), torch.from_numpy(values))}
