@@ -120,6 +120,9 @@ def build_parser(defaults: bool = True) -> Parser:
     export.add_argument("--run", type=int, default=None)
     export.add_argument("--format", required=True, choices=["seed-json", "csv", "parquet", "markdown"])
     export.add_argument("--out", required=True)
+    export.add_argument("--csv-raw", action="store_true",
+                        help="CSV cells as stored: no apostrophe before text starting with = + - @ (for code, "
+                             "not spreadsheets)")
 
     imp = sub.add_parser("import-seed", help="load the old script's JSON results as a run")
     imp.add_argument("--db", default=DEFAULT_DB)
@@ -404,7 +407,7 @@ def _figure(value) -> str:
 
 
 def cmd_export(args) -> int:
-    from db import exports, report, seed
+    from db import exports, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -413,14 +416,11 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = exports.export_csv(store, run_id, args.out)
+        paths = exports.export_csv(store, run_id, args.out, raw=args.csv_raw)
     elif args.format == "parquet":
         paths = exports.export_parquet(store, run_id, args.out)
     else:
-        path = os.path.join(args.out, "report.md")
-        with open(path, "w") as f:
-            f.write(report.markdown_report(store, run_id))
-        paths = path
+        paths = exports.export_markdown(store, run_id, args.out)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(path)
     return 0
