@@ -134,9 +134,10 @@ def to_json(document) -> str:
     return json.dumps(document, indent=2)
 
 
-def results_csv(db: str, scope: Scope) -> bytes:
-    """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV."""
-    return exports.results_csv(_store(db), scope)
+def results_csv(db: str, scope: Scope, raw: bool = False) -> bytes:
+    """Deferred download (runs on the download's own thread, so it opens its own cursor): the CLI's CSV,
+    formula-like text cells neutralised unless `raw`."""
+    return exports.results_csv(_store(db), scope, raw=raw)
 
 
 def results_parquet(db: str, scope: Scope) -> bytes:

@@ -2,7 +2,8 @@
 what each variant ablated as its row says), the seed's JSON files and the Markdown report.
 
 Files are written only under the `out_dir` given, with names from `EXPORT_NAMES`; `out_dir` is
-created if missing.
+created if missing. Each is written whole or not at all, and CSV text cells that a spreadsheet would
+run as formulas are neutralised unless `raw` (db/files.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pyarrow.compute
 import pyarrow.csv
 import pyarrow.parquet
 
-from db import queries
+from db import files, queries
 from db.report import markdown_report
 from db.scope import PROBLEMS, QueryError, Scope, bind
 from db.seed import export_seed
@@ -52,8 +53,10 @@ def results_table(store, scope: Scope) -> pyarrow.Table:
     return table
 
 
-def results_csv(store, scope: Scope, sink=None):
+def results_csv(store, scope: Scope, sink=None, raw: bool = False):
     """results.csv into `sink` (a path), or as bytes when no sink is given. Booleans are written true/false.
+
+    Text cells a spreadsheet would run as formulas get a leading apostrophe unless `raw` (db/files.py).
 
     pyarrow's writer: pandas' to_csv takes seconds on a 50k-row run.
     """
@@ -62,7 +65,7 @@ def results_csv(store, scope: Scope, sink=None):
     for name in ("tokens", "ablated_positions"):
         joined = pyarrow.compute.binary_join(pyarrow.compute.cast(table[name], pyarrow.list_(pyarrow.string())), " ")
         table = table.set_column(table.column_names.index(name), name, joined)
-    return _write(pyarrow.csv.write_csv, table, sink)
+    return _write(pyarrow.csv.write_csv, table if raw else files.neutralise_formulas(table), sink)
 
 
 def results_parquet(store, scope: Scope, sink=None):
@@ -78,34 +81,30 @@ def _write(writer, table: pyarrow.Table, sink):
     return buffer.getvalue().to_pybytes()
 
 
-def export_csv(store, run_id: int, out_dir, scope: Scope | None = None, name: str = "results.csv") -> Path:
+def export_csv(store, run_id: int, out_dir, scope: Scope | None = None, name: str = "results.csv",
+               raw: bool = False) -> Path:
     """Write results.csv (columns EXPORT_COLUMNS) into out_dir: the run's problems in `scope` (default: all)."""
-    path = _target(out_dir, name)
-    results_csv(store, scope or Scope(run_id), path)
-    return path
+    return files.write_bytes(_target(out_dir, name), results_csv(store, scope or Scope(run_id), raw=raw))
 
 
 def export_parquet(store, run_id: int, out_dir, scope: Scope | None = None, name: str = "results.parquet") -> Path:
     """Write results.parquet (same columns as the CSV) into out_dir."""
-    path = _target(out_dir, name)
-    results_parquet(store, scope or Scope(run_id), path)
-    return path
+    return files.write_bytes(_target(out_dir, name), results_parquet(store, scope or Scope(run_id)))
 
 
 def export_markdown(store, run_id: int, out_dir, name: str = "report.md") -> Path:
     """Write the experiment report into out_dir."""
-    path = _target(out_dir, name)
-    path.write_text(markdown_report(store, run_id))
-    return path
+    return files.write_text(_target(out_dir, name), markdown_report(store, run_id))
 
 
-def export(store, run_id: int, fmt: str, out_dir, scope: Scope | None = None) -> list[Path]:
+def export(store, run_id: int, fmt: str, out_dir, scope: Scope | None = None, raw: bool = False) -> list[Path]:
     """`runner export --format FMT`: the files written for one of FORMATS (seed-json: the whole run, no filters)."""
     if fmt == "seed-json":
         return export_seed(store, run_id, out_dir)
-    writers = {"csv": export_csv, "parquet": export_parquet}
-    if fmt in writers:
-        return [writers[fmt](store, run_id, out_dir, scope)]
+    if fmt == "csv":
+        return [export_csv(store, run_id, out_dir, scope, raw=raw)]
+    if fmt == "parquet":
+        return [export_parquet(store, run_id, out_dir, scope)]
     if fmt == "markdown":
         return [export_markdown(store, run_id, out_dir)]
     raise QueryError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -2,9 +2,16 @@
 
 Append new migrations at the end; never edit or reorder one that has shipped: a database file
 copied from a GPU server months ago must still open and be brought up to date.
+
+What a file holds is read from its tables, not only from its `schema_migrations` record: the columns
+of our tables are compared with those that MIGRATIONS[:N] give an empty database, for each N. A file
+whose tables match version N (a file from before the record existed, or with a record cut short)
+gets N recorded and the migrations after N applied in order; one with a version or columns that this
+code does not know was written by a newer ThoughtSweep and is refused before anything is written.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import duckdb
@@ -71,22 +78,98 @@ MIGRATIONS = [
 ]
 
 
-def migrate(cursor: duckdb.DuckDBPyConnection) -> list[int]:
-    """Apply every migration the database has not recorded; returns the versions applied."""
-    cursor.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                   "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TIMESTAMP DEFAULT current_timestamp)")
-    done = {row[0] for row in cursor.execute("SELECT version FROM schema_migrations").fetchall()}
+class SchemaError(RuntimeError):
+    """A file whose schema this code cannot open (newer, or not ours); one line saying which and why."""
+
+
+RECORD = ("CREATE TABLE IF NOT EXISTS schema_migrations "
+          "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TIMESTAMP DEFAULT current_timestamp)")
+COLUMNS = ("SELECT c.table_name, c.column_name, c.data_type FROM information_schema.columns c "
+           "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
+           "WHERE t.table_type = 'BASE TABLE' AND c.table_schema = 'main' AND c.table_catalog = current_database() "
+           "AND c.table_name <> 'schema_migrations'")
+LATEST = MIGRATIONS[-1][0]
+
+
+def _columns(cursor) -> dict[str, dict[str, str]]:
+    """{table: {column: type}} of the base tables in the file (views are not tables of ours)."""
+    tables: dict[str, dict[str, str]] = {}
+    for table, column, data_type in cursor.execute(COLUMNS).fetchall():
+        tables.setdefault(table, {})[column] = data_type
+    return tables
+
+
+@functools.cache
+def schema_at(version: int) -> dict[str, dict[str, str]]:
+    """The tables and columns that MIGRATIONS[:version] give an empty database."""
+    with duckdb.connect(":memory:") as memory:
+        for number, _, step in MIGRATIONS:
+            if number <= version:
+                step(memory)
+        return _columns(memory)
+
+
+def _recorded(cursor) -> list[int]:
+    exists = cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
+                            "AND table_catalog = current_database() AND table_name = 'schema_migrations'").fetchone()
+    return [v for (v,) in cursor.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()] \
+        if exists[0] else []
+
+
+def _version_of(path, tables: dict, recorded: list[int]) -> int:
+    """The schema version the file's tables are at (0: none of our tables); SchemaError if none fits."""
+    ours = {name: columns for name, columns in tables.items() if name in schema_at(LATEST)}
+    if not ours:
+        return 0
+    matches = [v for v, _, _ in MIGRATIONS if {n: c for n, c in ours.items()} == schema_at(v)]
+    if recorded and recorded == list(range(1, recorded[-1] + 1)) and recorded[-1] in matches:
+        return recorded[-1]  # a migration that changes rows, not columns, leaves two versions looking alike
+    if matches:
+        return matches[0]
+    latest = schema_at(LATEST)
+    unknown = sorted(f"{t}.{c}" for t, cols in ours.items() for c in cols if c not in latest[t])
+    if unknown:
+        raise SchemaError(f"database {path} was written by a newer ThoughtSweep (columns {', '.join(unknown)} are "
+                          f"unknown to this one): upgrade ThoughtSweep to open it; nothing was changed")
+    absent = [t for t in latest if t not in ours]
+    if absent:
+        raise SchemaError(f"database {path} is not a ThoughtSweep file: {', '.join(absent)} "
+                          f"{'is' if len(absent) == 1 else 'are'} not a table (missing, or a view); nothing was read")
+    wrong = sorted(f"{t}.{c}" for t in latest for c in latest[t] if ours[t].get(c) != latest[t][c])
+    raise SchemaError(f"database {path} is not a ThoughtSweep file of any version (columns missing or of another "
+                      f"type: {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}); nothing was changed")
+
+
+def migrate(cursor: duckdb.DuckDBPyConnection, path="database", read_only: bool = False) -> list[int]:
+    """Bring the file to the current schema: the versions applied, in order. Refuses a newer file first."""
+    recorded = _recorded(cursor)
+    newer = [v for v in recorded if v > LATEST]
+    if newer:
+        raise SchemaError(f"database {path} was written by a newer ThoughtSweep (schema version {max(newer)}; this "
+                          f"one knows up to {LATEST}): upgrade ThoughtSweep to open it; nothing was changed")
+    version = _version_of(path, _columns(cursor), recorded)
+    if read_only:
+        return []
+    cursor.execute(RECORD)
+    cursor.execute("BEGIN TRANSACTION")  # the record made true to the tables: what they hold is recorded, nothing more
+    try:
+        cursor.execute("DELETE FROM schema_migrations WHERE version > ?", [version])
+        for number, name, _ in MIGRATIONS[:version]:
+            if number not in recorded:
+                cursor.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [number, name])
+        cursor.execute("COMMIT")
+    except Exception:
+        cursor.execute("ROLLBACK")
+        raise
     applied = []
-    for version, name, step in MIGRATIONS:
-        if version in done:
-            continue
+    for number, name, step in MIGRATIONS[version:]:
         cursor.execute("BEGIN TRANSACTION")
         try:
             step(cursor)
-            cursor.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+            cursor.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [number, name])
             cursor.execute("COMMIT")
         except Exception:
             cursor.execute("ROLLBACK")
             raise
-        applied.append(version)
+        applied.append(number)
     return applied

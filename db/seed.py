@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from db import queries
+from db import files, queries
 from db.scope import GROUP, PROBLEMS, Scope, bind
 from db.stats import old_script_early_late
 from runner.errors import ThoughtSweepError
@@ -165,9 +165,8 @@ def export_seed(store, run_id: int, out_dir, method=None, site=None, mode=None) 
     documents = seed_documents(store, Scope(run_id, scheme="prefix", method=method, site=site, mode=mode))
     paths = []
     for name, document in documents.items():
-        path = out / name
-        path.write_text(json.dumps(document, indent=2))  # ASCII escapes (\u2192) as the seed's json.dump wrote
-        paths.append(path)
+        # ASCII escapes (\u2192) as the seed's json.dump wrote; whole or not at all (db/files.py)
+        paths.append(files.write_text(out / name, json.dumps(document, indent=2)))
     return paths
 
 
@@ -318,14 +317,12 @@ def import_seed(store, scores_path, validation_path=None, name: str | None = Non
     scores_name, validation_name = file_names or (str(scores_path), validation_path and str(validation_path))
     config = {"source": "seed import", "scores_file": scores_name, "schemes": ["prefix"], "methods": ["zero"],
               "site": site, "mode": "recompute", "validation_file": validation_name}
-    run_id = store.create_run(name=name or f"old script: {Path(scores_name).name}", model=IMPORTED_MODEL,
-                              dataset=Path(scores_name).name, config=config, num_latent=max(6, positions[-1]),
-                              n_variants=len(positions), total=len(problems), status="finished", source="import",
-                              positions="old-script")
-    try:
-        store.insert_problems(run_id, problems)
+    # One transaction: a crash mid-import leaves no run at all, never a 'finished' one without its rows.
+    with store.transaction(f"importing {Path(scores_name).name}"):
+        run_id = store.create_run(name=name or f"old script: {Path(scores_name).name}", model=IMPORTED_MODEL,
+                                  dataset=Path(scores_name).name, config=config, num_latent=max(6, positions[-1]),
+                                  n_variants=len(positions), total=len(problems), status="finished",
+                                  source="import", positions="old-script", problems=problems)
         store.write_batch(run_id, results, done=len(problems), phase="full", finished=True)
-    except BaseException:
-        store.delete_run(run_id)  # an import is all or nothing
-        raise
+    store.publish_status(run_id)
     return run_id

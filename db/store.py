@@ -4,7 +4,9 @@ DuckDB lets one process hold a database file read-write. Inside that process any
 threads share one `Store`, each through its own cursor (`Store.cursor()` is per thread). The
 sweep thread writes a whole batch (results, progress, metrics) in one transaction, so readers
 in other threads never see half a batch and a crash loses at most the batch in flight.
-Every `duckdb.Error` leaves this module as a `StoreError` whose message says what to do.
+A command that writes several things (a run and its problems, an import) writes them in one
+transaction: `transaction()` blocks nest, the outermost commits. Every `duckdb.Error` leaves this
+module as a `StoreError` whose message says what to do.
 """
 from __future__ import annotations
 
@@ -22,8 +24,14 @@ import pandas as pd
 import pyarrow
 
 from db import status_file
-from db.migrations import describe_variants, migrate
+from db.migrations import SchemaError, describe_variants, migrate
 from runner.errors import ThoughtSweepError
+
+# Runs that a thread of this process claimed, per database file: {(path, run_id): thread}. DuckDB gives one
+# process the file, so while we hold it a 'running' row is live only if it is in here and its thread is
+# alive; PID and host name cannot tell (a container's sweep is PID 1 after every restart, on the same host).
+_claimed: dict[tuple[str, int], threading.Thread] = {}
+_claimed_lock = threading.Lock()
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
@@ -35,6 +43,8 @@ RUN_FIELDS = {"name", "status", "phase", "done", "total", "started", "finished",
               "peak_rss_mb", "peak_gpu_mb", "batch_size", "device", "pid", "host", "error", "notes", "tags",
               "n_variants", "config"}
 STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
+DAMAGED = ("its problems were never stored (the process creating it ended first): nothing to resume; "
+           "start the run again")
 
 
 # A database file is data, never code: a view or macro in a copied file must not read local files or the
@@ -57,6 +67,21 @@ def _locked_message(path: Path, error: Exception) -> str:
     holder = f"process {pid.group(1)}" if pid else "another process"
     return (f"database {path} is in use by {holder}: DuckDB allows one process per file. "
             f"Stop that process, or pass --db with another file (the dashboard and a CLI sweep cannot share one)")
+
+
+def _not_unicode(rows) -> str:
+    """Which row and field hold text that UTF-8 cannot store (a lone surrogate such as "\\ud800" from a JSON escape)."""
+    records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    for record in records:
+        for field, value in record.items():
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    return (f"problem {record.get('problem_id')!r}: {field} is not valid Unicode text "
+                            f"({value[error.start]!r} at character {error.start}, a lone surrogate): "
+                            f"fix the dataset; nothing was stored")
+    return "text that is not valid Unicode: nothing was stored"
 
 
 def _params(params):
@@ -90,10 +115,15 @@ class Store:
             self._conn.close()
             raise
         self._local = threading.local()
+        try:
+            with self._errors("checking the schema"):
+                migrate(self._conn.cursor(), self.path, read_only=read_only)  # refuses a newer file in one line
+        except (SchemaError, StoreError) as error:
+            self.close()  # never keep a file we refused to read
+            raise StoreError(str(error)) from None
         if not read_only:
-            with self._errors("migrating the schema"):
-                migrate(self._conn.cursor())
             self.mark_interrupted()
+            self.mark_damaged()
             self.publish_status()
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -113,10 +143,19 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self, doing: str):
-        """BEGIN ... COMMIT on this thread's cursor; ROLLBACK and StoreError on any failure."""
+        """BEGIN ... COMMIT on this thread's cursor; ROLLBACK and StoreError on any failure.
+
+        Inside another `transaction()` on this thread it joins that one: the outermost block commits
+        or rolls back everything, so a command of several writes is all or nothing.
+        """
         cursor = self.cursor()
+        if getattr(self._local, "in_transaction", False):
+            with self._errors(doing):
+                yield cursor
+            return
         with self._errors(doing):
             cursor.execute("BEGIN TRANSACTION")
+            self._local.in_transaction = True
             try:
                 yield cursor
                 cursor.execute("COMMIT")
@@ -124,6 +163,8 @@ class Store:
                 with contextlib.suppress(duckdb.Error):
                     cursor.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.in_transaction = False
 
     def query(self, sql: str, params: list | tuple | dict = ()) -> list[tuple]:
         with self._errors("a query"):
@@ -150,7 +191,7 @@ class Store:
 
     def publish_status(self, run_id: int | None = None) -> None:
         """The snapshot that `runner status` reads while this process holds the file (db/status_file.py)."""
-        if not self.read_only:
+        if not self.read_only and not getattr(self._local, "in_transaction", False):  # never an uncommitted view
             status_file.publish(self, run_id)
 
     def _check_writable(self) -> None:
@@ -159,24 +200,53 @@ class Store:
 
     # --- runs --------------------------------------------------------------------------------------
     def mark_interrupted(self) -> int:
-        """Runs left 'running' by a process that is gone become 'interrupted'.
+        """Runs left 'running' by a process (or a thread of this one) that is gone become 'interrupted'.
 
-        We hold the file read-write, so no other process can be sweeping into it: any run still
-        marked running belongs to a dead process (or to a dead thread of this one, see service.py).
+        We hold DuckDB's exclusive lock on the file, so no other process can be sweeping into it: a
+        'running' row is live only if a thread of this process claimed it and is still alive.
         """
+        live = self._live_runs()
         with self._errors("marking interrupted runs"):
             rows = self.cursor().execute(
                 "UPDATE runs SET status = 'interrupted', pid = NULL WHERE status = 'running' "
-                "AND (pid IS NULL OR pid <> ? OR host <> ?) RETURNING id", [os.getpid(), socket.gethostname()]).fetchall()
+                "AND NOT list_contains($live, id) RETURNING id", {"live": live}).fetchall()
+        return len(rows)
+
+    def _live_runs(self) -> list[int]:
+        key = str(self.path.resolve())
+        with _claimed_lock:
+            for (path, run_id), thread in list(_claimed.items()):
+                if not thread.is_alive():
+                    del _claimed[path, run_id]
+            return [run_id for (path, run_id) in _claimed if path == key]
+
+    def _claim(self, run_id: int) -> None:
+        with _claimed_lock:
+            _claimed[str(self.path.resolve()), run_id] = threading.current_thread()
+
+    def mark_damaged(self) -> int:
+        """Runs whose problems were never stored (a crash between two writes, before those were one
+        transaction) become 'failed' with the reason: resume would otherwise call them finished 0/N."""
+        with self._errors("checking for runs without problems"):
+            rows = self.cursor().execute(
+                "UPDATE runs SET status = 'failed', pid = NULL, error = $reason WHERE status <> 'failed' "
+                "AND NOT EXISTS (SELECT 1 FROM problems p WHERE p.run_id = runs.id) "
+                "AND NOT list_contains($live, id) RETURNING id",
+                {"reason": DAMAGED, "live": self._live_runs()}).fetchall()
         return len(rows)
 
     def create_run(self, *, name: str, model: str, dataset: str, config: dict, num_latent: int, n_variants: int,
                    total: int = 0, status: str = "running", source: str = "sweep", device: str | None = None,
-                   batch_size: int | None = None, positions: str = "latent") -> int:
-        """A new run; `positions`: how its rows number latent positions (runner.ablation.POSITIONS)."""
+                   batch_size: int | None = None, positions: str = "latent",
+                   problems: list[dict] | pd.DataFrame | None = None) -> int:
+        """A new runs row and, when given, its problems (PROBLEM_COLUMNS), in one transaction.
+
+        `positions`: how its rows number latent positions (runner.ablation.POSITIONS).
+        """
         self._check_writable()
-        with self._errors("creating a run"):
-            (run_id,) = self.cursor().execute(
+        frame = None if problems is None else self._frame(problems, 0, PROBLEM_COLUMNS)
+        with self.transaction("creating a run") as cursor:
+            (run_id,) = cursor.execute(
                 "INSERT INTO runs (name, model, dataset, config, source, status, num_latent, n_variants, total, "
                 "device, batch_size, pid, host, positions, started) VALUES ($name, $model, $dataset, $config, "
                 "$source, $status, $num_latent, $n_variants, $total, $device, $batch_size, $pid, $host, $positions, "
@@ -185,6 +255,10 @@ class Store:
                  "status": status, "num_latent": num_latent, "n_variants": n_variants, "total": total,
                  "device": device, "batch_size": batch_size, "pid": os.getpid() if status == "running" else None,
                  "host": socket.gethostname(), "positions": positions}).fetchone()
+            if frame is not None:
+                self._append(cursor, "problems", frame.assign(run_id=run_id), PROBLEM_COLUMNS)
+        if status == "running":
+            self._claim(run_id)
         self.publish_status(run_id)
         return run_id
 
@@ -214,12 +288,15 @@ class Store:
     def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
         """Mark a run as running in this process (a start or a resume)."""
         self._check_writable()
+        if not self.query("SELECT 1 FROM problems WHERE run_id = ? LIMIT 1", [run_id]):
+            raise StoreError(f"run {run_id}: {DAMAGED}")  # else it would 'finish' with 0 of 0 problems
         with self._errors(f"resuming run {run_id}"):
             self.cursor().execute(
                 "UPDATE runs SET status = 'running', pid = $pid, host = $host, error = NULL, finished = NULL, "
                 "batch_size = $batch_size, device = $device WHERE id = $id",
                 {"pid": os.getpid(), "host": socket.gethostname(), "batch_size": batch_size, "device": device,
                  "id": run_id})
+        self._claim(run_id)
         self.publish_status(run_id)
 
     def delete_run(self, run_id: int) -> None:
@@ -233,7 +310,11 @@ class Store:
     # --- problems and results -------------------------------------------------------------------------
     @staticmethod
     def _frame(rows: list[dict] | pd.DataFrame, run_id: int, columns: list[str]) -> pd.DataFrame:
-        frame = rows.assign(run_id=run_id) if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows).assign(run_id=run_id)
+        try:
+            frame = rows.assign(run_id=run_id) if isinstance(rows, pd.DataFrame) else \
+                pd.DataFrame(rows).assign(run_id=run_id)
+        except UnicodeEncodeError:
+            raise StoreError(_not_unicode(rows)) from None
         return frame.reindex(columns=columns)
 
     def insert_problems(self, run_id: int, problems: list[dict] | pd.DataFrame) -> None:

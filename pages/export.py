@@ -59,8 +59,11 @@ else:
 st.subheader("Every variant")
 st.caption("One row per (problem, variant), baseline first, for the problems the filters keep: the columns of "
            "`python -m runner export --format csv`.")
+raw = st.checkbox("CSV cells as stored (for code, not spreadsheets)", key="export_csv_raw",
+                  help="By default a text cell starting with = + - @ gets a leading apostrophe, so that a spreadsheet "
+                       "shows it instead of running it as a formula. Tick to write the cells exactly as stored.")
 with st.container(horizontal=True):
-    st.download_button("results.csv", partial(data.results_csv, db, scope), f"run{run_id}_results.csv",
+    st.download_button("results.csv", partial(data.results_csv, db, scope, raw), f"run{run_id}_results.csv",
                        "text/csv", icon=":material/table:", on_click="ignore")
     st.download_button("results.parquet", partial(data.results_parquet, db, scope),
                        f"run{run_id}_results.parquet", "application/vnd.apache.parquet", icon=":material/table:",

@@ -73,7 +73,8 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID")
+    sweep.add_argument("--resume", type=int, default=None, metavar="RUN_ID",
+                       help="continue a run with its own options (any other given must equal the run's)")
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
@@ -119,6 +120,9 @@ def build_parser(defaults: bool = True) -> Parser:
     export.add_argument("--run", type=int, default=None)
     export.add_argument("--format", required=True, choices=["seed-json", "csv", "parquet", "markdown"])
     export.add_argument("--out", required=True)
+    export.add_argument("--csv-raw", action="store_true",
+                        help="CSV cells as stored: no apostrophe before text starting with = + - @ (for code, "
+                             "not spreadsheets)")
 
     imp = sub.add_parser("import-seed", help="load the old script's JSON results as a run")
     imp.add_argument("--db", default=DEFAULT_DB)
@@ -155,10 +159,6 @@ def _run_id(store, requested: int | None) -> int:
     return run_id
 
 
-# Options of `sweep` that are not part of a run's stored config: how and where this process runs it.
-NOT_CONFIG = {"command", "db", "resume", "phase", "workers", "ray_address", "quiet", "allow_nonfinite_weights"}
-
-
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else "default" if value is None else str(value)
 
@@ -174,9 +174,9 @@ def _resume_config(store, args):
     if row["source"] != "sweep":
         raise CliError(f"run {args.resume} was imported from the old script's files: there is nothing to resume")
     config = SweepConfig.from_json(json.loads(row["config"]))
+    stored = config.to_json()  # --db, --workers, --phase, --quiet...: how this process runs it, not the run's config
     differing = [f"--{name.replace('_', '-')} {_shown(value)} (run {args.resume}: {_shown(getattr(config, name))})"
-                 for name, value in args.given.items()
-                 if name not in NOT_CONFIG and value != getattr(config, name)]
+                 for name, value in args.given.items() if name in stored and value != getattr(config, name)]
     if differing:
         raise CliError(f"--resume {args.resume} continues the run as it was configured, but "
                        f"{'; '.join(differing)} differ: drop them, or start a new run")
@@ -321,10 +321,11 @@ def _print_runs(args, runs: list[dict]) -> None:
         return
     if not runs:
         print(f"{args.db}: no runs yet")
+    from db.markdown import printable  # a file's names may hold terminal escape sequences
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
-        print(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/{run['total']:<6} "
-              f"{rate:>10}  {run['name']}")
+        print(printable(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
+                        f"{run['total']:<6} {rate:>10}  {run['name']}"))
 
 
 def _status_from_snapshot(args, locked) -> int:
@@ -345,7 +346,8 @@ def _status_from_snapshot(args, locked) -> int:
             known = any(r["id"] == run_id for r in runs)
             raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
                            f"{status_file.path_for(args.db).name}; try again after its next batch")
-        print(page)
+        from db.markdown import printable
+        print(printable(page))  # a file beside the database: its text reaches the terminal as text
         return 0
     _print_runs(args, runs)
     return 0
@@ -405,7 +407,7 @@ def _figure(value) -> str:
 
 
 def cmd_export(args) -> int:
-    from db import exports, report, seed
+    from db import exports, seed
     store = _open(args.db)
     run_id = _run_id(store, args.run)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -414,14 +416,11 @@ def cmd_export(args) -> int:
     if args.format == "seed-json":
         paths = seed.export_seed(store, run_id, args.out)
     elif args.format == "csv":
-        paths = exports.export_csv(store, run_id, args.out)
+        paths = exports.export_csv(store, run_id, args.out, raw=args.csv_raw)
     elif args.format == "parquet":
         paths = exports.export_parquet(store, run_id, args.out)
     else:
-        path = os.path.join(args.out, "report.md")
-        with open(path, "w") as f:
-            f.write(report.markdown_report(store, run_id))
-        paths = path
+        paths = exports.export_markdown(store, run_id, args.out)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(path)
     return 0
@@ -445,11 +444,15 @@ def cmd_validate_data(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{report.n_problems} problems; difficulty " +
-              ", ".join(f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())))
+        print(f"{report.n_problems} problems; difficulty " + (", ".join(
+            f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
-    return 1 if report.rejected and report.n_problems == 0 else 0
+    if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
+        print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "stats": cmd_stats, "export": cmd_export,

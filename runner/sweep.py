@@ -207,15 +207,15 @@ class Sweep:
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
         # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
         stored = config.to_json() | {"checkpoint_options": shape.options or {}}
-        run_id = store.create_run(name=name, model=config.model, dataset=config.dataset, config=stored,
-                                  num_latent=shape.num_latent, n_variants=len(variants), total=len(problems),
-                                  status="stopped", device=config.device, batch_size=batch_size)
-        store.insert_problems(run_id, [
-            {"problem_id": p.problem_id, "ord": i, "question": p.question, "gold": p.gold,
-             "gold_value": answers.parse_number(p.gold), "difficulty": p.difficulty, "solution": p.solution,
-             "phase": "validation" if p.problem_id in validation_ids else "full"}
-            for i, p in enumerate(problems)])
-        return run_id
+        # One transaction: a crash (or text DuckDB cannot store) leaves no run without its problems.
+        return store.create_run(
+            name=name, model=config.model, dataset=config.dataset, config=stored, num_latent=shape.num_latent,
+            n_variants=len(variants), total=len(problems), status="stopped", device=config.device,
+            batch_size=batch_size, problems=[
+                {"problem_id": p.problem_id, "ord": i, "question": p.question, "gold": p.gold,
+                 "gold_value": answers.parse_number(p.gold), "difficulty": p.difficulty, "solution": p.solution,
+                 "phase": "validation" if p.problem_id in validation_ids else "full"}
+                for i, p in enumerate(problems)])
 
     def run(self) -> str:
         """Sweep until every requested phase is stored (-> 'finished') or a stop (-> 'stopped')."""
@@ -347,11 +347,13 @@ class Sweep:
         every = self.config.checkpoint_every
         if not every or self.done // every == before // every:
             return
-        from db import seed  # the old script's file formats
+        from db import files, seed  # the old script's file formats; written whole or not at all
+        from db.scope import Scope
         folder = self.config.checkpoint_dir or f"{self.store.path.with_suffix('')}_checkpoints/run_{self.run_id}"
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"checkpoint_{self.done // every * every}.json"), "w") as f:
-            json.dump(seed.seed_scores(self.store, self.run_id), f, indent=2, ensure_ascii=False)
+        scores = seed.seed_scores(self.store, Scope(self.run_id))
+        files.write_text(os.path.join(folder, f"checkpoint_{self.done // every * every}.json"),
+                         json.dumps(scores, indent=2, ensure_ascii=False))
 
     def _emit(self, status: str, resources: dict | None = None, error: str | None = None) -> None:
         elapsed, rate, eta = self._rates()

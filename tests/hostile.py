@@ -2,7 +2,8 @@
 
 `text_payloads(host)` are the strings; `hostile_text_database` sweeps the tiny CODI model over
 problems whose ids, questions and golds carry them, then (as somebody else's copy of a file would)
-writes them into the run's name, notes, tags, model, dataset and stored error. Every payload points
+writes them into the run's name, notes, tags, model, dataset, stored error and its
+variants' method names. Every payload points
 at `host`: the browser test listens there and counts requests.
 """
 from __future__ import annotations
@@ -54,5 +55,7 @@ def hostile_text_database(path: Path, model_dir: Path, reasoner, host: str) -> t
                  {"model": f"model {payloads[0]}", "dataset": f"data {payloads[1]}", "id": run_id})
     conn.execute("UPDATE problems SET gold = gold || ' ' || $payload WHERE run_id = $id",
                  {"payload": payloads[2], "id": run_id})
+    conn.execute("UPDATE results SET method = method || ' ' || $payload WHERE run_id = $id AND scheme <> 'baseline'",
+                 {"payload": payloads[1], "id": run_id})  # variant names: legends, headings, help, lens labels
     conn.close()
     return run_id, empty_id

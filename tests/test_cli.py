@@ -280,6 +280,7 @@ REAL_PROCESS_CASES = {  # name -> (argv with {db} {root} {six}..., extra environ
     "missing dataset": (["sweep", "--dataset", "{root}/none.jsonl"], {}, "no such file"),
     "gsm8k, Hub unreachable": (["sweep", "--dataset", "gsm8k"], UNREACHABLE, "127.0.0.1 is unreachable"),
     "gsm8k, HF_HUB_OFFLINE": (["validate-data", "gsm8k"], OFFLINE, "cannot load openai/gsm8k"),
+    "validate-data, every record rejected": (["validate-data", "{rejected}"], {}, "no usable problem (2 rejected"),
     "checkpoint num_latent six": (["sweep", "--model", "{six}"], {}, "got 'six'"),
     "checkpoint num_latent 0": (["sweep", "--model", "{zero}"], {}, "nothing to ablate"),
     "checkpoint garbage tokenizer": (["sweep", "--model", "{tokenizer}"], {}, "tokenizer.json: not a tokenizer file"),
@@ -302,8 +303,9 @@ def test_every_cli_error_is_one_line_from_a_real_process(closed_db, tmp_path):
     from tests.test_checkpoint import broken_default
     import shutil
     before = (closed_db.read_bytes(), _rows(closed_db))
-    places = {"root": str(tmp_path)} | {key: str(broken_default(tmp_path / key, name))
-                                        for key, name in BROKEN_COPIES.items()}
+    (tmp_path / "rejected.jsonl").write_text('{"question": "How many?"}\n{"answer": "5"}\n')
+    places = {"root": str(tmp_path), "rejected": str(tmp_path / "rejected.jsonl")}
+    places |= {key: str(broken_default(tmp_path / key, name)) for key, name in BROKEN_COPIES.items()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "THOUGHTSWEEP_DEBUG")) and
            "PROXY" not in k.upper()} | {"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
 

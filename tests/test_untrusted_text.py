@@ -6,26 +6,30 @@ questions and golds. Every element the browser would render as Markdown (bodies,
 metric values, expander and popover labels, radio and segmented-control options) or Plotly's HTML
 subset must hold no raw payload; the plain-text ones (st.text, st.code, dataframes, selectbox and
 multiselect options, input values and placeholders) may, and the question must reach one of them.
+The Markdown documents we write (report, `status --markdown`) and the terminal get the same care.
 """
 from __future__ import annotations
 
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 from google.protobuf.message import Message
 from streamlit.testing.v1 import AppTest
 
+from db.store import Store
 from tests.hostile import hostile_text_database, raw_fragments, text_payloads
+from tests.reliability.support import PYTHON, REPO, child_env
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+APP = str(REPO / "app.py")
 HOST = "127.0.0.1:9"
 PAGES = ["pages/run.py", "pages/progress.py", "pages/importance.py", "pages/difficulty.py", "pages/problems.py",
          "pages/compare.py", "pages/export.py"]
 # Elements whose every string is shown as typed: the frontend never parses them as Markdown.
-PLAIN_ELEMENTS = {"Text", "Code", "Arrow", "Json"}
-# Fields shown as typed inside elements whose label and help are Markdown.
-PLAIN_FIELDS = {"Selectbox": {"options", "default", "placeholder", "raw_value", "value"},
+PLAIN_ELEMENTS = {"Arrow", "Json"}
+# Fields shown as typed inside elements whose other strings (label, help) are Markdown.
+PLAIN_FIELDS = {"Text": {"body"}, "Code": {"code_text"},
+                "Selectbox": {"options", "default", "placeholder", "raw_value", "value"},
                 "MultiSelect": {"options", "default", "placeholder", "raw_values", "value"},
                 "TextInput": {"value", "default", "placeholder"}, "TextArea": {"value", "default", "placeholder"},
                 "DownloadButton": {"url"}}
@@ -100,12 +104,15 @@ def test_no_page_renders_file_text_as_markup(hostile):
     sweep_id, empty_id = hostile[1]
     at = AppTest.from_file(APP, default_timeout=180).run()
     assert not at.exception, [e.message for e in at.exception]
+    charts = []
     for run_id in (empty_id, sweep_id):
         at.sidebar.selectbox(key="run_id").set_value(run_id).run()
         for page in PAGES:
             at.switch_page(page).run()
             assert not at.exception, (page, run_id, [e.message for e in at.exception])
             assert not _leaks(at), (page, run_id, _leaks(at))
+            charts += [text for _, kind, text in rendered(at._tree) if kind == "plotly"]
+    assert any("&lt;img src=http" in spec for spec in charts), "a variant's method name reaches a chart, escaped"
     # every problem's drill-down: its id, question and gold, and the logit lens of each variant
     at.switch_page("pages/problems.py").run()
     problem_ids = list(at.selectbox(key="problem_id").options)
@@ -134,4 +141,19 @@ def test_the_markdown_documents_we_write_hold_file_text_as_text(hostile):
         raw = [f for f in raw_fragments(HOST) if f in ESCAPED.sub("\0", document)]
         assert not raw, (raw, document[:600])
         assert "127\\.0\\.0\\.1\\:9" in document  # the payloads are there, escaped
+
+
+def test_the_terminal_gets_no_escape_sequence_from_a_file(tmp_path):
+    """`status` and `status --markdown` print a run's name: its control characters come out as visible \\xNN."""
+    path = tmp_path / "escapes.duckdb"
+    store = Store(path)
+    store.create_run(name="run \x1b]0;pwned\x07\x1b[2J\x9b1m end", model="m\x1b[31m", dataset="d", config={},
+                     num_latent=6, n_variants=1, total=1, status="stopped")
+    store.close()
+    for flags in ([], ["--markdown"]):
+        done = subprocess.run([PYTHON, "-m", "runner", "status", "--db", str(path), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env=child_env())
+        assert done.returncode == 0, done.stderr
+        assert not any(c in done.stdout for c in "\x1b\x07\x9b"), repr(done.stdout)
+        assert "pwned" in done.stdout and "x1b" in done.stdout, repr(done.stdout)
 

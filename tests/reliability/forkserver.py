@@ -2,8 +2,10 @@
 
 It imports torch, transformers, peft and ThoughtSweep once (and with --warm loads a model once, so the
 lazy imports behind `load` are paid too), then reads one JSON request per line,
-{"run": "cli" | "service", "argv": [...], "out": PATH, "err": PATH, "fsize": BYTES | null}, forks, and in the
-child (with RLIMIT_FSIZE at `fsize` when given: no file it writes may grow past it, a full disk) runs
+{"run": "cli" | "service", "argv": [...], "out": PATH, "err": PATH, "fsize": BYTES | null, "die_at": null |
+{"points": "store" | "files", "at": N | null, "tally": PATH}}, forks, and in the child (with RLIMIT_FSIZE at
+`fsize` when given: no file it writes may grow past it, a full disk; with `die_at`, SIGKILLed by itself just
+before its N-th write point, and the number of points it passed written to `tally` if it lives) runs
 `runner.__main__.main(argv)` (what `python -m runner ARGV` runs) or `service_child.main(argv)` with
 stdout and stderr on those files. It answers {"pid": N} at once, so the test can SIGKILL the child
 wherever it is, and {"rc": N} when the child has exited.
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -56,7 +60,75 @@ def _cli(argv: list[str]) -> int:
             store.close()
 
 
+# A statement that changes the file: each is a point where a crash leaves the database as it then is.
+WRITE = re.compile(r"\s*(BEGIN|COMMIT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP)\b", re.IGNORECASE)
+
+
+class _WritePoints:
+    """Counts write points; SIGKILL (no handler, no finally, no atexit: a crash) just before number `at`."""
+
+    def __init__(self, at: int | None, tally: str):
+        self.n, self.at, self.tally = 0, at, tally
+
+    def hit(self) -> None:
+        self.n += 1
+        if self.n == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save(self) -> None:
+        Path(self.tally).write_text(str(self.n))
+
+
+class _DyingCursor:
+    """A Store's DuckDB cursor, passing through, that counts each statement that writes."""
+
+    def __init__(self, cursor, points: _WritePoints):
+        self._cursor, self._points = cursor, points
+
+    def execute(self, sql, *args, **kwargs):
+        if isinstance(sql, str) and WRITE.match(sql):
+            self._points.hit()
+        return self._cursor.execute(sql, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+class _DyingOs:
+    """`os` as db/files.py sees it, counting the steps of an atomic write: open, fsync, rename, fsync of the folder."""
+
+    def __init__(self, points: _WritePoints):
+        self._points = points
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fdopen(self, *args, **kwargs):
+        self._points.hit()
+        return os.fdopen(*args, **kwargs)
+
+    def fsync(self, fd):
+        self._points.hit()
+        return os.fsync(fd)
+
+    def replace(self, source, target):
+        self._points.hit()
+        return os.replace(source, target)
+
+
+def _die_at(spec: dict) -> _WritePoints:
+    points = _WritePoints(spec["at"], spec["tally"])
+    if spec["points"] == "store":
+        cursor = Store.cursor
+        Store.cursor = lambda self: _DyingCursor(cursor(self), points)
+    else:
+        import db.files
+        db.files.os = _DyingOs(points)
+    return points
+
+
 def _child(request: dict) -> None:
+    points = _die_at(request["die_at"]) if request.get("die_at") else None
     if request.get("fsize") is not None:  # Python ignores SIGXFSZ, so writes past it fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     for fd, path in ((1, request["out"]), (2, request["err"])):
@@ -72,6 +144,8 @@ def _child(request: dict) -> None:
     except BaseException:  # whatever escapes `main` is a bug the test must see, as a traceback
         traceback.print_exc()
         code = 1
+    if points is not None:
+        points.save()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 0)

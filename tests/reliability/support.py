@@ -150,14 +150,15 @@ class ForkServer:
         ready = self._server.stdout.readline()
         assert ready, f"the fork server did not start: {(self.folder / 'forkserver.log').read_text()}"
 
-    def spawn(self, run: str, argv: list, fsize: int | None = None) -> tuple[int, Path, Path]:
-        """Fork a child running `run` ('cli' or 'service') on argv, no file larger than `fsize` bytes;
-        returns (pid, stdout file, stderr file)."""
+    def spawn(self, run: str, argv: list, fsize: int | None = None, die_at: dict | None = None) -> tuple[int, Path, Path]:
+        """Fork a child running `run` ('cli' or 'service') on argv, no file larger than `fsize` bytes, killed at
+        a write point when `die_at` says (forkserver.py); returns (pid, stdout file, stderr file)."""
         n = next(self._count)
         out, err = self.folder / f"child{n}.out", self.folder / f"child{n}.err"
         out.touch()
         err.touch()
-        request = {"run": run, "argv": [str(a) for a in argv], "out": str(out), "err": str(err), "fsize": fsize}
+        request = {"run": run, "argv": [str(a) for a in argv], "out": str(out), "err": str(err), "fsize": fsize,
+                   "die_at": die_at}
         self._server.stdin.write(json.dumps(request) + "\n")
         self._server.stdin.flush()
         return json.loads(self._server.stdout.readline())["pid"], out, err
@@ -166,9 +167,9 @@ class ForkServer:
         """The exit status of the last child spawned (-9: SIGKILL)."""
         return json.loads(self._server.stdout.readline())["rc"]
 
-    def cli(self, *argv, fsize: int | None = None) -> tuple[int, str, str]:
+    def cli(self, *argv, fsize: int | None = None, die_at: dict | None = None) -> tuple[int, str, str]:
         """`python -m runner ARGV` in a child: (exit status, stdout, stderr)."""
-        _, out, err = self.spawn("cli", list(argv), fsize)
+        _, out, err = self.spawn("cli", list(argv), fsize, die_at)
         code = self.wait()
         return code, out.read_text(), err.read_text()
 
