@@ -28,7 +28,7 @@ def test_throughput_engine_and_old_loop_agree_on_every_answer():
 
 
 @pytest.mark.slow
-def test_profile_splits_one_batch_into_operator_groups():
+def test_breakdown_splits_one_batch_into_operator_groups():
     report = bench("breakdown.py", "--batch", "4", "--repeats", "1")
     assert report["rows"] == 4 * 7 and 0 < report["fraction_of_matmul_peak"] < 1
     assert sum(report["profile_shares"].values()) == pytest.approx(1) and report["profile_shares"]["matmul"] > 0
