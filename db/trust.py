@@ -23,8 +23,8 @@ from db.store import StoreError
 
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..11 of every DuckDB database file (its main header)
 SQLITE_MAGIC = b"SQLite format 3\x00"
-NOT_OURS = ("ThoughtSweep opens DuckDB files it wrote, whose tables hold data only; "
-            "this one holds code that would run when it is read")
+NOT_OURS = ("ThoughtSweep opens only files shaped as it writes them (plain tables in schema main, no views, macros "
+            "or expressions of their own), so that reading one runs nothing it holds")
 
 
 class UntrustedDatabase(StoreError):
