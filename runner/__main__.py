@@ -347,7 +347,8 @@ def _status_from_snapshot(args, locked) -> int:
             known = any(r["id"] == run_id for r in runs)
             raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
                            f"{status_file.path_for(args.db).name}; try again after its next batch")
-        print(page)
+        from db.markdown import printable
+        print(printable(page))  # a file beside the database: its text reaches the terminal as text
         return 0
     _print_runs(args, runs)
     return 0
