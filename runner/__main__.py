@@ -324,8 +324,9 @@ def _print_runs(args, runs: list[dict]) -> None:
     from db.markdown import printable  # a file's names may hold terminal escape sequences
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
+        skipped = f" ({run['skipped']} skipped)" if run.get("skipped") else ""
         print(printable(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
-                        f"{run['total']:<6} {rate:>10}  {run['name']}"))
+                        f"{run['total']:<6} {rate:>10}  {run['name']}") + skipped)
 
 
 def _status_from_snapshot(args, locked) -> int:
