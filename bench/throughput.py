@@ -2,7 +2,7 @@
 
 All in one run, on the same problems, with every answer checked identical (exit 1 if not):
 (1) problems/s of the product's sweep (batched problems x variants, shared-prefix attention, results
-written to a real DuckDB file) against `bench/peer.py` (problems batched with left padding, the
+written to a real DuckDB file; as many problems a batch as the peer by default) against `bench/peer.py` (problems batched with left padding, the
 question encoded once per batch and the DynamicCache deep-copied per variant, own greedy loop),
 alternating A/B rounds, best round of each; (2) the engine's achieved GFLOP/s, model FLOPs counted
 from the forwards it really ran (2 x matmul parameters x tokens, the logits it kept, attention
@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=300, help="problems for engine vs peer")
     parser.add_argument("--reference-problems", type=int, default=20, help="the old loop is slow: fewer problems")
     parser.add_argument("--rounds", type=int, default=2, help="alternating engine/peer rounds; the best of each")
-    parser.add_argument("--batch-size", default="auto", help="the engine's (the product's option)")
+    parser.add_argument("--batch-size", default="peer", help="the engine's problems per batch (the product's "
+                        "--batch-size: N or auto); default: the peer's, so both batch alike")
     parser.add_argument("--peer-batch", type=int, default=128, help="problems per peer batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="the old loop's answer cap, on every side")
     parser.add_argument("--threads", type=int, default=2)
@@ -176,13 +177,20 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    batch_size = {"auto": "auto", "peer": args.peer_batch}.get(args.batch_size) or int(args.batch_size)
     reasoner = load(ModelSpec())
     problems = data.load_problems("builtin", limit=max(args.problems, 1000 if args.scaling else 0))
     ref_problems, mnt = problems[: args.reference_problems], args.max_new_tokens
+    # The old loop's 200-token cap runs past the embedded model's 128 positions (44 prompt + 6 latents +
+    # EOT leave 77), where the sweep refuses every problem: the cap is what the model holds.
+    limit = getattr(reasoner.hf.config, "n_positions", None)
+    if limit is not None:
+        longest = max(len(reasoner.prompt_ids(p.question)) for p in problems)
+        mnt = min(mnt, limit - longest - reasoner.num_latent - len(reasoner.answer_start))
     peaks = [matmul_peak_gflops()]
     report, identical = {"machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-                         "problems": args.problems, "peer_batch": args.peer_batch}, True
+                         "problems": args.problems, "peer_batch": args.peer_batch, "engine_batch": batch_size,
+                         "max_new_tokens": mnt}, True
 
     for label, schemes in (("seed", SEED_SCHEMES), ("default", DEFAULT_SCHEMES)):
         engine_times, peer_times, mismatches = [], [], []

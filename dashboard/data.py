@@ -115,6 +115,11 @@ def latest_results(db: str, run_id: int, version: tuple) -> pd.DataFrame:
     return queries.latest_results(_store(db), run_id, 12)
 
 
+@st.cache_data(**CACHE)
+def skipped_problems(db: str, run_id: int, version: tuple) -> pd.DataFrame:
+    return queries.skipped_problems(_store(db), run_id)
+
+
 # --- exports (the old script's JSON schema, tables, report) -----------------------------------------
 @st.cache_data(**CACHE)
 def seed_overview(db: str, version: tuple, scope: Scope) -> dict:

@@ -55,6 +55,13 @@ def _self_describing_rows(cursor: duckdb.DuckDBPyConnection) -> None:
             cursor.unregister("_described")
 
 
+def _skip_reason(cursor: duckdb.DuckDBPyConnection) -> None:
+    # Why the model cannot run a problem (its prompt does not fit the model's positions, its question is
+    # empty once tokenised): written with the batch it was cut in, so the sweep goes on and a resume does
+    # not retry it. NULL: the problem ran (or has not yet).
+    cursor.execute("ALTER TABLE problems ADD COLUMN skip_reason TEXT")
+
+
 def describe_variants(variants) -> pd.DataFrame:
     """(run_id, variant key, num_latent) triples -> what each variant ablated, from runner.ablation.Variant."""
     from runner.ablation import Variant  # torch: only a writer needs it, and only here
@@ -75,6 +82,7 @@ MIGRATIONS = [
     (1, "initial schema", _initial_schema),
     (2, "results.tokens and results.prefix_value", _generated_tokens),
     (3, "self-describing result rows: ablated_positions, latents_fed, position; runs.positions", _self_describing_rows),
+    (4, "problems.skip_reason", _skip_reason),
 ]
 
 

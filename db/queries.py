@@ -65,8 +65,9 @@ def runs(store) -> pd.DataFrame:
     """Every run, newest first."""
     return store.query_df(
         "SELECT id, name, status, phase, done, total, problems_per_hour, created, model, dataset, source, notes, "
-        "tags, n_variants, elapsed_s, error, batch_size, peak_rss_mb, peak_gpu_mb, positions FROM runs "
-        "ORDER BY created DESC, id DESC")
+        "tags, n_variants, elapsed_s, error, batch_size, peak_rss_mb, peak_gpu_mb, positions, "
+        "(SELECT count(*) FROM problems p WHERE p.run_id = runs.id AND p.skip_reason IS NOT NULL) AS skipped "
+        "FROM runs ORDER BY created DESC, id DESC")
 
 
 def run_statuses(store) -> dict[int, str]:
@@ -241,6 +242,12 @@ def latest_results(store, run_id: int, n: int = 20) -> pd.DataFrame:
                       "ON b.problem_id = p.problem_id LEFT JOIN f ON f.problem_id = p.problem_id "
                       "WHERE p.run_id = $run AND b.run_id = $run AND b.scheme = 'baseline' ORDER BY p.ord DESC "
                       "LIMIT $n", run=run_id, n=int(n))
+
+
+def skipped_problems(store, run_id: int) -> pd.DataFrame:
+    """The problems the model could not run (problem_id, question, reason), in run order."""
+    return _df(store, "SELECT problem_id, question, skip_reason AS reason FROM problems "
+                      "WHERE run_id = $run AND skip_reason IS NOT NULL ORDER BY ord", run=run_id)
 
 
 def metrics(store, run_id: int) -> pd.DataFrame:

@@ -39,6 +39,11 @@ def status_markdown(store, run_id: int) -> str:
            f"- throughput: {'–' if rate is None else f'{rate:.0f}'} problems/hour; "
            f"{report.duration(per_problem)} per problem ({run['n_variants']} variants each, batch size "
            f"{run['batch_size'] or '–'}, device {text(run['device'] or '–')})"]
+    skipped = store.skipped_problems(run_id)
+    if skipped:
+        out.append(f"- skipped: {len(skipped)} problem(s) the model cannot run, left out ("
+                   + "; ".join(f"{text(pid)}: {why}" for pid, why in list(skipped.items())[:3])
+                   + ("; ..." if len(skipped) > 3 else "") + ")")
     if run["error"]:
         out.append(f"- error: {text(run['error'])}")
     out += ["", "## Phases", ""]

@@ -283,13 +283,18 @@ class Store:
             self._append(cursor, "problems", frame, PROBLEM_COLUMNS)
 
     def write_batch(self, run_id: int, results: list[dict] | pd.DataFrame, metrics: dict | None = None,
-                    **run_fields) -> None:
-        """One batch in one transaction: its results, a metrics row, and the run's progress."""
+                    skipped: dict[str, str] | None = None, **run_fields) -> None:
+        """One batch in one transaction: its results, a metrics row, the run's progress, and the problems
+        of the batch the model cannot run (`skipped`: problem id -> why, into problems.skip_reason)."""
         self._check_writable()
         frame = self._frame(results, run_id, RESULT_COLUMNS)
         with self.transaction(f"storing a batch of run {run_id}") as cursor:
-            frame = self._described(cursor, run_id, frame)
-            self._append(cursor, "results", frame, RESULT_COLUMNS)
+            if len(frame):
+                frame = self._described(cursor, run_id, frame)
+                self._append(cursor, "results", frame, RESULT_COLUMNS)
+            for problem_id, reason in (skipped or {}).items():
+                cursor.execute("UPDATE problems SET skip_reason = $reason WHERE run_id = $run AND problem_id = $problem",
+                               {"reason": reason, "run": run_id, "problem": problem_id})
             if metrics is not None:
                 row = pd.DataFrame([{**metrics, "run_id": run_id}], columns=METRIC_COLUMNS)
                 self._append(cursor, "run_metrics", row, METRIC_COLUMNS)
@@ -317,9 +322,17 @@ class Store:
                 cursor.unregister("_incoming")
 
     def stored_problem_ids(self, run_id: int) -> set[str]:
-        """Problems whose batch was committed (the baseline row is written with all variants)."""
-        rows = self.query("SELECT problem_id FROM results WHERE run_id = ? AND scheme = 'baseline'", [run_id])
+        """Problems whose batch was committed (the baseline row is written with all variants), those the
+        model cannot run (skipped) included: a resume runs neither again."""
+        rows = self.query("SELECT problem_id FROM results WHERE run_id = $run AND scheme = 'baseline' UNION "
+                          "SELECT problem_id FROM problems WHERE run_id = $run AND skip_reason IS NOT NULL",
+                          {"run": run_id})
         return {r[0] for r in rows}
+
+    def skipped_problems(self, run_id: int) -> dict[str, str]:
+        """{problem id: why the model cannot run it}, in run order."""
+        return dict(self.query("SELECT problem_id, skip_reason FROM problems WHERE run_id = $run "
+                               "AND skip_reason IS NOT NULL ORDER BY ord", {"run": run_id}))
 
     def run_problems(self, run_id: int) -> list[dict]:
         """The run's problems in run order."""

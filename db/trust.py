@@ -23,8 +23,8 @@ from db.store import StoreError
 
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..11 of every DuckDB database file (its main header)
 SQLITE_MAGIC = b"SQLite format 3\x00"
-NOT_OURS = ("ThoughtSweep opens DuckDB files it wrote, whose tables hold data only; "
-            "this one holds code that would run when it is read")
+NOT_OURS = ("ThoughtSweep opens only files shaped as it writes them (plain tables in schema main, no views, macros "
+            "or expressions of their own), so that reading one runs nothing it holds")
 
 
 class UntrustedDatabase(StoreError):
@@ -56,23 +56,29 @@ def check_catalog(conn: duckdb.DuckDBPyConnection, path: Path) -> None:
 
 
 def _code_in(conn: duckdb.DuckDBPyConnection) -> str | None:
-    """The first object that can run code, named for the message; None when the file holds data only."""
-    here = "database_name = current_database() AND NOT internal"
+    """The first object that can run code, named for the message; None when the file holds data only.
+
+    Every function here is called as system.main.*: a file's own macro named duckdb_views() or
+    current_database() would otherwise answer in its place (DuckDB looks in the file's schema first),
+    and no `||`, which is a function too.
+    """
+    here = "database_name = system.main.current_database()"
     checks = [
-        (f"SELECT schema_name || '.' || view_name FROM duckdb_views() WHERE {here}", "view {}"),
-        (f"SELECT schema_name || '.' || function_name FROM duckdb_functions() WHERE {here} "
-         "AND function_type IN ('macro', 'table_macro')", "macro {}"),
-        (f"SELECT schema_name FROM duckdb_schemas() WHERE {here}", "schema {}"),
-        ("SELECT table_name || '.' || column_name FROM duckdb_columns() "
-         "WHERE database_name = current_database() AND is_generated", "generated column {}"),
+        (f"SELECT schema_name, view_name FROM system.main.duckdb_views() WHERE {here} AND NOT internal", "view"),
+        (f"SELECT schema_name, function_name FROM system.main.duckdb_functions() WHERE {here} AND NOT internal "
+         "AND function_type IN ('macro', 'table_macro')", "macro"),
+        (f"SELECT schema_name, NULL FROM system.main.duckdb_schemas() WHERE {here} AND NOT internal", "schema"),
+        (f"SELECT table_name, column_name FROM system.main.duckdb_columns() WHERE {here} AND is_generated",
+         "generated column"),
     ]
     for sql, what in checks:
         row = conn.execute(sql).fetchone()
         if row is not None:
-            return what.format(row[0])
-    defaults = conn.execute("SELECT table_name || '.' || column_name, column_default FROM duckdb_columns() "
-                            "WHERE database_name = current_database() AND column_default IS NOT NULL").fetchall()
-    foreign = [(column, default) for column, default in defaults if default not in _our_defaults()]
+            return f"{what} {'.'.join(str(part) for part in row if part is not None)}"
+    defaults = conn.execute(f"SELECT table_name, column_name, column_default FROM system.main.duckdb_columns() "
+                            f"WHERE {here} AND column_default IS NOT NULL").fetchall()
+    foreign = [(f"{table}.{column}", default) for table, column, default in defaults
+               if default not in _our_defaults()]
     if foreign:
         column, default = foreign[0]
         return f"column {column} with a default ThoughtSweep never writes ({default[:60]})"

@@ -90,6 +90,15 @@ def live_view() -> None:
         "correct": st.column_config.CheckboxColumn("baseline right"),
         "flips": st.column_config.NumberColumn("variants flipped", help="variants whose correctness differs")})
 
+    skipped = data.skipped_problems(db, run_id, version)
+    if len(skipped):
+        st.markdown("##### Skipped problems")
+        st.caption(f"{len(skipped)} problem(s) the model cannot run were recorded with the reason and left out; "
+                   "the sweep went on without them (a resume does not retry them).")
+        st.dataframe(skipped, hide_index=True, column_config={
+            "question": st.column_config.TextColumn("question", width="large"),
+            "reason": st.column_config.TextColumn("why skipped", width="large")})
+
     state.rerun_if_stale(svc)  # when the run ends: stop polling, and the other pages' numbers are final
 
 

@@ -324,8 +324,9 @@ def _print_runs(args, runs: list[dict]) -> None:
     from db.markdown import printable  # a file's names may hold terminal escape sequences
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
+        skipped = f" ({run['skipped']} skipped)" if run.get("skipped") else ""
         print(printable(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
-                        f"{run['total']:<6} {rate:>10}  {run['name']}"))
+                        f"{run['total']:<6} {rate:>10}  {run['name']}") + skipped)
 
 
 def _status_from_snapshot(args, locked) -> int:
@@ -346,7 +347,8 @@ def _status_from_snapshot(args, locked) -> int:
             known = any(r["id"] == run_id for r in runs)
             raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
                            f"{status_file.path_for(args.db).name}; try again after its next batch")
-        print(page)
+        from db.markdown import printable
+        print(printable(page))  # a file beside the database: its text reaches the terminal as text
         return 0
     _print_runs(args, runs)
     return 0

@@ -1,8 +1,8 @@
 """KV caches of the rollout loop (runner/rollout.py): one that grows in place (bit-identical to DynamicCache),
 and one that stores each problem's prompt once for all its variants (runner/attention.py reads it).
 
-Kept apart from runner/model.py because subclassing a transformers class imports transformers, which
-model.py does only when a model is loaded (the dashboard and the CLI start without it).
+Kept apart from runner/rollout.py because subclassing a transformers class imports transformers, which
+the loop does only when a model is loaded (the dashboard and the CLI start without it).
 """
 from __future__ import annotations
 

@@ -66,9 +66,10 @@ class SweepWorker:
             self.reasoner = load(self.spec)
         return os.getpid(), ModelShape.of(self.reasoner)
 
-    def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
+    def references(self, problems: list[dict], n: int, layer: int | None, batch_size: int,
+                   max_new_tokens: int) -> tuple[list[str], np.ndarray]:
         self.ready()
-        return reference_values(self.reasoner, questions, layer, batch_size)
+        return reference_values(self.reasoner, problems, n, layer, batch_size, max_new_tokens)
 
     def rollout(self, job: BatchJob, batch: list[dict]) -> BatchResult:
         self.ready()
@@ -208,13 +209,16 @@ class RayExecutor:
         self.attempts: Counter = Counter()  # first problem id of a batch -> actors lost with it
         self.dispatched, self.requeued, self.handled = 0, 0, Counter()  # handled: batches per worker number
 
-    def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
+    def references(self, problems: list[dict], n: int, layer: int | None, batch_size: int,
+                   max_new_tokens: int) -> tuple[list[str], np.ndarray]:
         """One actor computes them (the driver holds no model), another if that one dies."""
         while self.pool.workers:
             worker = self.pool.workers[0]
             try:
                 # A copy: Ray hands numpy arrays back read-only (zero-copy from its object store).
-                return self.pool.get(worker.actor.references.remote(questions, layer, batch_size)).copy()
+                ids, values = self.pool.get(worker.actor.references.remote(problems, n, layer, batch_size,
+                                                                            max_new_tokens))
+                return ids, values.copy()
             except self.ray.exceptions.RayActorError:
                 self.pool.replace(worker)
         raise SweepError("every Ray worker died computing the reference latents (see /tmp/ray/session_latest/logs)")

@@ -13,6 +13,7 @@ reason, instead of failing the batch (and every resume) with an IndexError.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ import torch
 
 from runner import ablation, answers
 from runner.ablation import Variant
+from runner.errors import SweepError
 from runner.model import LatentReasoner, official_question
 
 
@@ -172,16 +174,21 @@ def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch:
     return rows
 
 
-def reference_values(reasoner: LatentReasoner, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
-    """Baseline values fed at each latent step (layer None) or block `layer`'s output there: (N, T, d)."""
-    values = []
+def reference_values(reasoner: LatentReasoner, problems: list[dict], n: int, layer: int | None, batch_size: int,
+                     max_new_tokens: int) -> tuple[list[str], np.ndarray]:
+    """Baseline values fed at each latent step (layer None) or block `layer`'s output there, for the first `n`
+    problems the model can run (as the sweep skips the others): (their ids, (n, T, d))."""
+    chosen = list(itertools.islice((p for p in problems if unrunnable(reasoner, p, max_new_tokens) is None), n))
+    if not chosen:
+        raise SweepError("no problem of the run fits the model: there are no reference latents to compute")
+    questions, values = [p["question"] for p in chosen], []
     for start in range(0, len(questions), max(1, batch_size)):
         chunk = questions[start : start + max(1, batch_size)]
         plan = ablation.make_plan([ablation.BASELINE], [str(i) for i in range(len(chunk))],
                                   reasoner.num_latent, reasoner.d_model)
         out = reasoner.rollout(chunk, plan, max_new_tokens=1, capture=() if layer is None else (layer,))
         values.append(out.latents if layer is None else out.captured[layer])
-    return torch.cat(values).numpy()
+    return [p["problem_id"] for p in chosen], torch.cat(values).numpy()
 
 
 def measure_resources(process: psutil.Process, device: str) -> dict:
@@ -203,8 +210,9 @@ class LocalExecutor:
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # starts the CPU-time window
 
-    def references(self, questions: list[str], layer: int | None, batch_size: int) -> np.ndarray:
-        return reference_values(self.reasoner, questions, layer, batch_size)
+    def references(self, problems: list[dict], n: int, layer: int | None, batch_size: int,
+                   max_new_tokens: int) -> tuple[list[str], np.ndarray]:
+        return reference_values(self.reasoner, problems, n, layer, batch_size, max_new_tokens)
 
     def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
         """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""

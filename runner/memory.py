@@ -37,12 +37,14 @@ def bytes_per_problem(shape, n_variants: int, prompt_tokens: int, max_new_tokens
 
     The prompt's KV is stored once per problem (shared-prefix cache); each row holds its own KV for
     the T latents, EOT and the answer, the fed latents and logit-lens tensors, and the logits of the
-    teacher-forced gold answer (float32 log-softmax beside them).
+    teacher-forced gold answer (float32 log-softmax beside them). Checked against the peak RSS growth
+    of one batch of the embedded model: T=60 x 181 variants, 4 problems, 535 MB measured; T=6 x 19
+    variants, 13 problems, 47 MB measured; the estimate is above both.
     """
     T, e = shape.num_latent, shape.dtype_bytes
     kv_per_token = 2 * shape.n_layers * shape.kv_dim * e  # keys + values, every layer
     row_tokens = T + 2 + max(max_new_tokens, ANSWER_TOKENS)
-    row = (kv_per_token * row_tokens
+    row = (2 * kv_per_token * row_tokens  # x2: a growing cache holds the old and the new copy while it grows
            + T * shape.d_model * (e + 4)  # latents (R, T, d), and their float32 copy
            + shape.vocab * (ANSWER_TOKENS + 2) * (e + 8)  # gold logits (R, A, V'), softmax / log-softmax
            + 4 * shape.d_model * e * 4)  # one token's MLP activations

@@ -183,7 +183,7 @@ class Sweep:
         self.done, self.total = int(row["done"]), int(row["total"])
         self.peak_rss = float(np.nan_to_num(row["peak_rss_mb"]))
         self.phase: str | None = row["phase"]
-        self.skipped = 0
+        self.skipped = len(store.skipped_problems(run_id))
         self.started, self.session_done = time.time(), 0
         self.latest: deque = deque(maxlen=8)
 
@@ -255,7 +255,7 @@ class Sweep:
 
     # --- phases -----------------------------------------------------------------------------------
     def _references(self) -> dict[str, Reference]:
-        """Baseline values at the sweep's site for the run's first problems, stored once per run."""
+        """Baseline values at the sweep's site for the run's first problems (that the model can run), stored once."""
         if not any(m != "zero" for m in self.config.methods):
             return {}
         site = self.config.site
@@ -263,10 +263,10 @@ class Sweep:
         if loaded is None:
             self.phase = "reference"
             self.store.update_run(self.run_id, phase="reference")
-            problems = self.store.run_problems(self.run_id)[: self.config.reference_size]
+            self._emit("running")  # a stop asked now is honoured once the references are stored
             layer = ablation.parse_site(site, self.executor.shape.n_layers)
-            values = self.executor.references([p["question"] for p in problems], layer, self.batch_size)
-            loaded = ([p["problem_id"] for p in problems], values)
+            loaded = self.executor.references(self.store.run_problems(self.run_id), self.config.reference_size,
+                                              layer, self.batch_size, self.config.max_new_tokens)
             self.store.save_reference(self.run_id, site, *loaded)
         problem_ids, values = loaded
         return {site: Reference(site, tuple(problem_ids), torch.from_numpy(values))}
@@ -336,8 +336,8 @@ class Sweep:
         metrics = {"elapsed_s": elapsed, "phase": self.phase, "done": self.done, "batch_problems": len(batch),
                    "batch_size": self.batch_size,
                    "problems_per_hour": len(batch) / max(result.seconds, 1e-9) * 3600, **resources}
-        self.store.write_batch(self.run_id, result.rows, metrics, done=self.done, elapsed_s=elapsed,
-                               problems_per_hour=rate, peak_rss_mb=self.peak_rss,
+        self.store.write_batch(self.run_id, result.rows, metrics, skipped=result.skipped, done=self.done,
+                               elapsed_s=elapsed, problems_per_hour=rate, peak_rss_mb=self.peak_rss,
                                peak_gpu_mb=resources["gpu_peak_mb"], batch_size=self.batch_size)
         self._checkpoint(before=self.done - len(batch))
         self._emit("running", resources)

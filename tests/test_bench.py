@@ -28,6 +28,13 @@ def test_throughput_engine_and_old_loop_agree_on_every_answer():
 
 
 @pytest.mark.slow
+def test_breakdown_splits_one_batch_into_operator_groups():
+    report = bench("breakdown.py", "--batch", "4", "--repeats", "1")
+    assert report["rows"] == 4 * 7 and 0 < report["fraction_of_matmul_peak"] < 1
+    assert sum(report["profile_shares"].values()) == pytest.approx(1) and report["profile_shares"]["matmul"] > 0
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_shape():
     report = bench("gpu.py", "--tiny", "--problems", "16", "--reference-problems", "2")
     assert report["device"] == "cpu (tiny shape)" and report["variants"] == 7 and report["static_shapes"] is True

@@ -106,7 +106,7 @@ def test_two_actors_store_exactly_the_rows_of_a_local_sweep(tmp_path, ray_pool, 
     seen = []
     run_id, sweep, status = ray_sweep(store, pool, shape, config(tiny_model_dir), on_progress=seen.append)
     assert status == "finished"
-    assert_same_results(rows(store, run_id), rows(local_store, local_id))
+    assert rows(store, run_id) == rows(local_store, local_id)  # bit for bit: one thread on both sides
     assert len(sweep.handled) == 2, f"both actors should have run batches, got {dict(sweep.handled)}"
     row, local_row = store.run_row(run_id), local_store.run_row(local_id)
     for column in ("status", "phase", "done", "total", "n_variants", "batch_size"):
@@ -119,6 +119,30 @@ def test_two_actors_store_exactly_the_rows_of_a_local_sweep(tmp_path, ray_pool, 
     assert ref[0] == local_ref[0] and (ref[1] == local_ref[1]).all()  # computed once, by one actor
     running = [p.done for p in seen if p.status == "running"]
     assert running == sorted(running) and running[-1] == 16 and seen[-1].status == "finished"
+
+
+def test_an_auto_batch_size_ray_run_equals_a_local_one_bit_for_bit_skipped_problems_included(
+        tmp_path, ray_pool, tiny_reasoner, tiny_model_dir):
+    """`auto` is decided from the actors' smallest memory budget and recorded; a problem too long for the
+    model's 256 positions is skipped on the actors as in one process."""
+    pool, shape = ray_pool
+    dataset = tmp_path / "with_a_long_one.jsonl"
+    lines = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?",
+              "answer": f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}"} for i in range(30)]
+    lines[7]["question"] = "Tom has apples. " * 120 + "How many apples does he have?"
+    dataset.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = config(tiny_model_dir, dataset=str(dataset), limit=None, batch_size="auto", validation=8,
+                 schemes=("prefix", "single", "suffix"))
+    local_store, ray_store = Store(tmp_path / "local.duckdb"), Store(tmp_path / "ray.duckdb")
+    local_id = local_sweep(local_store, tiny_reasoner, cfg)
+    run_id, _, status = ray_sweep(ray_store, pool, shape, cfg)
+    assert status == "finished"
+    auto = ray_store.run_row(run_id)["batch_size"]
+    assert auto == local_store.run_row(local_id)["batch_size"] and 1 < auto < 30
+    assert rows(ray_store, run_id) == rows(local_store, local_id)
+    skipped = ray_store.skipped_problems(run_id)
+    assert skipped == local_store.skipped_problems(local_id) and len(skipped) == 1
+    assert "256 positions" in next(iter(skipped.values()))
 
 
 def test_a_killed_actor_loses_only_its_batch_in_flight(tmp_path, ray_pool, local_run, tiny_model_dir):

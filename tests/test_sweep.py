@@ -161,3 +161,68 @@ def test_a_run_left_running_by_a_dead_process_opens_as_interrupted(tmp_path, tin
     store.update_run(run_id, status="running", pid=2**22 + 7)  # no such process
     store.close()
     assert Store(path).run_row(run_id)["status"] == "interrupted"
+
+
+def test_a_problem_the_model_cannot_run_is_skipped_with_its_reason_and_the_sweep_goes_on(
+        tmp_path, default_reasoner, gsm8k_path, one_torch_thread):
+    """Issue 14 case 8: GSM8K's 5th test question does not fit the embedded model's 128 positions (it died
+    with IndexError, and so did every resume). Skipped with its reason; a stopped run resumes to the rows
+    of an uninterrupted one and does not retry it."""
+    from runner.executor import BatchJob, rollout_rows
+    cfg = SweepConfig(dataset=str(gsm8k_path), limit=40, batch_size=8, schemes=("prefix",))
+    store = Store(tmp_path / "poison.duckdb")
+    whole, status = sweep(store, default_reasoner, cfg)
+    assert status == "finished"
+    skipped = store.skipped_problems(whole)
+    assert list(skipped) == ["gsm8k-test-0004"], skipped
+    assert "too long for the model's 128 positions" in skipped["gsm8k-test-0004"]
+    poison = next(p for p in store.run_problems(whole) if p["problem_id"] in skipped)
+    job = BatchJob(tuple(ablation.expand(("prefix",), ("zero",), "latent", "recompute", 6)), {}, 0, 24)
+    with pytest.raises(IndexError):  # what the sweep died of: the skip is needed, not cautious
+        rollout_rows(default_reasoner, job.variants, [poison], {}, 0, 24)
+    row = store.run_row(whole)
+    stored = store.query("SELECT count(DISTINCT problem_id) FROM results WHERE run_id = ?", [whole])[0][0]
+    assert (row["done"], row["total"], stored) == (40, 40, 39)
+    from db import queries
+    listed = queries.runs(store).set_index("id").loc[whole]
+    assert listed["skipped"] == 1 and listed["status"] == "finished"
+
+    parted, status = sweep(store, default_reasoner, cfg, stop_after=1)  # the poison is in the first batch
+    assert status == "stopped" and store.skipped_problems(parted) == skipped
+    assert run(store, default_reasoner, cfg, parted) == "finished"
+    assert rows(store, parted) == rows(store, whole) and store.run_row(parted)["done"] == 40
+
+
+def test_auto_batch_size_fits_the_memory_budget_and_refuses_what_cannot_fit_one_problem(tmp_path, tiny_model_dir):
+    """Issue 14 case 9: num_latent 1000 made one batch of the embedded model take ~23 GB. `auto` sizes the
+    batch from the model's shape and the budget; below one problem it refuses in one line, storing nothing."""
+    from runner import memory
+    from runner.errors import MemoryBudgetError
+    from runner.executor import ModelShape
+    from runner.model import ModelSpec, load
+    store = Store(tmp_path / "budget.duckdb")
+    long_thoughts = load(ModelSpec(num_latent=1000))
+    cfg = SweepConfig(limit=12, memory_budget_gb=4.0)
+    with pytest.raises(MemoryBudgetError) as refused:
+        Sweep.create(store, long_thoughts, cfg)
+    message = str(refused.value)
+    assert "\n" not in message and "3001 variants x 1000 latents" in message and "budget is 4.0 GB" in message
+    assert store.query("SELECT count(*) FROM runs")[0][0] == 0
+    shape = ModelShape.of(long_thoughts)
+    assert memory.bytes_per_problem(shape, 3001, 200, 24) > 16 * 2**30  # what the OOM killer saw, give or take
+
+    reasoner = load(ModelSpec(model=str(tiny_model_dir)))
+    shape, V = ModelShape.of(reasoner), 19  # prefix, single, suffix over 6 latents + the baseline
+    need = memory.bytes_per_problem(shape, V, max(len(p.question) for p in data_problems(12)) + 8, 24)
+    sizes = {}
+    for problems_fitting in (2, 5, 100):
+        budget_gb = (problems_fitting * need + need // 2) / 2**30
+        run_id = Sweep.create(store, reasoner, SweepConfig(model=str(tiny_model_dir), limit=12,
+                                                           memory_budget_gb=budget_gb))
+        sizes[problems_fitting] = store.run_row(run_id)["batch_size"]
+    assert sizes == {2: 2, 5: 5, 100: memory.MAX_ROWS["cpu"] // V}, sizes  # the row cap binds last
+
+
+def data_problems(n: int):
+    from runner import data
+    return data.load_problems("builtin", limit=n)

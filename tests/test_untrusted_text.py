@@ -26,9 +26,10 @@ HOST = "127.0.0.1:9"
 PAGES = ["pages/run.py", "pages/progress.py", "pages/importance.py", "pages/difficulty.py", "pages/problems.py",
          "pages/compare.py", "pages/export.py"]
 # Elements whose every string is shown as typed: the frontend never parses them as Markdown.
-PLAIN_ELEMENTS = {"Text", "Code", "Arrow", "Json"}
-# Fields shown as typed inside elements whose label and help are Markdown.
-PLAIN_FIELDS = {"Selectbox": {"options", "default", "placeholder", "raw_value", "value"},
+PLAIN_ELEMENTS = {"Arrow", "Json"}
+# Fields shown as typed inside elements whose other strings (label, help) are Markdown.
+PLAIN_FIELDS = {"Text": {"body"}, "Code": {"code_text"},
+                "Selectbox": {"options", "default", "placeholder", "raw_value", "value"},
                 "MultiSelect": {"options", "default", "placeholder", "raw_values", "value"},
                 "TextInput": {"value", "default", "placeholder"}, "TextArea": {"value", "default", "placeholder"},
                 "DownloadButton": {"url"}}

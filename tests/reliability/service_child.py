@@ -1,6 +1,7 @@
 """A process that holds a database file through a SweepService, as the dashboard's server does.
 
     python tests/reliability/service_child.py --db FILE (--start CONFIG_JSON | --resume RUN_ID) [--fill-after N]
+                                              [--stop-during-load]
 
 (the suite forks it from forkserver.py, which calls `main(argv)`)
 
@@ -10,6 +11,9 @@ time the published Progress changes ({"done": N, "status": S}), then a final lin
 `--fill-after N`: once N problems are stored, the disk "fills up": RLIMIT_FSIZE drops to the WAL's
 current size, so the next write of any kind (the batch, and the 'failed' status after it) fails
 inside DuckDB with EFBIG, the errno a full or read-only file system gives a write too.
+`--stop-during-load`: while the model loads (inside the real loader), another thread reads the status
+(as a browser tab polls) and then presses Stop; one line {"during_load": {...}} says what it read and
+whether the read returned while the load was under way.
 The parent may SIGKILL it at any moment (a server restart).
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from db.store import Store  # noqa: E402
+from runner.model import load  # noqa: E402
 from runner.service import SweepService  # noqa: E402
 from runner.sweep import SweepConfig  # noqa: E402
 
@@ -44,8 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", default=None)
     parser.add_argument("--resume", type=int, default=None)
     parser.add_argument("--fill-after", type=int, default=None)
+    parser.add_argument("--stop-during-load", action="store_true")
     args = parser.parse_args(argv)
-    service = SweepService(Store(args.db))
+    service = None
+
+    def loader(spec):
+        if args.stop_during_load:  # a tab polls status, then another presses Stop, before the load is done
+            seen = {}
+            poll = threading.Thread(target=lambda: seen.update(progress=asdict(service.status())))
+            poll.start()
+            poll.join(timeout=120)  # a status read that waits on the load would deadlock here, not pass
+            stopped = service.stop()
+            print(json.dumps({"during_load": {"status_returned": not poll.is_alive(), "stop_accepted": stopped,
+                                              **{k: seen.get("progress", {}).get(k) for k in ("status", "phase")}}}),
+                  flush=True)
+        return load(spec)
+
+    service = SweepService(Store(args.db), loader=loader)
     if args.start is not None:
         run_id = service.start(SweepConfig.from_json(json.loads(args.start)))
     else:

@@ -90,6 +90,17 @@ def test_code_besides_the_tables_is_refused(tmp_path, statement, named):
     assert named in _refusal(_tampered(tmp_path, statement))
 
 
+def test_a_file_cannot_hide_its_code_from_the_check(tmp_path):
+    """Its own duckdb_views(), duckdb_functions() and current_database() answer nothing: the check calls DuckDB's."""
+    path = _tampered(tmp_path, "CREATE VIEW hidden AS SELECT 42 AS answer",
+                     "CREATE MACRO duckdb_views() AS TABLE SELECT 'x' AS database_name, 'main' AS schema_name, "
+                     "'v' AS view_name, false AS internal WHERE false",
+                     "CREATE MACRO duckdb_functions() AS TABLE SELECT 'x' AS database_name, 'main' AS schema_name, "
+                     "'f' AS function_name, 'macro' AS function_type, false AS internal WHERE false",
+                     "CREATE MACRO current_database() AS 'elsewhere'")
+    assert "view main.hidden" in _refusal(path)
+
+
 def test_a_file_of_plain_data_still_opens(tmp_path):
     """Extra tables, sequences and types are data: refused files are the ones holding code, not all others."""
     path = _tampered(tmp_path, "CREATE TABLE my_notes (line VARCHAR)", "INSERT INTO my_notes VALUES ('hi')",

@@ -1,0 +1,83 @@
+"""Where one batch's time goes, and the rollout's share of the matmul peak: `python bench/breakdown.py [--json]`.
+
+One batch of the built-in problems (`--batch` problems x the seed's 7 variants, gold scoring on,
+the old loop's 200-token cap) through `LatentReasoner.rollout` alone (no database), on one thread:
+model FLOPs counted as in bench/throughput.py over the CPU time it took, against the fp32
+torch.matmul peak measured in the same run; then torch.profiler's self CPU time by operator,
+grouped into matmuls, attention, element-wise work and the rest. bench/throughput.py measures the
+whole sweep (database writes, status file, answer parsing included); this isolates the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.throughput import ModelFlops, matmul_peak_gflops  # noqa: E402
+from runner import ablation, data  # noqa: E402
+from runner.model import ModelSpec, load  # noqa: E402
+
+GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
+          "attention (softmax, SDPA, masks)": ("aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                               "aten::masked_fill_", "aten::cat", "aten::bitwise_and"),
+          "GELU (sigmoid form) and other element-wise": ("aten::mul", "aten::mul_", "aten::add", "aten::addcmul",
+                                                         "aten::sigmoid_", "aten::sum", "aten::sub", "aten::exp"),
+          "layer norm": ("aten::native_layer_norm",),
+          "copies and indexing": ("aten::copy_", "aten::index", "aten::index_copy_", "aten::scatter", "aten::gather")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128, help="problems in the batch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rollouts; the fastest counts")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reasoner = load(ModelSpec())
+    problems = data.load_problems("builtin", limit=args.batch)
+    variants = ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent)
+    plan = ablation.make_plan(variants, [p.problem_id for p in problems], reasoner.num_latent, reasoner.d_model)
+
+    def rollout():
+        return reasoner.rollout([p.question for p in problems], plan, golds=[p.gold for p in problems],
+                                max_new_tokens=200)
+
+    rollout()  # warm-up
+    with ModelFlops(reasoner) as counted:
+        rollout()
+    best = float("inf")
+    for _ in range(args.repeats):  # CPU time, fastest of several: other processes' load stretches it, never shrinks it
+        started = time.process_time()
+        rollout()
+        best = min(best, time.process_time() - started)
+    peak = matmul_peak_gflops().cpu
+    with torch.profiler.profile() as profiler:
+        rollout()
+    self_us = Counter({e.key: e.self_cpu_time_total for e in profiler.key_averages()})
+    total = sum(self_us.values())
+    shares = {group: sum(self_us[name] for name in names) / total for group, names in GROUPS.items()}
+    shares["rest (small ops, Python)"] = 1 - sum(shares.values())
+    report = {"problems": args.batch, "rows": args.batch * len(variants), "model_gflop": counted.flops / 1e9,
+              "cpu_seconds": best, "gflop_per_cpu_s": counted.flops / best / 1e9, "matmul_peak_gflop_per_cpu_s": peak,
+              "fraction_of_matmul_peak": counted.flops / best / 1e9 / peak, "profile_shares": shares,
+              "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.batch} problems x {len(variants)} variants, 1 thread: {report['model_gflop']:.1f} model GFLOP in "
+          f"{best:.3f} CPU s = {report['gflop_per_cpu_s']:.1f} GFLOP/s = {100 * report['fraction_of_matmul_peak']:.0f}% "
+          f"of the fp32 matmul peak ({peak:.0f} GFLOP per CPU second)")
+    for group, share in shares.items():
+        print(f"  {100 * share:5.1f}%  {group}")
+
+
+if __name__ == "__main__":
+    main()
