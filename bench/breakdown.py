@@ -73,7 +73,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.batch} problems x {len(variants)} variants, 1 thread: {report['model_gflop']:.1f} model GFLOP in "
-          f"{best:.3f} CPU s = {report['gflop_per_cpu_s']:.1f} GFLOP/s = {100 * report['fraction_of_matmul_peak']:.0f}% "
+          f"{best:.3f} CPU s = {report['gflop_per_cpu_s']:.1f} GFLOP/s = "
+          f"{100 * report['fraction_of_matmul_peak']:.0f}% "
           f"of the fp32 matmul peak ({peak:.0f} GFLOP per CPU second)")
     for group, share in shares.items():
         print(f"  {100 * share:5.1f}%  {group}")

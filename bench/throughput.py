@@ -2,8 +2,9 @@
 
 All in one run, on the same problems, with every answer checked identical (exit 1 if not):
 (1) problems/s of the product's sweep (batched problems x variants, shared-prefix attention, results
-written to a real DuckDB file; as many problems a batch as the peer by default) against `bench/peer.py` (problems batched with left padding, the
-question encoded once per batch and the DynamicCache deep-copied per variant, own greedy loop),
+written to a real DuckDB file; as many problems a batch as the peer by default) against
+`bench/peer.py` (problems batched with left padding, the question encoded once per batch and the
+DynamicCache deep-copied per variant, own greedy loop),
 alternating A/B rounds, best round of each; (2) the engine's achieved GFLOP/s, model FLOPs counted
 from the forwards it really ran (2 x matmul parameters x tokens, the logits it kept, attention
 2 x 2 x keys x d per token and block), against this machine's fp32 matmul peak measured in the

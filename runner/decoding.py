@@ -70,7 +70,8 @@ def greedy(reasoner, logits, cache, attended, out: torch.Tensor, filled: torch.T
         next_ids = logits[:, : reasoner.decode_vocab].argmax(-1)  # (A,)
         done = torch.isin(next_ids, eos) | (filled >= max_new_tokens) | finished
         slot = filled.clamp(max=max_new_tokens - 1)[:, None]  # where each row's next token goes
-        out[active] = out[active].scatter(1, slot, torch.where(done, out[active].gather(1, slot)[:, 0], next_ids)[:, None])
+        rows = out[active]  # (A, max_new_tokens)
+        out[active] = rows.scatter(1, slot, torch.where(done, rows.gather(1, slot)[:, 0], next_ids)[:, None])
         filled = filled + ~done
         done |= filled >= max_new_tokens
         if bool(done.all()):

@@ -111,7 +111,7 @@ class LatentReasoner:
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
     def _forward(self, cache, attended, position_ids, inputs_embeds=None, input_ids=None, keep=1, after_block=None):
-        """One step over `attended` (runner/forward.py): logits (R, keep, V'), final hidden state (R, q, d), the cache."""
+        """One step over `attended` (runner/forward.py): logits (R, keep, V'), final hidden (R, q, d), the cache."""
         logits, hidden = self.forward(cache, attended.mask, position_ids, input_ids, inputs_embeds, keep, after_block,
                                       start=attended.start)
         return logits, hidden, cache
@@ -128,7 +128,8 @@ class LatentReasoner:
         return logits[:, -1], hidden[:, -1:], cache, attended  # (B, V'), (B, 1, d), cache, mask (B, L | capacity)
 
     def _new_cache(self, shared: bool = False, capacity: int | None = None):
-        """A prompt cache shared by the variants, or one that grows in place (runner/cache.py); static with a capacity."""
+        """A prompt cache shared by the variants, or one that grows in place (runner/cache.py); static with
+        a capacity."""
         from runner.cache import GrowingCache, SharedPrefixCache  # transformers is imported on first use
         return SharedPrefixCache(capacity) if shared else GrowingCache(capacity)
 

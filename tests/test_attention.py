@@ -81,7 +81,8 @@ def test_shared_prefix_layer_counts_prefix_and_suffix_and_drops_unread_prefixes(
     assert layer.prefix_keys_t.shape[0] == 4 and layer.problem.tolist() == [0, 0, 1, 2, 3]
     layer.batch_select_indices(torch.tensor([2, 4]))  # only problems 1 and 3: half the prefixes unread
     assert layer.prefix_keys_t.shape[0] == 2 and layer.problem.tolist() == [0, 1] and layer.slot.tolist() == [1, 2]
-    assert torch.equal(layer.prefix_values[1], -prompt[3]) and torch.equal(layer.keys, step[[4, 11]].permute(2, 0, 1, 3))
+    assert torch.equal(layer.prefix_values[1], -prompt[3])
+    assert torch.equal(layer.keys, step[[4, 11]].permute(2, 0, 1, 3))
     with pytest.raises(AssertionError, match="prefix"):
         layer.crop(-2)
 

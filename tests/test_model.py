@@ -348,7 +348,7 @@ def test_growing_layer_grows_crops_and_selects_like_a_dynamic_layer():
 
 
 def test_a_rollout_leaves_no_hook_on_the_model(reasoner):
-    """resid ablations and captures act inside runner/forward.py's loop: the shared model keeps its hooks as they were."""
+    """resid ablations and captures act inside runner/forward.py's loop: the shared model's hooks stay as they were."""
     blocks = blocks_of(reasoner.hf)
     own = [dict(block._forward_hooks) for block in blocks]  # transformers' output-capturing hooks
     plan = plan_for(reasoner, [BASELINE, Variant("single", 1, site="resid:0")], len(QUESTIONS))
