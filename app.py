@@ -42,7 +42,10 @@ def live_status() -> None:
             st.caption(f"{safe.md(shown.phase or '…')} phase{rate} · ETA {duration(shown.eta_s)}")
     progress = svc.status()
     if svc.running and progress is not None and (shown is None or progress.run_id != shown.run_id):
-        st.caption(f"Run #{progress.run_id} is sweeping in this dashboard ({progress.done:,} / {progress.total:,}).")
+        if progress.run_id is None:  # a start loading its model: the run is created once it has loaded
+            st.caption("A sweep is starting in this dashboard: its model is loading.")
+        else:
+            st.caption(f"Run #{progress.run_id} is sweeping in this dashboard ({progress.done:,} / {progress.total:,}).")
     state.rerun_if_stale(svc)
 
 
