@@ -5,7 +5,8 @@ threads share one `Store`, each through its own cursor (`Store.cursor()` is per 
 sweep thread writes a whole batch (results, progress, metrics) in one transaction, so readers
 in other threads never see half a batch and a crash loses at most the batch in flight.
 A command that writes several things (a run and its problems, an import) writes them in one
-transaction: `transaction()` blocks nest, the outermost commits. Every `duckdb.Error` leaves this
+transaction: `transaction()` blocks nest, the outermost commits. Opening a file read-write repairs
+what a dead process left (db/recovery.py). Every `duckdb.Error` leaves this
 module as a `StoreError` whose message says what to do.
 """
 from __future__ import annotations
@@ -23,15 +24,9 @@ import numpy as np
 import pandas as pd
 import pyarrow
 
-from db import status_file
+from db import recovery, status_file
 from db.migrations import SchemaError, describe_variants, migrate
 from runner.errors import ThoughtSweepError
-
-# Runs that a thread of this process claimed, per database file: {(path, run_id): thread}. DuckDB gives one
-# process the file, so while we hold it a 'running' row is live only if it is in here and its thread is
-# alive; PID and host name cannot tell (a container's sweep is PID 1 after every restart, on the same host).
-_claimed: dict[tuple[str, int], threading.Thread] = {}
-_claimed_lock = threading.Lock()
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
                   "answer_value", "extraction", "correct", "changed", "flip", "harm", "help", "gold_logprob",
@@ -43,8 +38,6 @@ RUN_FIELDS = {"name", "status", "phase", "done", "total", "started", "finished",
               "peak_rss_mb", "peak_gpu_mb", "batch_size", "device", "pid", "host", "error", "notes", "tags",
               "n_variants", "config"}
 STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
-DAMAGED = ("its problems were never stored (the process creating it ended first): nothing to resume; "
-           "start the run again")
 
 
 # A database file is data, never code: a view or macro in a copied file must not read local files or the
@@ -122,8 +115,7 @@ class Store:
             self.close()  # never keep a file we refused to read
             raise StoreError(str(error)) from None
         if not read_only:
-            self.mark_interrupted()
-            self.mark_damaged()
+            recovery.repair(self)  # stale 'running' rows, runs without problems (db/recovery.py)
             self.publish_status()
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -199,42 +191,6 @@ class Store:
             raise StoreError(f"database {self.path} is open read-only")
 
     # --- runs --------------------------------------------------------------------------------------
-    def mark_interrupted(self) -> int:
-        """Runs left 'running' by a process (or a thread of this one) that is gone become 'interrupted'.
-
-        We hold DuckDB's exclusive lock on the file, so no other process can be sweeping into it: a
-        'running' row is live only if a thread of this process claimed it and is still alive.
-        """
-        live = self._live_runs()
-        with self._errors("marking interrupted runs"):
-            rows = self.cursor().execute(
-                "UPDATE runs SET status = 'interrupted', pid = NULL WHERE status = 'running' "
-                "AND NOT list_contains($live, id) RETURNING id", {"live": live}).fetchall()
-        return len(rows)
-
-    def _live_runs(self) -> list[int]:
-        key = str(self.path.resolve())
-        with _claimed_lock:
-            for (path, run_id), thread in list(_claimed.items()):
-                if not thread.is_alive():
-                    del _claimed[path, run_id]
-            return [run_id for (path, run_id) in _claimed if path == key]
-
-    def _claim(self, run_id: int) -> None:
-        with _claimed_lock:
-            _claimed[str(self.path.resolve()), run_id] = threading.current_thread()
-
-    def mark_damaged(self) -> int:
-        """Runs whose problems were never stored (a crash between two writes, before those were one
-        transaction) become 'failed' with the reason: resume would otherwise call them finished 0/N."""
-        with self._errors("checking for runs without problems"):
-            rows = self.cursor().execute(
-                "UPDATE runs SET status = 'failed', pid = NULL, error = $reason WHERE status <> 'failed' "
-                "AND NOT EXISTS (SELECT 1 FROM problems p WHERE p.run_id = runs.id) "
-                "AND NOT list_contains($live, id) RETURNING id",
-                {"reason": DAMAGED, "live": self._live_runs()}).fetchall()
-        return len(rows)
-
     def create_run(self, *, name: str, model: str, dataset: str, config: dict, num_latent: int, n_variants: int,
                    total: int = 0, status: str = "running", source: str = "sweep", device: str | None = None,
                    batch_size: int | None = None, positions: str = "latent",
@@ -258,7 +214,7 @@ class Store:
             if frame is not None:
                 self._append(cursor, "problems", frame.assign(run_id=run_id), PROBLEM_COLUMNS)
         if status == "running":
-            self._claim(run_id)
+            recovery.claim(self, run_id)
         self.publish_status(run_id)
         return run_id
 
@@ -284,19 +240,21 @@ class Store:
             params[column] = value
         with self._errors(f"updating run {run_id}"):
             self.cursor().execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = $id", params)
+        if fields.get("status", "running") != "running":
+            recovery.release(self, run_id)
 
     def claim_run(self, run_id: int, batch_size: int | None, device: str | None) -> None:
         """Mark a run as running in this process (a start or a resume)."""
         self._check_writable()
         if not self.query("SELECT 1 FROM problems WHERE run_id = ? LIMIT 1", [run_id]):
-            raise StoreError(f"run {run_id}: {DAMAGED}")  # else it would 'finish' with 0 of 0 problems
+            raise StoreError(f"run {run_id}: {recovery.DAMAGED}")  # else it would 'finish' with 0 of 0 problems
         with self._errors(f"resuming run {run_id}"):
             self.cursor().execute(
                 "UPDATE runs SET status = 'running', pid = $pid, host = $host, error = NULL, finished = NULL, "
                 "batch_size = $batch_size, device = $device WHERE id = $id",
                 {"pid": os.getpid(), "host": socket.gethostname(), "batch_size": batch_size, "device": device,
                  "id": run_id})
-        self._claim(run_id)
+        recovery.claim(self, run_id)
         self.publish_status(run_id)
 
     def delete_run(self, run_id: int) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from db.store import DAMAGED, Store, StoreError
+from db.recovery import DAMAGED
+from db.store import Store, StoreError
 from runner.sweep import Sweep
 from tests.reliability.support import sweep_config
 
