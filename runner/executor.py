@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import psutil
@@ -133,8 +133,9 @@ def unrunnable(reasoner: LatentReasoner, problem: dict, max_new_tokens: int) -> 
         return None
     answer = reasoner.tokenizer(reasoner.answer_prompt(problem["gold"]), add_special_tokens=False)["input_ids"]
     prompt = len(reasoner.prompt_ids(problem["question"]))
-    # prompt + latents + EOT(+EOS) + the longer of the teacher-forced gold answer and the decoded one
-    needed = prompt + reasoner.num_latent + len(reasoner.answer_start) + max(len(answer), max_new_tokens)
+    # prompt + latents + EOT(+EOS) + the longer of the teacher-forced gold answer and the decoded one, less
+    # its last token, which is scored or emitted but never fed
+    needed = prompt + reasoner.num_latent + len(reasoner.answer_start) + max(len(answer), max_new_tokens) - 1
     if needed > limit:
         return (f"too long for the model's {limit} positions: {prompt} prompt tokens + {reasoner.num_latent} "
                 f"latents + answer need {needed}")
@@ -199,6 +200,18 @@ def measure_resources(process: psutil.Process, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     return {"rss_mb": process.memory_info().rss / 2**20, "cpu_pct": process.cpu_percent(None),
             "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
+
+
+class Executor(Protocol):
+    """What `runner.sweep.Sweep` needs of whatever runs its batches (LocalExecutor, distributed.RayExecutor)."""
+    shape: ModelShape
+
+    def references(self, problems: list[dict], n: int, layer: int | None, batch_size: int,
+                   max_new_tokens: int) -> tuple[list[str], np.ndarray]: ...
+
+    def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]: ...
+
+    def close(self) -> None: ...
 
 
 class LocalExecutor:

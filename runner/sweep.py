@@ -30,7 +30,7 @@ from runner import ablation, answers, data
 from runner.ablation import Reference
 from runner.config import PHASES, SweepConfig, batch_size_for, prepare  # noqa: F401  (imported from here too)
 from runner.errors import SweepError
-from runner.executor import BatchJob, BatchResult, LocalExecutor, ModelShape
+from runner.executor import BatchJob, BatchResult, Executor, LocalExecutor, ModelShape
 from runner.model import LatentReasoner
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Sweep:
     `executor` runs the batches (runner/executor.py); a `LatentReasoner` is run in this process.
     """
 
-    def __init__(self, store: Store, executor, config: SweepConfig, run_id: int,
+    def __init__(self, store: Store, executor: Executor | LatentReasoner, config: SweepConfig, run_id: int,
                  stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None):
         self.executor = LocalExecutor(executor) if isinstance(executor, LatentReasoner) else executor
         self.store, self.config, self.run_id = store, config, run_id

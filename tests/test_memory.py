@@ -1,0 +1,39 @@
+"""runner/memory.py's estimate against what a batch really takes: the peak RSS growth of one batch of the
+embedded model, measured in a fresh process (ru_maxrss), stays under the estimate that sized it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MEASURE = """
+import json, resource, sys, psutil
+from runner import ablation, answers, data, memory
+from runner.executor import BatchJob, ModelShape, rollout_batch
+from runner.model import ModelSpec, load
+T, B = int(sys.argv[1]), int(sys.argv[2])
+reasoner = load(ModelSpec(num_latent=T))
+variants = tuple(ablation.expand(("prefix", "single", "suffix"), ("zero",), "latent", "recompute", T))
+problems = [dict(problem_id=p.problem_id, question=p.question, gold=p.gold, gold_value=answers.parse_number(p.gold))
+            for p in data.load_problems("builtin", limit=B)]
+estimate = B * memory.bytes_per_problem(ModelShape.of(reasoner), len(variants),
+                                        max(len(p["question"]) for p in problems) + 8, 24)
+before = psutil.Process().memory_info().rss
+result = rollout_batch(reasoner, BatchJob(variants, {}, 0, 24), problems, psutil.Process(), "cpu")
+assert result.rows and not result.skipped, result.skipped
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"estimate": estimate, "growth": peak - before}))
+"""
+
+
+@pytest.mark.parametrize("num_latent, problems", [(6, 13), (60, 4)])
+def test_the_estimate_bounds_the_memory_one_batch_really_takes(num_latent, problems):
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(num_latent), str(problems)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < measured["growth"] < measured["estimate"], measured
