@@ -108,6 +108,10 @@ class Forward:
         allowed = causal(mask[:, prefix:].bool(), R, q, mask.shape[-1] - prefix, hidden.device, start - prefix)
         if prefix:  # a shared prompt: what each row may not see, its prompt's padding included, (R, 1, q, L + S)
             allowed = blocked(cache.layers[0], allowed)
+        elif start == 0:  # the prompt: a left-padding position would see nothing, which fused GPU kernels
+            # may turn into NaN (the CPU gives 0) in its keys/values: it sees itself. No real token sees padding.
+            allowed = allowed | (torch.arange(allowed.shape[-1], device=hidden.device)
+                                 == start + torch.arange(q, device=hidden.device)[:, None])
         hidden, extra = self.start(hidden, position_ids)
         for i, block in enumerate(self.blocks):
             hidden = self.block(i, block, hidden, extra, lambda i, query, key, value, scale:
