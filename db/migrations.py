@@ -157,6 +157,9 @@ def migrate(cursor: duckdb.DuckDBPyConnection, path="database", read_only: bool 
                           f"one knows up to {LATEST}): upgrade ThoughtSweep to open it; nothing was changed")
     version = _version_of(path, _columns(cursor), recorded)
     if read_only:
+        if 0 < version < LATEST:  # its queries would fail on the columns it lacks, each with a multi-line error
+            raise SchemaError(f"database {path} is at schema version {version} of {LATEST} and is open read-only: "
+                              f"open it once read-write (or a writable copy of it) to bring it up to date")
         return []
     cursor.execute(RECORD)
     cursor.execute("BEGIN TRANSACTION")  # the record made true to the tables: what they hold is recorded, nothing more

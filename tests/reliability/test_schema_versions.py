@@ -66,6 +66,11 @@ def test_a_file_from_every_earlier_schema_is_migrated_in_order_and_keeps_its_row
     path = tmp_path / f"v{version}.duckdb"
     _file_at(path, version, record, old_rows[version])
     with ledger.bad_input(f"a file at schema version {version} of {LATEST}, {record}"):
+        if version < LATEST:  # read-only it cannot be migrated: one line saying so, and nothing written
+            before = file_digest(path)
+            with pytest.raises(StoreError, match=f"schema version {version} of {LATEST}"):
+                Store(path, read_only=True)
+            assert file_digest(path) == before
         store = Store(path)
         try:
             applied = store.query("SELECT version, applied FROM schema_migrations ORDER BY version")
