@@ -78,6 +78,9 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
+    sweep.add_argument("--memory-budget-gb", type=float, default=None,
+                       help="memory a batch may use (default: 70%% of the free RAM, or GPU memory on CUDA); "
+                            "'auto' sizes batches to it and a configuration that cannot fit one problem is refused")
     sweep.add_argument("--max-new-tokens", type=int, default=24, help="answer tokens decoded at most")
     ckpt = sweep.add_argument_group("checkpoint options", "default: what the checkpoint declares (codi_config.json, "
                                     "training_args.bin), else the released CODI models' value; all printed at start")
@@ -213,7 +216,8 @@ def cmd_sweep(args) -> int:
                              schemes=args.schemes, methods=args.methods, site=args.site, mode=args.mode,
                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-                             max_gpu_memory_gb=args.max_gpu_memory_gb, max_new_tokens=args.max_new_tokens,
+                             max_gpu_memory_gb=args.max_gpu_memory_gb, memory_budget_gb=args.memory_budget_gb,
+                             max_new_tokens=args.max_new_tokens,
                              num_latent=args.num_latent, lora_alpha=args.lora_alpha, merge_lora=args.merge_lora,
                              remove_eos=args.remove_eos, use_prj=args.use_prj, prj_no_ln=args.prj_no_ln)
         problems = prepare(config)  # options and dataset checked once, before a model load

@@ -327,3 +327,15 @@ def test_every_cli_error_is_one_line_from_a_real_process(closed_db, tmp_path):
         assert len(lines) == 1 and lines[0].strip() and lines[0].startswith("error: "), f"{name}: {lines}"
         assert message in lines[0] and "Traceback" not in process.stdout + process.stderr, f"{name}: {lines[0]}"
         assert unchanged, f"{name}: the database changed"
+
+
+def test_a_configuration_that_cannot_fit_its_memory_budget_is_one_line_and_stores_nothing(capsys, tmp_path):
+    """Issue 14 case 9 from the command line: num_latent 1000 (3,001 variants) on a 2 GB budget."""
+    from db.store import Store
+    db = tmp_path / "budget.duckdb"
+    code, out, err = cli(capsys, "sweep", "--db", db, "--num-latent", "1000", "--limit", "4",
+                         "--memory-budget-gb", "2", "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "3001 variants x 1000 latents" in lines[0] and "memory budget is 2.0 GB" in lines[0]
+    assert Store(db).query("SELECT count(*) FROM runs")[0][0] == 0
