@@ -137,6 +137,10 @@ def build_parser(defaults: bool = True) -> Parser:
     validate.add_argument("--json", action="store_true")
     validate.add_argument("--question-field", default="question")
     validate.add_argument("--answer-field", default="answer")
+    validate.add_argument("--model", default=None, help="also list the problems this model cannot run (too long for "
+                          "its positions, empty once tokenised), which a sweep skips: default | folder | hub id")
+    validate.add_argument("--base-model", default=None)
+    validate.add_argument("--max-new-tokens", type=int, default=24)
     return parser
 
 
@@ -443,16 +447,37 @@ def cmd_import_seed(args) -> int:
     return 0
 
 
+def _unrunnable(args) -> list[dict]:
+    """The dataset's problems that --model cannot run (a sweep records them as skipped): [{problem_id, reason}]."""
+    from runner import answers, data
+    from runner.executor import unrunnable
+    from runner.model import ModelSpec, load
+    reasoner = load(ModelSpec(model=args.model, base_model=args.base_model))
+    problems = data.load_problems(args.dataset, question_field=args.question_field, answer_field=args.answer_field)
+    found = []
+    for p in problems:
+        reason = unrunnable(reasoner, {"question": p.question, "gold": p.gold, "gold_value": answers.parse_number(p.gold)},
+                            args.max_new_tokens)
+        if reason is not None:
+            found.append({"problem_id": p.problem_id, "reason": reason})
+    return found
+
+
 def cmd_validate_data(args) -> int:
     from runner import data
     report = data.validate_dataset(args.dataset, question_field=args.question_field, answer_field=args.answer_field)
+    unrunnable = _unrunnable(args) if args.model is not None and report.n_problems else []
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(report.to_json() | ({"unrunnable": unrunnable} if args.model is not None else {}),
+                         indent=2))
     else:
         print(f"{report.n_problems} problems; difficulty " + (", ".join(
             f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
             print(f"  line {rejected['line']}: {rejected['reason']}")
+        from db.markdown import printable  # a problem id comes from the file
+        for problem in unrunnable:
+            print(printable(f"  {problem['problem_id']}: skipped by a sweep on {args.model}: {problem['reason']}"))
     if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
         print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
               file=sys.stderr)

@@ -339,3 +339,13 @@ def test_a_configuration_that_cannot_fit_its_memory_budget_is_one_line_and_store
     assert code == 2 and len(lines) == 1, err
     assert "3001 variants x 1000 latents" in lines[0] and "memory budget is 2.0 GB" in lines[0]
     assert Store(db).query("SELECT count(*) FROM runs")[0][0] == 0
+
+
+def test_validate_data_with_a_model_lists_the_problems_a_sweep_would_skip(capsys, gsm8k_path):
+    """Issue 14 case 8, before a sweep: GSM8K's 5th test question does not fit the embedded model's 128 positions."""
+    code, out, _ = cli(capsys, "validate-data", gsm8k_path, "--model", "default", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["n_problems"] == 1319
+    unrunnable = {p["problem_id"]: p["reason"] for p in report["unrunnable"]}
+    assert "gsm8k-test-0004" in unrunnable and "128 positions" in unrunnable["gsm8k-test-0004"]
+    assert "gsm8k-test-0041" in unrunnable and len(unrunnable) == 54  # of 1,319; the sweep skips the same
