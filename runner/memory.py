@@ -38,8 +38,8 @@ def bytes_per_problem(shape, n_variants: int, prompt_tokens: int, max_new_tokens
     The prompt's KV is stored once per problem (shared-prefix cache); each row holds its own KV for
     the T latents, EOT and the answer, the fed latents and logit-lens tensors, and the logits of the
     teacher-forced gold answer (float32 log-softmax beside them). Checked against the peak RSS growth
-    of one batch of the embedded model: T=60 x 181 variants, 4 problems, 518 MB measured (est. 860); T=6 x 19
-    variants, 13 problems, 45 MB (est. 137); tests/test_memory.py.
+    of one batch of the embedded model (tests/test_memory.py): T=60 x 181 variants, 4 problems, 518 MB
+    measured, 860 MB estimated; T=6 x 19 variants, 13 problems, 45 MB measured, 137 MB estimated.
     """
     T, e = shape.num_latent, shape.dtype_bytes
     kv_per_token = 2 * shape.n_layers * shape.kv_dim * e  # keys + values, every layer
