@@ -241,6 +241,11 @@ def cmd_sweep(args) -> int:
     else:
         print(f"run {run_id} {status}{' on Ray' if ray else ''}: python -m runner stats --db {args.db} --run {run_id}",
               file=sys.stderr)
+    if skipped := store.skipped_problems(run_id):
+        # A problem the model cannot run is not a result: say so where the run ends, not only in `status`.
+        first, why = next(iter(skipped.items()))
+        print(f"run {run_id}: {len(skipped)} problem(s) skipped, e.g. {first}: {why} "
+              f"(all of them: python -m runner status --db {args.db} --markdown --run {run_id})", file=sys.stderr)
     return 0
 
 
@@ -248,7 +253,8 @@ def _executor(config, args):
     """Where the batches run: this process's model, or Ray actors (--workers N, --ray-address); one sweep loop."""
     if args.workers > 1 or args.ray_address:
         from runner import distributed
-        return distributed.start(config.model_spec(), workers=args.workers, address=args.ray_address)
+        return distributed.start(config.model_spec(), workers=args.workers, address=args.ray_address,
+                                 allow_nonfinite=args.allow_nonfinite_weights)
     from runner import checkpoint
     from runner.executor import LocalExecutor
     from runner.model import load

@@ -105,8 +105,10 @@ def prepare(config: SweepConfig) -> list[data.Problem]:
 def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, questions: list[str]) -> int:
     """The run's problems per batch: the fixed size, or `auto`'s pick from the memory estimate (runner/memory.py).
 
-    Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget.
+    Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget, and
+    (SweepError) an answer length that leaves no room for any question in the model's context.
     """
+    _check_answer_fits(config, shape)
     budget = shape.memory_budget if shape.memory_budget is not None else memory.device_budget(config.device)
     if config.memory_budget_gb is not None:
         budget = int(config.memory_budget_gb * 2**30)
@@ -117,3 +119,16 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
     prompt = min(longest, shape.max_positions or longest)
     auto = memory.auto_batch_size(shape, n_variants, prompt, config.max_new_tokens, config.device, budget)
     return auto if config.batch_size == "auto" else int(config.batch_size)
+
+
+def _check_answer_fits(config: SweepConfig, shape: ModelShape) -> None:
+    # The skip rule (runner.executor.unrunnable) would skip every problem, one by one, and the run would
+    # "finish" with no result: refuse at the start instead. The shortest prompt is one question token
+    # and BOT; EOT and at least one answer token follow the latents.
+    if shape.max_positions is None:
+        return
+    most = shape.max_positions - shape.num_latent - 3
+    if config.max_new_tokens > most:
+        raise SweepError(f"--max-new-tokens {config.max_new_tokens} does not fit the model's {shape.max_positions} "
+                         f"positions with {shape.num_latent} latents: every problem would be skipped; "
+                         f"use at most {most} (the question's tokens come out of the same room)")

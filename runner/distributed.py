@@ -56,14 +56,22 @@ class RayConfig:
 class SweepWorker:
     """A Ray actor: one model on this actor's device; batches of problems in, result rows out."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, allow_nonfinite: bool = False):
         self.spec, self.reasoner, self.process = spec, None, psutil.Process()
+        self.allow_nonfinite = allow_nonfinite
 
     def ready(self) -> tuple[int, ModelShape]:
         """Load the model once (a task, not __init__, so a load error comes back as itself); pid and shape."""
         if self.reasoner is None:
+            from runner import checkpoint
             from runner.model import load
-            self.reasoner = load(self.spec)
+            reasoner = load(self.spec)
+            # The weights live here, not in the driver: the driver's checks (NaN weights, no latents) run here.
+            unusable = checkpoint.unusable(reasoner, allow_nonfinite=self.allow_nonfinite,
+                                           override=" (--allow-nonfinite-weights sweeps it anyway)")
+            if unusable:
+                raise SweepError(unusable)
+            self.reasoner = reasoner
         return os.getpid(), ModelShape.of(self.reasoner)
 
     def references(self, problems: list[dict], n: int, layer: int | None, batch_size: int,
@@ -133,7 +141,7 @@ class Worker:
 class WorkerPool:
     """The actors of one sweep; starts a replacement for a dead one, within a budget."""
 
-    def __init__(self, ray, spec: ModelSpec, cluster: RayConfig):
+    def __init__(self, ray, spec: ModelSpec, cluster: RayConfig, allow_nonfinite: bool = False):
         gpu = spec.device.startswith("cuda")
         if cluster.workers < 1:
             raise SweepError(f"--workers must be at least 1, got {cluster.workers}")
@@ -145,6 +153,7 @@ class WorkerPool:
                 raise SweepError(message + (" (one GPU per worker)" if gpu else " (pass fewer --workers)"))
             print(f"warning: {message}; waiting for the cluster to provide them", file=sys.stderr)
         self.ray, self.cluster, self.spec = ray, cluster, _as_seen_by_actors(spec)
+        self.allow_nonfinite = allow_nonfinite
         # One GPU each (Ray sets CUDA_VISIBLE_DEVICES, so 'cuda' is that GPU); CPU actors get OMP threads = num_cpus.
         self.options = {"num_gpus": 1} if gpu else {"num_cpus": cluster.cpus_per_worker}
         self.remote = ray.remote(SweepWorker)
@@ -153,7 +162,7 @@ class WorkerPool:
         self.workers = [self._start() for _ in range(cluster.workers)]
 
     def _start(self) -> Worker:
-        actor = self.remote.options(**self.options).remote(self.spec)
+        actor = self.remote.options(**self.options).remote(self.spec, self.allow_nonfinite)
         self.started += 1
         return Worker(self.started - 1, actor, actor.ready.remote())
 
@@ -293,7 +302,7 @@ class RayExecutor:
         self.pool.shutdown()
 
 
-def start(spec: ModelSpec, workers: int = 2, address: str | None = None) -> RayExecutor:
+def start(spec: ModelSpec, workers: int = 2, address: str | None = None, allow_nonfinite: bool = False) -> RayExecutor:
     """`--workers N [--ray-address ADDR]`: connect (or start a local Ray), start the actors, wait for their model."""
     try:
         import_ray(local=address is None)
@@ -301,7 +310,7 @@ def start(spec: ModelSpec, workers: int = 2, address: str | None = None) -> RayE
         raise SweepError(f"--workers {workers} runs on Ray, which is not installed ({error}): {INSTALL}") from None
     cluster = RayConfig(workers=workers, address=address,
                         include_dashboard=os.environ.get("THOUGHTSWEEP_RAY_DASHBOARD") == "1")
-    pool = WorkerPool(connect(cluster), spec, cluster)
+    pool = WorkerPool(connect(cluster), spec, cluster, allow_nonfinite)
     try:
         return RayExecutor(pool)
     except BaseException:

@@ -262,7 +262,9 @@ class Sweep:
 
     def _finish(self, status: str) -> str:
         elapsed, rate, _ = self._rates()
-        self.store.update_run(self.run_id, status=status, pid=None, elapsed_s=elapsed, problems_per_hour=rate,
-                              finished=True)
+        # A session that stored nothing (a resume with nothing left, a stop before the first batch) has no
+        # rate of its own: keep the run's last one rather than overwrite it with NULL.
+        measured = {} if rate is None else {"problems_per_hour": rate}
+        self.store.update_run(self.run_id, status=status, pid=None, elapsed_s=elapsed, finished=True, **measured)
         self._emit(status)
         return status

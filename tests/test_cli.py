@@ -108,6 +108,7 @@ def test_validate_data_json_on_the_builtin_set(capsys):
     (["stats", "--method", "typo"], "stats --method typo: run 1 has no such prefix results; it has method 'zero'"),
     (["stats", "--method", "zero", "--mode", "frozen"], "it has method 'zero'; mode 'recompute'"),
     (["sweep", "--site", "resid:x"], "resid"),
+    (["sweep", "--max-new-tokens", "200"], "--max-new-tokens 200 does not fit the model's 128 positions"),
     (["sweep", "--model", "/no/such/folder"], "/no/such/folder"),
     (["sweep", "--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["stats", "--run", "99"], "no run 99"),
@@ -349,3 +350,16 @@ def test_validate_data_with_a_model_lists_the_problems_a_sweep_would_skip(capsys
     unrunnable = {p["problem_id"]: p["reason"] for p in report["unrunnable"]}
     assert "gsm8k-test-0004" in unrunnable and "128 positions" in unrunnable["gsm8k-test-0004"]
     assert "gsm8k-test-0041" in unrunnable and len(unrunnable) == 54  # of 1,319; the sweep skips the same
+
+
+def test_a_sweep_that_skipped_problems_says_so_where_it_ends(capsys, gsm8k_path, tmp_path):
+    """GSM8K's 5th test question does not fit the embedded model: the run's last lines name it and the count."""
+    db = tmp_path / "skips.duckdb"
+    code, out, err = cli(capsys, "sweep", "--db", db, "--dataset", gsm8k_path, "--limit", "6", "--validation", "0",
+                         "--schemes", "prefix", "--quiet")
+    last = err.strip().splitlines()[-1]
+    assert code == 0 and "run 1 finished" in err
+    assert last.startswith("run 1: 1 problem(s) skipped, e.g. gsm8k-test-0004: too long for the model's 128 positions")
+    assert last.endswith(f"(all of them: python -m runner status --db {db} --markdown --run 1)")
+    code, out, _ = cli(capsys, "status", "--db", db, "--markdown", "--run", 1)
+    assert code == 0 and "gsm8k\\-test\\-0004: too long" in out  # Markdown-escaped: file text is data

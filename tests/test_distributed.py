@@ -288,3 +288,21 @@ def test_the_running_local_ray_uses_a_private_token(ray_pool):
     assert os.environ.get("RAY_AUTH_MODE") == "token" and ray.is_initialized()
     assert AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
 
+
+
+@pytest.mark.parametrize("broken", ["NaN in a weight", "num_latent 0"])
+def test_a_checkpoint_the_cli_refuses_is_refused_on_ray_actors_too(tmp_path, ray_pool, broken):
+    """The weights live in the actors: the driver's checks (non-finite weights, no latents) run there, one line."""
+    import ray
+
+    from tests.test_checkpoint import BROKEN, broken_default
+    folder = broken_default(tmp_path / "model", broken)
+    db = tmp_path / "cli.duckdb"
+    done = subprocess.run(cli("--workers", "2", "--ray-address", ray.get_runtime_context().gcs_address,
+                              "--model", str(folder), "--limit", "2", "--db", str(db)),
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(lines) == 1 and BROKEN[broken][1] in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert Store(db).query("SELECT count(*) FROM runs") == [(0,)]

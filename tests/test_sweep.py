@@ -226,3 +226,28 @@ def test_auto_batch_size_fits_the_memory_budget_and_refuses_what_cannot_fit_one_
 def data_problems(n: int):
     from runner import data
     return data.load_problems("builtin", limit=n)
+
+
+def test_an_answer_length_that_leaves_no_room_for_a_question_is_refused_before_anything_is_stored(
+        tmp_path, tiny_reasoner, tiny_model_dir):
+    """Every problem would be skipped one by one and the run would 'finish' with no result: refused at the start."""
+    store = Store(tmp_path / "s.duckdb")
+    limit = tiny_reasoner.hf.config.n_positions
+    most = limit - tiny_reasoner.num_latent - 3
+    with pytest.raises(SweepError, match=f"--max-new-tokens {limit} does not fit .* use at most {most}"):
+        Sweep.create(store, tiny_reasoner, config(tiny_model_dir, max_new_tokens=limit))
+    assert store.query("SELECT count(*) FROM runs") == [(0,)]
+    run_id = Sweep.create(store, tiny_reasoner, config(tiny_model_dir, limit=2, validation=0, max_new_tokens=most))
+    assert store.run_row(run_id)["total"] == 2  # the largest length allowed still makes a run
+
+
+def test_resuming_a_finished_run_keeps_its_rate(tmp_path, tiny_reasoner, tiny_model_dir):
+    """A session that stores nothing (the dashboard's Resume of a finished run) has no rate: the run keeps its own."""
+    store = Store(tmp_path / "s.duckdb")
+    cfg = config(tiny_model_dir, limit=4, validation=0)
+    run_id, status = sweep(store, tiny_reasoner, cfg)
+    before = store.run_row(run_id)
+    assert status == "finished" and before["problems_per_hour"] > 0
+    assert run(store, tiny_reasoner, cfg, run_id) == "finished"
+    after = store.run_row(run_id)
+    assert after["problems_per_hour"] == before["problems_per_hour"] and after["done"] == before["done"] == 4
