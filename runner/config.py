@@ -108,7 +108,6 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
     Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget, and
     (SweepError) an answer length that leaves no room for any question in the model's context.
     """
-    _check_answer_fits(config, shape)
     budget = shape.memory_budget if shape.memory_budget is not None else memory.device_budget(config.device)
     if config.memory_budget_gb is not None:
         budget = int(config.memory_budget_gb * 2**30)
@@ -118,6 +117,7 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
     longest = max(map(len, questions), default=0) + 8
     prompt = min(longest, shape.max_positions or longest)
     auto = memory.auto_batch_size(shape, n_variants, prompt, config.max_new_tokens, config.device, budget)
+    _check_answer_fits(config, shape)
     return auto if config.batch_size == "auto" else int(config.batch_size)
 
 
@@ -128,6 +128,9 @@ def _check_answer_fits(config: SweepConfig, shape: ModelShape) -> None:
     if shape.max_positions is None:
         return
     most = shape.max_positions - shape.num_latent - 3
+    if most < 1:
+        raise SweepError(f"the model's {shape.max_positions} positions cannot hold {shape.num_latent} latents with a "
+                         f"question and an answer: every problem would be skipped; use fewer latents (--num-latent)")
     if config.max_new_tokens > most:
         raise SweepError(f"--max-new-tokens {config.max_new_tokens} does not fit the model's {shape.max_positions} "
                          f"positions with {shape.num_latent} latents: every problem would be skipped; "

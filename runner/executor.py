@@ -82,7 +82,7 @@ class BatchResult:
     resources: dict  # RSS / CPU / GPU memory of the process that ran it
 
 
-def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list,
+def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list[str],
             tokens: list[list[int]] | None = None) -> list[dict]:
     """The measures of DESIGN.md section 4 for one problem's rows (baseline first).
 
@@ -111,14 +111,21 @@ def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logp
                      "correct": is_correct, "changed": changed, "flip": is_correct != base_correct,
                      "harm": base_correct and not is_correct, "help": (not base_correct) and is_correct,
                      "gold_logprob": lp, "logprob_drop": None if lp is None else base_lp - lp,
-                     "lens": json.dumps(lens[v])})
+                     "lens": lens[v]})
     return rows
 
 
-def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> list:
-    """(R, T, k) ids and probs -> per row, per latent, [[token, prob], ...] with readable tokens."""
-    vocab = {i: reasoner.tokenizer.decode([i]) for i in torch.unique(ids).tolist()}
-    return [[[[vocab[i], round(p, 4)] for i, p in zip(ti, tp)] for ti, tp in zip(ri, rp)]
+def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> list[str]:
+    """(R, T, k) ids and probs -> per row, the JSON text of [[[token, prob], ...] per latent] (probs to 4 places).
+
+    Built as text, not as nested lists for json.dumps: the ~40,000 small lists of a batch outlived
+    several garbage collections, whose scans of the loaded model's objects cost ten times the work.
+    """
+    ids, probs = ids.cpu().numpy(), probs.float().cpu().numpy()
+    unique = np.unique(ids).tolist()
+    token = {i: json.dumps(t) for i, t in zip(unique, reasoner.tokenizer.batch_decode([[i] for i in unique]))}
+    return ["[" + ", ".join("[" + ", ".join(f"[{token[i]}, {round(p, 4)!r}]" for i, p in zip(ti, tp)) + "]"
+                            for ti, tp in zip(ri, rp)) + "]"
             for ri, rp in zip(ids.tolist(), probs.tolist())]
 
 

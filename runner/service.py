@@ -18,6 +18,7 @@ asked during the load is honoured (no run is created).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import traceback
@@ -74,8 +75,7 @@ class SweepService:
 
         Returns the run id, or None when a stop came while the model loaded (nothing is created).
         """
-        self._begin(None)
-        try:
+        with self._loading(None):
             problems = prepare(config)  # the one validation of this start
             reasoner = self.model(config.model_spec())
             if self._stop.is_set():
@@ -83,16 +83,10 @@ class SweepService:
             run_id = Sweep.create(self.store, reasoner, config, problems)
             self._launch(run_id, config, reasoner)
             return run_id
-        except BaseException:
-            self._publish(self._before)
-            raise
-        finally:
-            self._starting = False
 
     def resume(self, run_id: int, phases: tuple[str, ...] | None = None) -> int | None:
         """Continue a stopped / interrupted / failed run; None when stopped while its model loaded."""
-        self._begin(run_id)
-        try:
+        with self._loading(run_id):
             row = self.store.run_row(run_id)
             if row is None:
                 raise SweepError(f"no run {run_id} in {self.store.path}")
@@ -106,6 +100,13 @@ class SweepService:
                 return self._stopped_while_loading(run_id)
             self._launch(run_id, config, reasoner)
             return run_id
+
+    @contextlib.contextmanager
+    def _loading(self, run_id: int | None):
+        """A start or resume between _begin and its thread's launch: a failure puts the last snapshot back."""
+        self._begin(run_id)
+        try:
+            yield
         except BaseException:
             self._publish(self._before)
             raise

@@ -1,6 +1,7 @@
 """Sweeps into a real DuckDB file with a real (tiny) model: rows, phases, stop/resume, faults."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -239,6 +240,11 @@ def test_an_answer_length_that_leaves_no_room_for_a_question_is_refused_before_a
     assert store.query("SELECT count(*) FROM runs") == [(0,)]
     run_id = Sweep.create(store, tiny_reasoner, config(tiny_model_dir, limit=2, validation=0, max_new_tokens=most))
     assert store.run_row(run_id)["total"] == 2  # the largest length allowed still makes a run
+    from runner.executor import ModelShape
+    crowded = dataclasses.replace(ModelShape.of(tiny_reasoner), num_latent=limit - 3)
+    with pytest.raises(SweepError, match=f"positions cannot hold {limit - 3} latents"):
+        Sweep.create(store, crowded, config(tiny_model_dir, limit=2, validation=0))
+    assert store.query("SELECT count(*) FROM runs") == [(1,)]
 
 
 def test_resuming_a_finished_run_keeps_its_rate(tmp_path, tiny_reasoner, tiny_model_dir):
