@@ -88,7 +88,7 @@ def _code_in(conn: duckdb.DuckDBPyConnection) -> str | None:
 @functools.cache
 def _our_defaults() -> frozenset[str]:
     """Every column default our schema uses (literals, nextval('run_ids'), current_timestamp), as DuckDB prints it."""
-    conn = duckdb.connect()  # in memory: the schema every migration builds
+    conn = duckdb.connect(config={"enable_external_access": False})  # in memory: the schema every migration builds
     try:
         migrate(conn.cursor())
         rows = conn.execute("SELECT DISTINCT column_default FROM duckdb_columns() "
