@@ -105,8 +105,7 @@ def prepare(config: SweepConfig) -> list[data.Problem]:
 def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, questions: list[str]) -> int:
     """The run's problems per batch: the fixed size, or `auto`'s pick from the memory estimate (runner/memory.py).
 
-    Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget, and
-    (SweepError) an answer length that leaves no room for any question in the model's context.
+    Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget.
     """
     budget = shape.memory_budget if shape.memory_budget is not None else memory.device_budget(config.device)
     if config.memory_budget_gb is not None:
@@ -117,11 +116,11 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
     longest = max(map(len, questions), default=0) + 8
     prompt = min(longest, shape.max_positions or longest)
     auto = memory.auto_batch_size(shape, n_variants, prompt, config.max_new_tokens, config.device, budget)
-    _check_answer_fits(config, shape)
     return auto if config.batch_size == "auto" else int(config.batch_size)
 
 
-def _check_answer_fits(config: SweepConfig, shape: ModelShape) -> None:
+def check_fits_context(config: SweepConfig, shape: ModelShape) -> None:
+    """Refuse (SweepError) latents and an answer length that leave no room for any question in the context."""
     # The skip rule (runner.executor.unrunnable) would skip every problem, one by one, and the run would
     # "finish" with no result: refuse at the start instead. The shortest prompt is one question token
     # and BOT; EOT and at least one answer token follow the latents.

@@ -28,7 +28,8 @@ import torch
 from db.store import Store, StoreError
 from runner import ablation, answers, data
 from runner.ablation import Reference
-from runner.config import PHASES, SweepConfig, batch_size_for, prepare  # noqa: F401  (imported from here too)
+from runner.config import (  # noqa: F401  (imported from here too)
+    PHASES, SweepConfig, batch_size_for, check_fits_context, prepare)
 from runner.errors import SweepError
 from runner.executor import BatchJob, BatchResult, Executor, LocalExecutor, ModelShape
 from runner.model import LatentReasoner
@@ -101,6 +102,7 @@ class Sweep:
             validation_ids = {p.problem_id for p in chosen}
         variants = ablation.expand(config.schemes, config.methods, config.site, config.mode, shape.num_latent)
         batch_size = batch_size_for(config, shape, len(variants), [p.question for p in problems])
+        check_fits_context(config, shape)  # after the memory estimate: its refusal names the bigger problem
         name = config.run_name or f"{os.path.basename(str(config.model))} on {os.path.basename(config.dataset)}"
         # The run's config: what was asked, and what the checkpoint options resolved to (and from where).
         stored = config.to_json() | {"checkpoint_options": shape.options or {}}
