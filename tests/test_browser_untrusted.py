@@ -102,8 +102,11 @@ def test_hostile_files_make_the_browser_fetch_nothing(tmp_path, listener, tiny_m
                 box.fill(str(view_file))
                 box.press("Enter")
                 settle(page, timeout=30)
-                page.locator("[data-testid='stSidebar'] [data-testid='stBaseButton-secondary']",
-                             has_text="Open").click()
+                open_button = page.locator("[data-testid='stSidebar'] [data-testid='stBaseButton-secondary']",
+                                           has_text="Open")
+                if not box.is_visible():  # the rerun after Enter can redraw the sidebar with the expander closed
+                    page.get_by_text("Database file").click()
+                open_button.click()
                 settle(page, timeout=30)
                 expect(page.locator("[data-testid='stSidebar'] [data-testid='stAlertContentError']",
                                     has_text="view main.problems")).to_be_visible(timeout=30_000)
