@@ -12,6 +12,7 @@ from db import queries
 from db.store import StoreError
 
 st.set_page_config(page_title="ThoughtSweep", page_icon=":material/psychology:", layout="wide")
+state.begin_full_run()
 
 PAGES = {
     "Sweep": [st.Page("pages/run.py", title="Run", icon=":material/play_circle:", default=True),
@@ -68,11 +69,14 @@ with st.sidebar:
                       help="A new name creates an empty database. Refused while a sweep runs.")
         st.button("Open", on_click=state.open_database, disabled=not st.session_state.get("db_new_path"))
         if "db_refusal" in st.session_state:
-            st.error(safe.md(st.session_state.pop("db_refusal")))
+            st.error(safe.md(state.take_once("db_refusal")))
 
 if svc is None:
     st.title("ThoughtSweep")
     st.error("The dashboard could not open its database; open another file in the sidebar (*Database file*).")
     st.stop()
 state.follow_demo()
-page.run()
+try:
+    page.run()
+finally:
+    state.end_full_run()

@@ -79,8 +79,40 @@ def open_page() -> SweepService:
     """
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
-        st.rerun()
+        rerun_app()
     return service()
+
+
+# --- one-time messages ------------------------------------------------------------------------------
+# The outcome of a click (Start, Open, ...) is shown once: the next full run pops it. But a full run may
+# itself rerun the app (a polling fragment sees a status change, e.g. the new run going from 'stopped' to
+# 'running' as its thread starts): the message it popped must survive into that rerun, or the user never
+# sees it. Every app rerun goes through `rerun_app`, which puts back what this full run took.
+
+def begin_full_run() -> None:
+    """app.py's first line: nothing taken yet in this full run."""
+    st.session_state["taken_this_run"] = {}
+
+
+def end_full_run() -> None:
+    """app.py's last step: a later fragment-only rerun has taken nothing and must put nothing back."""
+    st.session_state["taken_this_run"] = {}
+
+
+def take_once(key: str, default=None):
+    """Pop a one-time message, remembering it in case this full run reruns the app."""
+    if key not in st.session_state:
+        return default
+    value = st.session_state.pop(key)
+    st.session_state.setdefault("taken_this_run", {})[key] = value
+    return value
+
+
+def rerun_app() -> None:
+    """st.rerun(scope='app'), keeping the one-time messages this full run has shown so far."""
+    for key, value in st.session_state.pop("taken_this_run", {}).items():
+        st.session_state[key] = value
+    st.rerun(scope="app")
 
 
 def switch_database(requested: str) -> str | None:
@@ -144,7 +176,7 @@ def rerun_if_stale(svc: SweepService) -> None:
     another fragment's rerun was in flight (seen in Chromium: the sidebar kept "running" for good).
     """
     if queries.run_statuses(svc.store) != st.session_state.get("shown_statuses"):
-        st.rerun(scope="app")
+        rerun_app()
 
 
 def select(run_id: int) -> None:
@@ -288,7 +320,7 @@ def stop_sweep() -> None:
 
 def show_feedback() -> None:
     """The outcome of the last Start / Resume / Stop, shown once: plain text (it quotes names and errors)."""
-    kind, text = st.session_state.pop("sweep_feedback", (None, None))
+    kind, text = take_once("sweep_feedback", (None, None))
     if kind is not None:
         getattr(st, kind)(safe.md(text))
 

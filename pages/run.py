@@ -148,7 +148,7 @@ else:
         picked = [int(overview["id"].iloc[r]) for r in event.selection.rows if r < len(overview)]
         if picked and picked != st.session_state.get("compare_runs"):
             state.select_runs(picked)
-            st.rerun(scope="app")  # the sidebar's run selector shows the new choice
+            state.rerun_app()  # the sidebar's run selector shows the new choice
         state.rerun_if_stale(svc)
 
     live_table()
@@ -172,7 +172,7 @@ else:
                 "This cannot be undone.")
         if st.button("Delete", type="primary", icon=":material/delete:"):
             svc.store.delete_run(run_id)
-            st.rerun()
+            state.rerun_app()
 
     with st.popover("Delete a run", icon=":material/delete:"):
         doomed = st.selectbox("Run to delete", runs.to_dict("records"), index=None, placeholder="choose a run",

@@ -320,8 +320,8 @@ def test_a_second_start_while_a_sweep_runs_is_refused(database):
     service = state.open_service(str(database.path.resolve()))
     try:
         next(b for b in first.button if b.label == "Start").click().run()  # all 1,200 built-in problems: minutes
-        assert any("started" in s.value for s in first.success), ([e.value for e in first.error],
-                                                                  [i.value for i in first.info])
+        assert any("started" in s.value for s in first.success), {kind: [e.value for e in getattr(first, kind)]
+                                                                  for kind in ("error", "warning", "info")}
         assert service.running
         assert next(b for b in first.button if b.label == "Start").disabled
         next(b for b in second.button if b.label == "Start").click().run()
@@ -338,6 +338,34 @@ def test_a_second_start_while_a_sweep_runs_is_refused(database):
     new_id = service.status().run_id
     assert service.store.run_row(new_id)["status"] == "stopped"
     service.store.delete_run(new_id)
+
+
+def _feedback_then_an_app_rerun():
+    """A full run that shows the Start outcome, then reruns the app (as a polling fragment does when the new
+    run's status turns 'running' in the same moment), once."""
+    import streamlit as st
+
+    from dashboard import state
+    state.begin_full_run()
+    try:
+        state.show_feedback()
+        st.session_state.setdefault("reruns", 0)
+        if st.session_state["reruns"] == 0:
+            st.session_state["reruns"] += 1
+            state.rerun_app()
+    finally:
+        state.end_full_run()
+
+
+def test_a_start_outcome_survives_an_app_rerun_in_the_same_run():
+    """The second-start test once saw no outcome at all: the fragment's rerun had dropped the popped message."""
+    at = AppTest.from_function(_feedback_then_an_app_rerun, default_timeout=30)
+    at.session_state["sweep_feedback"] = ("success", "Run #7 started.")
+    at.run()
+    assert at.session_state["reruns"] == 1
+    assert [s.value for s in at.success] == ["Run \\#7 started\\."]  # safe.md escapes punctuation
+    at.run()  # the next rerun (a click elsewhere): shown once, not again
+    assert not at.success
 
 
 def test_cached_numbers_follow_the_data_version(database, tiny_reasoner):
