@@ -42,11 +42,13 @@ def plain(query, keys, values, allowed, scale: float) -> torch.Tensor:
 
 
 def blocked(layer, suffix_allowed: torch.Tensor) -> torch.Tensor:
-    """(R, 1, q, L + S) bool, True where row r's query may NOT look: its problem's prompt padding, then its
-    own suffix as `suffix_allowed` (R, 1, q, S) says. Built once per forward; every layer shares it."""
+    """(R, 1, q, L + S) float32: -inf where row r's query may NOT look (its problem's prompt padding, then its
+    own suffix as `suffix_allowed` (R, 1, q, S) says), else 0. Built once per forward; every layer adds it
+    to its scores (an add is ~5x faster than a masked_fill that broadcasts a bool mask over the heads)."""
     R, _, q, _ = suffix_allowed.shape
     prefix = layer.prefix_mask[layer.problem][:, None, None, :].expand(R, 1, q, -1)  # (R, 1, q, L)
-    return ~torch.cat([prefix, suffix_allowed], dim=-1)
+    allowed = torch.cat([prefix, suffix_allowed], dim=-1)
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def merged(query, layer, suffix_keys, suffix_values, blocked: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,7 +78,7 @@ def merged(query, layer, suffix_keys, suffix_values, blocked: torch.Tensor, scal
     else:
         suffix = query @ suffix_keys.permute(1, 2, 3, 0)  # (R, Hkv, Gq, S)
     scores = torch.cat([prefix, suffix], dim=-1).view(R, Hkv, G, q, L + S)
-    weights = scores.masked_fill_(blocked[:, :, None], float("-inf")).softmax(-1).view(R, Hkv, G * q, L + S)
+    weights = scores.add_(blocked[:, :, None]).softmax(-1).view(R, Hkv, G * q, L + S)
     prefix_weights = weights[..., :L]
     if rows is not None:
         prefix_weights = prefix_weights.new_zeros(P * V, Hkv, G * q, L).index_copy_(0, rows, prefix_weights)

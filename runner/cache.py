@@ -6,6 +6,7 @@ the loop does only when a model is loaded (the dashboard and the CLI start witho
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -125,6 +126,23 @@ class SharedPrefixCache(DynamicCache):
         for layer in self.layers:
             layer.share_prefix(repeats, mask)
 
+    @contextlib.contextmanager
+    def rows_only(self, rows: torch.Tensor, spread: torch.Tensor, groups: int):
+        """For the forwards inside: only `rows` (R_s,) run, `groups` of them per problem (problem-major);
+        their keys/values are written to every row r as those of rows[spread[r]] (spread (R,)), so rows that
+        shared a past share it in the cache too (runner/ablation.py's SharedStep)."""
+        saved = [(layer.problem, layer.slot, layer.variants, layer.dense) for layer in self.layers]
+        assert all(layer.dense for layer in self.layers), "rows are shared before any row leaves"
+        for layer in self.layers:
+            layer.problem, layer.variants = layer.problem[rows], groups
+            layer.slot = torch.arange(len(rows), device=rows.device) % groups
+            layer.only = (rows, spread)
+        try:
+            yield
+        finally:
+            for layer, (problem, slot, variants, dense) in zip(self.layers, saved):
+                layer.problem, layer.slot, layer.variants, layer.dense, layer.only = problem, slot, variants, dense, None
+
 
 class SharedPrefixLayer(GrowingLayer):
     """prefix_keys_t (P, Hkv, d, L) and prefix_values (P, Hkv, L, d) once per problem; after them each
@@ -143,6 +161,7 @@ class SharedPrefixLayer(GrowingLayer):
         super().lazy_initialization(key_states, value_states)
         self.prefix_keys_t = self.prefix_values = self.prefix_mask = None
         self.prefix_length, self.variants, self.dense, self.problem, self.slot = 0, 1, True, None, None
+        self.only = None  # (rows, spread) inside SharedPrefixCache.rows_only
 
     def share_prefix(self, repeats: int, mask: torch.Tensor) -> None:
         assert self.prefix_keys_t is None, "the prefix is shared once"
@@ -156,22 +175,27 @@ class SharedPrefixLayer(GrowingLayer):
         self.keys = self.values = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key/value_states (R, Hkv, q, d) -> the suffix so far, (S, R, Hkv, d) each."""
+        """key/value_states (R, Hkv, q, d) -> the suffix so far, (S, R, Hkv, d) each (R_s rows inside rows_only)."""
         if not self.is_initialized or self.prefix_keys_t is None:
             return super().update(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        key_states, value_states = key_states.permute(2, 0, 1, 3), value_states.permute(2, 0, 1, 3)  # (q, R, Hkv, d)
+        if self.only is not None:  # rows_only: R_s rows computed, every row written
+            key_states, value_states = key_states[:, self.only[1]], value_states[:, self.only[1]]
+        end = self.length + key_states.shape[0]
         if self.key_buffer is None or end > self.key_buffer.shape[0]:
             capacity = max(end, 2 * self.length, 16) if self.capacity is None else self.capacity - self.prefix_length
             assert end <= capacity, f"{self.prefix_length + end} positions, the static cache holds {self.capacity}"
             new = torch.Tensor.new_empty if self.capacity is None else torch.Tensor.new_zeros  # as in _grow
-            keys = new(key_states, (capacity, *key_states.shape[:2], key_states.shape[-1]))  # (S_max, R, Hkv, d)
-            values = new(value_states, (capacity, *value_states.shape[:2], value_states.shape[-1]))
+            keys = new(key_states, (capacity, *key_states.shape[1:]))  # (S_max, R, Hkv, d)
+            values = new(value_states, (capacity, *value_states.shape[1:]))
             if self.length:
                 keys[: self.length], values[: self.length] = self.keys, self.values
             self.key_buffer, self.value_buffer = keys, values
-        self.key_buffer[self.length : end] = key_states.permute(2, 0, 1, 3)
-        self.value_buffer[self.length : end] = value_states.permute(2, 0, 1, 3)
+        self.key_buffer[self.length : end] = key_states
+        self.value_buffer[self.length : end] = value_states
         self._set_length(end)
+        if self.only is not None:
+            return self.keys[:, self.only[0]], self.values[:, self.only[0]]
         return self.keys, self.values
 
     def _set_length(self, length: int) -> None:

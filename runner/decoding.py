@@ -11,7 +11,7 @@ import torch
 
 def answer_ids(reasoner, golds: list[str]) -> list[list[int]]:
     """The teacher-forced answer of each gold: `The answer is: {gold}` as ids, no special tokens."""
-    return [reasoner.tokenizer(reasoner.answer_prompt(g), add_special_tokens=False)["input_ids"] for g in golds]
+    return [reasoner.ids(reasoner.answer_prompt(g), special=False) for g in golds]
 
 
 def gold_logprob(reasoner, answers: list[list[int]], V: int, logits, cache, attended, out: torch.Tensor):

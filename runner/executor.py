@@ -132,13 +132,13 @@ def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> l
 def unrunnable(reasoner: LatentReasoner, problem: dict, max_new_tokens: int) -> str | None:
     """Why the model cannot run this problem, or None: checked alone, so the verdict never depends on the batch."""
     text = official_question(problem["question"])
-    if not text or reasoner.tokenizer(text)["input_ids"] == reasoner.tokenizer("")["input_ids"]:
+    if not text or reasoner.ids(text) == reasoner.ids(""):
         return "the question is empty after tokenisation"
     config = reasoner.hf.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit is None:
         return None
-    answer = reasoner.tokenizer(reasoner.answer_prompt(problem["gold"]), add_special_tokens=False)["input_ids"]
+    answer = reasoner.ids(reasoner.answer_prompt(problem["gold"]), special=False)
     prompt = len(reasoner.prompt_ids(problem["question"]))
     # prompt + latents + EOT(+EOS) + the longer of the teacher-forced gold answer and the decoded one, less
     # its last token, which is scored or emitted but never fed

@@ -78,6 +78,12 @@ class Attended:
     def select(self, rows: torch.Tensor) -> None:
         self.mask = self.mask[rows]
 
+    def of_rows(self, rows: torch.Tensor) -> "Attended":
+        """What `rows` attend, for a forward of those rows only (the cache's rows_only)."""
+        view = Attended.__new__(Attended)
+        view.n, view.start, view.mask, view.static = self.n, self.start, self.mask[rows], self.static
+        return view
+
 
 class Forward:
     """forward(cache, mask, position_ids, input_ids | inputs_embeds, keep, after_block) ->
@@ -124,7 +130,7 @@ class Forward:
     @staticmethod
     def attend(cache, i: int, query, key, value, allowed, scale: float) -> torch.Tensor:
         """query (R, H, q, dh), key/value (R, Hkv, q, dh) of this step -> (R, q, H, dh); `allowed` as
-        `__call__` built it (negated where the prompt is shared: `blocked`)."""
+        `__call__` built it (where the prompt is shared: `blocked`, an additive -inf bias)."""
         keys, values = cache.update(key, value, i)
         layer = cache.layers[i]
         if getattr(layer, "prefix_keys_t", None) is not None:

@@ -12,6 +12,7 @@ Each forward step is runner/forward.py's; gold scoring and greedy decoding are r
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +62,21 @@ class LatentReasoner:
         # question and BOT up to this length, so that BOT and every latent sit at fixed positions.
         self.pad_question_to = pad_question_to
         self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
+        # A problem's text is tokenised by the context check, the prompt and the gold's answer, batch after
+        # batch of a sweep and again on a resume: once per text (deterministic; ~0.1 ms a call).
+        self._ids = functools.lru_cache(maxsize=1 << 16)(
+            lambda text, special: tuple(tokenizer(text, add_special_tokens=special)["input_ids"]))
+        self._text = functools.lru_cache(maxsize=1 << 16)(self._decoded)
         self.forward = Forward.of(hf)
         assert self.forward is not None, f"{hf.config.model_type}: only GPT-2 and Llama with full attention run"
         self.blocks = self.forward.blocks
         # Variants share the prompt's KV cache (runner/attention.py): None = whenever a plan has more
         # than one variant, False = always the plain repeated cache, True = always shared.
         self.shared_prefix = None
+        # Rows of a problem fed the same vectors so far run once per latent step (runner/ablation.py's
+        # shared_steps): None = in float32 whenever the prompt cache is shared and shapes are dynamic,
+        # True = in any dtype there, False = never.
+        self.shared_latents = None
         # Static shapes (runner/forward.py's Attended, a fixed-capacity cache; finished rows masked, not
         # dropped) so that steps can run as CUDA graphs or under torch.compile. None = on CUDA only.
         self.static_shapes = None
@@ -90,9 +100,17 @@ class LatentReasoner:
     def answer_prompt(self, gold: str) -> str:
         return f"The answer is: {gold}"
 
+    def ids(self, text: str, special: bool = True) -> list[int]:
+        """The tokenizer's ids of `text` (its default special tokens unless `special` is false), cached."""
+        return list(self._ids(text, special))
+
     def decode(self, tokens: list[int]) -> str:
         """Generated ids -> text as CODI's test.py reads it: special tokens skipped, the tokenizer's
-        declared clean-up applied (transformers 5 skips it for BPE tokenizers: "1 ,000"), stripped."""
+        declared clean-up applied (transformers 5 skips it for BPE tokenizers: "1 ,000"), stripped.
+        Cached: most variants of a problem give the same answer, a batch decodes each once."""
+        return self._text(tuple(tokens))
+
+    def _decoded(self, tokens: tuple[int, ...]) -> str:
         text = self.tokenizer.decode([t for t in tokens if t < self.base_vocab], skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
         if self.clean_up:
@@ -105,8 +123,7 @@ class LatentReasoner:
         text with the tokenizer's default special tokens (Llama-3: BOS), EOS when the model was trained
         with it (`remove_eos` false), attended pad tokens up to `pad_question_to` (the embedded
         model's fixed-length layout; none for released CODI), BOT."""
-        ids = self.tokenizer(official_question(question))["input_ids"] if isinstance(question, str) \
-            else list(question)
+        ids = self.ids(official_question(question)) if isinstance(question, str) else list(question)
         ids = ids + ([] if self.remove_eos else [self.tokenizer.eos_token_id])
         return ids + [self.pad_id] * ((self.pad_question_to or 0) - len(ids)) + [self.bot_id]
 
@@ -157,8 +174,16 @@ class LatentReasoner:
         else:
             cache.batch_repeat_interleave(V)
         attended.select(torch.arange(B, device=self.device).repeat_interleave(V))  # (R, L | capacity)
-        hidden = hidden.repeat_interleave(V, dim=0)  # (R, 1, d)
-        logits = bot_logits.repeat_interleave(V, dim=0)  # (R, V')
+        # Rows with the same past are run once per latent step (runner/ablation.py's shared_steps), on the
+        # shared prompt cache with dynamic shapes. By default in float32 only: in bf16 a smaller batch
+        # rounds differently enough to change answers (as the draft above is accepted in float32 only).
+        sharing = shared and capacity is None and (self.shared_latents if self.shared_latents is not None
+                                                   else self.dtype == torch.float32)
+        steps = ablation.shared_steps(plan, T) if sharing else [None] * T
+        spread = torch.arange(B, device=self.device).repeat_interleave(V)  # (R,): row -> its row of `hidden`
+        logits = bot_logits
+        if not sharing:  # every row its own from the start (bf16: prj's rounding depends on the batch, as before)
+            hidden, logits, spread = hidden[spread], logits[spread], torch.arange(R, device=self.device)
         latents = torch.zeros(R, T, self.d_model, device=self.device, dtype=self.dtype)
         lens_ids = torch.zeros(R, T, top_k, dtype=torch.long, device=self.device)
         lens_probs = torch.zeros(R, T, top_k, device=self.device)
@@ -166,18 +191,30 @@ class LatentReasoner:
         at_blocks = set(plan.layers) | set(captured)
 
         for step in range(T):
-            probs = logits[:, : self.base_vocab].float().softmax(-1)
-            lens_probs[:, step], lens_ids[:, step] = probs.topk(top_k, dim=-1)
-            latent = self.prj(hidden)  # (R, 1, d)
+            # hidden (R', 1, d), logits (R', V'): one row per group of rows with the same past, `spread` (R,)
+            probs, ids = logits[:, : self.base_vocab].float().softmax(-1).topk(top_k, dim=-1)
+            lens_probs[:, step], lens_ids[:, step] = probs[spread], ids[spread]
+            latent = self.prj(hidden)[spread]  # (R, 1, d)
             if step > 0:  # frozen rows keep the baseline's latent wherever they do not ablate
                 latent = torch.where(plan.frozen[:, None, None], latent[plan.baseline_row], latent)
             latent = ablation.apply(plan, step, latent, layer=-1)
             latents[:, step] = latent[:, 0]
             # Early exit: steps at or past `fed` are holes, masked out of all later attention.
             position_ids = attended.add((step < plan.fed).long()[:, None])  # (R, 1): attended tokens so far
-            after_block = _at_blocks(plan, step, captured) if at_blocks else None
-            logits, hidden, cache = self._forward(cache, attended, position_ids, inputs_embeds=latent,
-                                                  after_block=after_block)
+            share = steps[step]
+            if share is None:
+                after_block = _at_blocks(plan, step, captured, None) if at_blocks else None
+                logits, hidden, cache = self._forward(cache, attended, position_ids, inputs_embeds=latent,
+                                                      after_block=after_block)
+                spread = torch.arange(R, device=self.device)
+            else:
+                rows = share.rows
+                after_block = _at_blocks(ablation.rows_of(plan, rows), step, captured, share.spread) \
+                    if at_blocks else None
+                with cache.rows_only(rows, share.spread, share.groups):
+                    logits, hidden, cache = self._forward(cache, attended.of_rows(rows), position_ids[rows],
+                                                          inputs_embeds=latent[rows], after_block=after_block)
+                spread = share.spread
             logits = logits[:, -1]
 
         # EOT (+ EOS when remove_eos is false) in a forward of its own, as test.py feeds it: a longer
@@ -196,14 +233,15 @@ class LatentReasoner:
                        lens_ids.cpu(), lens_probs.cpu(), {k: v.cpu() for k, v in captured.items()})
 
 
-def _at_blocks(plan: Plan, step: int, captured: dict[int, torch.Tensor]):
-    """What happens to block outputs at latent step `step`: the plan's resid ablations, then capture."""
+def _at_blocks(plan: Plan, step: int, captured: dict[int, torch.Tensor], spread: torch.Tensor | None):
+    """What happens to block outputs at latent step `step`: the plan's resid ablations, then capture (each of
+    the R rows from its row of `hidden` by `spread` when only some rows run)."""
     layers = set(plan.layers)
 
-    def after_block(layer: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden (R, 1, d)
+    def after_block(layer: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden (R', 1, d)
         if layer in layers:
             hidden = ablation.apply(plan, step, hidden, layer)
         if layer in captured:
-            captured[layer][:, step] = hidden[:, -1].float()
+            captured[layer][:, step] = (hidden if spread is None else hidden[spread])[:, -1].float()
         return hidden
     return after_block

@@ -128,3 +128,63 @@ def test_drafted_answer_gives_the_tokens_of_plain_greedy_decoding(reasoner, monk
     for max_new_tokens in (24, 1):
         drafted = reasoner.rollout(QUESTIONS, plan, golds, max_new_tokens)
         assert drafted.tokens == reasoner.rollout(QUESTIONS, plan, max_new_tokens=max_new_tokens).tokens
+
+
+def test_rows_with_the_same_past_form_one_group_per_latent_step():
+    """runner/ablation.py's shared_steps: which variants of a problem have been fed the same vectors so far."""
+    references = {"latent": ablation.Reference("latent", ("a", "b"), torch.randn(2, 6, 8))}
+
+    def groups(variants):
+        plan = ablation.make_plan(variants, ["a", "b"], 6, 8, references)
+        return [None if s is None else s.groups for s in ablation.shared_steps(plan, 6)]
+    seed = ablation.expand(["prefix"], ["zero"], "latent", "recompute", 6)  # baseline + prefix 1..6
+    assert groups(seed) == [2, 3, 4, 5, 6, None]  # prefix k >= s+1 all feed zeros through step s
+    assert groups(ablation.expand(["prefix", "single", "suffix"], ["zero"], "latent", "recompute", 6)) == \
+        [2, 4, 7, 10, 13, 16]
+    plan = ablation.make_plan(seed, ["a", "b"], 6, 8)
+    first = ablation.shared_steps(plan, 6)[0]
+    assert first.rows.tolist() == [0, 1, 7, 8]  # per problem: the baseline, and prefix:1 for prefix 1..6
+    assert first.spread.tolist() == [0, 1, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
+    # A frozen variant is its baseline until it ablates; after, it feeds the baseline's latents, which a
+    # recomputing variant with the same ablation does not; another site or method is another vector.
+    assert groups([BASELINE, Variant("single", 2, mode="frozen"), Variant("single", 2)]) == [1, 1, 2, None, None, None]
+    assert groups([BASELINE, Variant("single", 0), Variant("single", 0, "mean"), Variant("single", 0, site="resid:0")]) \
+        == [None] * 6
+    assert groups([BASELINE, Variant("exit", 6, "none"), Variant("exit", 3, "none")]) == [1, 1, 1, 2, 2, 2]
+
+
+def test_rollouts_that_run_shared_rows_once_equal_those_that_run_every_row(reasoner, monkeypatch):
+    """Every scheme, method, site and mode, with captures: the same tokens, and floats to float32 noise
+    (a smaller batch may sum in another order), from fewer rows at the latent steps."""
+    plan = ablation.make_plan([BASELINE], [f"p{i}" for i in range(len(QUESTIONS))], 6, reasoner.d_model)
+    baseline = reasoner.rollout(QUESTIONS, plan, max_new_tokens=1, capture=(1,))
+    ids = tuple(f"p{i}" for i in range(len(QUESTIONS)))
+    references = {"latent": ablation.Reference("latent", ids, baseline.latents),
+                  "resid:1": ablation.Reference("resid:1", ids, baseline.captured[1])}
+    variants = [*ablation.expand(["prefix", "single", "suffix", "exit"], ["zero", "mean"], "latent", "recompute", 6),
+                Variant("suffix", 2, "noise"), Variant("single", 3, "resample"), Variant("prefix", 3, "noise"),
+                Variant("suffix", 3, mode="frozen"), Variant("prefix", 2, "mean", mode="frozen"),
+                Variant("single", 2, site="resid:1"), Variant("prefix", 4, "mean", site="resid:1")]
+    plan = ablation.make_plan(variants, list(ids), 6, reasoner.d_model, references, seed=3)
+    outs, rows = {}, {}
+    for shared_latents in (True, False):
+        monkeypatch.setattr(reasoner, "shared_latents", shared_latents)
+        counted, forward = [], reasoner._forward
+
+        def counting(cache, attended, position_ids, inputs_embeds=None, **kwargs):
+            if inputs_embeds is not None:
+                counted.append(inputs_embeds.shape[0])
+            return forward(cache, attended, position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        monkeypatch.setattr(reasoner, "_forward", counting)  # an instance attribute in front of the method
+        outs[shared_latents] = reasoner.rollout(QUESTIONS, plan, GOLDS, 24, capture=(0, 1))
+        rows[shared_latents] = sum(counted)
+        monkeypatch.delattr(reasoner, "_forward")
+    ours, theirs = outs[True], outs[False]
+    assert rows[False] == 6 * len(QUESTIONS) * len(variants) and rows[True] < 0.75 * rows[False], rows
+    assert ours.tokens == theirs.tokens
+    assert len({tuple(t) for t in ours.tokens}) > len(QUESTIONS), "no variant changed an answer: nothing tested"
+    for name in ("gold_logprob", "latents", "lens_probs"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), **NOISE, msg=name)
+    assert torch.equal(ours.lens_ids, theirs.lens_ids)
+    for layer in (0, 1):
+        torch.testing.assert_close(ours.captured[layer], theirs.captured[layer], **RECURRENT)
