@@ -34,6 +34,10 @@ def gold_logprob(reasoner, answers: list[list[int]], V: int, logits, cache, atte
     if width > 1:  # causal: the padding after a short answer changes none of its own logits
         fed = answer_ids[:, :-1]  # (R, A-1)
         start, position_ids = attended.n, attended.add(torch.ones_like(fed))
+        # A short answer's right padding (never attended by its own tokens, masked out after) stops at the
+        # position of its last fed token: a batch mate's longer answer must not take a row past the model's
+        # positions (GPT-2's position table; each problem was checked to fit with its own answer).
+        position_ids = torch.minimum(position_ids, position_ids[:, :1] + (answer_len[:, None] - 2).clamp(min=0))
         more, _, cache = reasoner._forward(cache, attended, position_ids, input_ids=fed, keep=width - 1)
         scores = torch.cat([scores, more], dim=1)  # (R, A, V')
     logprobs = scores[..., : reasoner.decode_vocab].float().log_softmax(-1)  # (R, A, V)

@@ -365,3 +365,28 @@ def test_sigmoid_form_gelu_is_the_tanh_gelu_to_float32_rounding():
     got = gelu_tanh_(x.clone())
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
     assert not torch.equal(got, expected), "the same kernel: this test would prove nothing"
+
+
+def test_a_batch_mates_longer_gold_takes_no_row_past_the_models_positions(tiny_reasoner):
+    """Each problem is checked to fit with its own gold answer; in a batch the teacher-forced answers are
+    right-padded to the longest. That padding once ran a near-full row past GPT-2's position table
+    (IndexError: the whole sweep failed); now its position ids stop at the row's last answer token."""
+    from runner.executor import unrunnable
+    r, max_new_tokens = tiny_reasoner, 8
+    long_gold = " ".join(["12"] * 20)
+    assert len(r.ids(r.answer_prompt(long_gold), special=False)) > max_new_tokens + 10
+    question, words = "Tom has 3 apples and buys 5 more", " Then he eats 2 of them"
+    while unrunnable(r, {"question": question + words, "gold": "7"}, max_new_tokens) is None:
+        question += words  # as long as fits with its own one-token gold
+    problems = [(question, "7"), ("How many apples?", long_gold)]
+    assert all(unrunnable(r, {"question": q, "gold": g}, max_new_tokens) is None for q, g in problems)
+    assert len(r.prompt_ids(question)) + r.num_latent + len(r.ids(r.answer_prompt(long_gold), special=False)) \
+        > r.hf.config.n_positions, "the batch mate's answer would not have run the long row past the positions"
+    variants = [BASELINE, Variant("prefix", 2)]
+    plan = ablation.make_plan(variants, ["long", "mate"], r.num_latent, r.d_model)
+    together = r.rollout([q for q, _ in problems], plan, [g for _, g in problems], max_new_tokens)
+    for i, (q, g) in enumerate(problems):
+        alone = r.rollout([q], ablation.make_plan(variants, ["x"], r.num_latent, r.d_model), [g], max_new_tokens)
+        rows = slice(2 * i, 2 * i + 2)
+        assert together.tokens[rows] == alone.tokens
+        torch.testing.assert_close(together.gold_logprob[rows], alone.gold_logprob, **CLOSE)
