@@ -25,6 +25,13 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message} (see --help)")
 
 
+
+def say(text, file=None, flush: bool = False) -> None:
+    """print() for every line of text the CLI writes: a dataset's ids, questions and names, a checkpoint's
+    options, a file name can hold terminal escape sequences; control characters come out as visible \\xNN."""
+    from db.markdown import printable
+    print(printable(text), file=file, flush=flush)
+
 def _positive_or_auto(text: str):
     if text == "auto":
         return "auto"
@@ -210,8 +217,8 @@ def cmd_sweep(args) -> int:
         run_id = args.resume
         if store.run_row(run_id)["status"] == "finished" and _nothing_to_resume(store, run_id, config.phases):
             # Nothing to sweep: the run (and its problems_per_hour) stays as it is.
-            print(f"run {run_id} is finished: every problem of {', '.join(config.phases)} is stored, nothing to "
-                  f"resume", file=sys.stderr)
+            say(f"run {run_id} is finished: every problem of {', '.join(config.phases)} is stored, nothing to "
+                f"resume", file=sys.stderr)
             return 0
     else:
         config = SweepConfig(model=args.model, base_model=args.base_model, dataset=args.dataset,
@@ -230,22 +237,22 @@ def cmd_sweep(args) -> int:
         if args.resume is None:
             run_id = Sweep.create(store, executor.shape, config, problems)
         # stdout: stderr carries progress and, on failure, the one-line error
-        print(f"run {run_id} model options: {executor.shape.options_line}", flush=True)
+        say(f"run {run_id} model options: {executor.shape.options_line}", flush=True)
         in_flight = "the batches in flight" if ray else "the batch in flight"
         with stop_on_signals(run_id, in_flight) as stop, _progress_bar(args.quiet, run_id) as bar:
             status = Sweep(store, executor, config, run_id, stop=stop, on_progress=bar).run()
     on = f" --workers {args.workers}" + (f" --ray-address {args.ray_address}" if args.ray_address else "") if ray else ""
     if status == "stopped":
-        print(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}{on}",
-              file=sys.stderr)
+        say(f"run {run_id} stopped; resume with: python -m runner sweep --db {args.db} --resume {run_id}{on}",
+            file=sys.stderr)
     else:
-        print(f"run {run_id} {status}{' on Ray' if ray else ''}: python -m runner stats --db {args.db} --run {run_id}",
-              file=sys.stderr)
+        say(f"run {run_id} {status}{' on Ray' if ray else ''}: python -m runner stats --db {args.db} --run {run_id}",
+            file=sys.stderr)
     if skipped := store.skipped_problems(run_id):
         # A problem the model cannot run is not a result: say so where the run ends, not only in `status`.
         first, why = next(iter(skipped.items()))
-        print(f"run {run_id}: {len(skipped)} problem(s) skipped, e.g. {first}: {why} "
-              f"(all of them: python -m runner status --db {args.db} --markdown --run {run_id})", file=sys.stderr)
+        say(f"run {run_id}: {len(skipped)} problem(s) skipped, e.g. {first}: {why} "
+            f"(all of them: python -m runner status --db {args.db} --markdown --run {run_id})", file=sys.stderr)
     return 0
 
 
@@ -264,7 +271,7 @@ def _executor(config, args):
     if unusable:
         raise CliError(unusable)
     if args.allow_nonfinite_weights and (nonfinite := checkpoint.nonfinite_weights(reasoner)):
-        print(f"warning: {nonfinite}; sweeping it as --allow-nonfinite-weights asks", file=sys.stderr)
+        say(f"warning: {nonfinite}; sweeping it as --allow-nonfinite-weights asks", file=sys.stderr)
     return LocalExecutor(reasoner)
 
 
@@ -277,7 +284,7 @@ def stop_on_signals(run_id: int, in_flight: str):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(f"\nstopping run {run_id} after {in_flight} (again to abort)", file=sys.stderr)
+        say(f"\nstopping run {run_id} after {in_flight} (again to abort)", file=sys.stderr)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -322,7 +329,7 @@ def cmd_status(args) -> int:
     except DatabaseLocked as error:
         return _status_from_snapshot(args, error)  # the dashboard or a CLI sweep holds the file
     if args.markdown:
-        print(status_page.status_markdown(store, _run_id(store, args.run)))
+        say(status_page.status_markdown(store, _run_id(store, args.run)))
         return 0
     runs = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
     _print_runs(args, runs)
@@ -334,13 +341,12 @@ def _print_runs(args, runs: list[dict]) -> None:
         print(json.dumps(runs, indent=2))
         return
     if not runs:
-        print(f"{args.db}: no runs yet")
-    from db.markdown import printable  # a file's names may hold terminal escape sequences
+        say(f"{args.db}: no runs yet")
     for run in runs:
         rate = f"{run['problems_per_hour']:,.0f}/h" if run["problems_per_hour"] else "-"
         skipped = f" ({run['skipped']} skipped)" if run.get("skipped") else ""
-        print(printable(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
-                        f"{run['total']:<6} {rate:>10}  {run['name']}") + skipped)
+        say(f"{run['id']:>4}  {run['status']:<11} {run['phase'] or '-':<10} {run['done']:>6}/"
+            f"{run['total']:<6} {rate:>10}  {run['name']}" + skipped)
 
 
 def _status_from_snapshot(args, locked) -> int:
@@ -349,8 +355,8 @@ def _status_from_snapshot(args, locked) -> int:
     snapshot = status_file.read(args.db)
     if snapshot is None:
         raise CliError(f"{locked} (and no {status_file.path_for(args.db).name} beside it to read instead)")
-    print(f"{args.db} is held by process {snapshot['writer_pid']}: showing its status file, written "
-          f"{snapshot['written']}", file=sys.stderr)
+    say(f"{args.db} is held by process {snapshot['writer_pid']}: showing its status file, written "
+        f"{snapshot['written']}", file=sys.stderr)
     runs = snapshot["runs"]
     if args.markdown:
         run_id = args.run if args.run is not None else (runs[0]["id"] if runs else None)
@@ -361,8 +367,7 @@ def _status_from_snapshot(args, locked) -> int:
             known = any(r["id"] == run_id for r in runs)
             raise CliError(f"run {run_id}: {'no status page written yet' if known else 'no such run'} in "
                            f"{status_file.path_for(args.db).name}; try again after its next batch")
-        from db.markdown import printable
-        print(printable(page))  # a file beside the database: its text reaches the terminal as text
+        say(page)  # a file beside the database: its text reaches the terminal as text
         return 0
     _print_runs(args, runs)
     return 0
@@ -404,16 +409,16 @@ def cmd_stats(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    print(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
+    say(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}")
     if not has_prefix:
-        print(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
-              f"scheme's (stats --json lists its other groups under extras)")
+        say(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
+            f"scheme's (stats --json lists its other groups under extras)")
         return 0
-    print("position importance (prefix, flip rate): " +
-          ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
+    say("position importance (prefix, flip rate): " +
+        ", ".join(f"{k}: {v:.3f}" for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
-        print(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
-              f"old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
+        say(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%} "
+            f"old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
     return 0
 
 
@@ -437,7 +442,7 @@ def cmd_export(args) -> int:
     else:
         paths = exports.export_markdown(store, run_id, args.out)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
-        print(path)
+        say(path)
     return 0
 
 
@@ -449,7 +454,7 @@ def cmd_import_seed(args) -> int:
     if len(scores) != 1 or len(validation) > 1:
         raise CliError("import-seed takes one scores file and at most one validation file")
     run_id = seed.import_seed(store, scores[0], validation[0] if validation else None, name=args.name)
-    print(run_id)
+    say(run_id)
     return 0
 
 
@@ -477,16 +482,15 @@ def cmd_validate_data(args) -> int:
         print(json.dumps(report.to_json() | ({"unrunnable": unrunnable} if args.model is not None else {}),
                          indent=2))
     else:
-        print(f"{report.n_problems} problems; difficulty " + (", ".join(
+        say(f"{report.n_problems} problems; difficulty " + (", ".join(
             f"{'unknown' if k == -1 else k} steps: {v}" for k, v in sorted(report.difficulty.items())) or "-"))
         for rejected in report.rejected:
-            print(f"  line {rejected['line']}: {rejected['reason']}")
-        from db.markdown import printable  # a problem id comes from the file
+            say(f"  line {rejected['line']}: {rejected['reason']}")
         for problem in unrunnable:
-            print(printable(f"  {problem['problem_id']}: skipped by a sweep on {args.model}: {problem['reason']}"))
+            say(f"  {problem['problem_id']}: skipped by a sweep on {args.model}: {problem['reason']}")
     if report.n_problems == 0:  # the report is on stdout; stderr says, in one line, that it is a failure
-        print(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
-              file=sys.stderr)
+        say(f"error: {args.dataset}: no usable problem ({len(report.rejected)} rejected, listed in the report)",
+            file=sys.stderr)
         return 1
     return 0
 
@@ -519,16 +523,16 @@ def main(argv: list[str] | None = None) -> int:
             args.given = vars(build_parser(defaults=False).parse_args(argv))  # what --resume must not contradict
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
+        say("aborted", file=sys.stderr)
         return 130
     except Exception as error:
         if os.environ.get("THOUGHTSWEEP_DEBUG"):
             raise
         if _explained(error):
-            print(f"error: {_one_line(error)}", file=sys.stderr)
+            say(f"error: {_one_line(error)}", file=sys.stderr)
             return 2
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-        print(f"error: {type(error).__name__}: {first} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
+        say(f"error: {type(error).__name__}: {first} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -157,3 +157,34 @@ def test_the_terminal_gets_no_escape_sequence_from_a_file(tmp_path):
         assert not any(c in done.stdout for c in "\x1b\x07\x9b"), repr(done.stdout)
         assert "pwned" in done.stdout and "x1b" in done.stdout, repr(done.stdout)
 
+
+
+def test_no_cli_line_passes_a_datasets_control_characters_to_the_terminal(tmp_path, tiny_model_dir):
+    """Every line the CLI writes goes through one `say`: ids, reasons, names and file names from a dataset
+    come out with their control characters as visible \\xNN, in validate-data, sweep, status and errors."""
+    import json
+    evil = "\x1b]0;pwned\x07\x1b[2J\x9b1m"
+    records = [{"id": f"ok{evil}", "question": f"Tom has 3 apples{evil} and buys 2. How many?", "answer": "#### 5"},
+               {"id": f"long{evil}", "question": "apples " * 400 + "?", "answer": "#### 1"},
+               {"id": f"two{evil}", "question": "And 2 more apples?", "answer": "#### 2"}]
+    dataset = tmp_path / f"data{evil}.jsonl"
+    dataset.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    empty = tmp_path / f"empty{evil}.jsonl"
+    empty.write_text(json.dumps({"id": f"noanswer{evil}", "question": f"What{evil}?"}) + "\n")
+    db = tmp_path / "t.duckdb"
+    commands = [["validate-data", str(dataset), "--model", str(tiny_model_dir)], ["validate-data", str(empty)],
+                ["sweep", "--model", str(tiny_model_dir), "--dataset", str(dataset), "--db", str(db), "--quiet",
+                 "--schemes", "prefix", "--run-name", f"name{evil}"],
+                ["status", "--db", str(db)], ["status", "--db", str(db), "--markdown"],
+                ["sweep", "--model", str(tiny_model_dir), "--dataset", str(empty), "--db", str(db), "--quiet"]]
+    said = []
+    for command in commands:
+        done = subprocess.run([PYTHON, "-m", "runner", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=child_env())
+        said.append((command[0], done.returncode, done.stdout + done.stderr))
+    assert [code for _, code, _ in said] == [0, 1, 0, 0, 0, 2], said
+    for command, _, text in said:
+        assert not any(c in text for c in "\x1b\x07\x9b"), (command, text)
+    everything = "".join(text for _, _, text in said)
+    assert "long\\x1b]0;pwned\\x07" in everything  # the skipped problem's id, shown, escaped
+    assert "empty\\x1b]0;pwned" in everything  # a file name in an error line
