@@ -3,7 +3,8 @@
 A file is written to a temporary file in its own folder, flushed to disk and renamed over the
 target: a full disk or a kill leaves the previous file as it was (os.replace is atomic within one
 file system), never a truncated one. A failed write names the file and, on a full disk, the space
-it needed and what was free.
+it needed and what was free. The temporary file's name holds its writer's PID: the next write of the
+same file removes what a killed writer left (`.name.PID.xxxx.partial`), never a live writer's.
 
 CSV cells that a spreadsheet would run as a formula (OWASP's "CSV injection": text starting with
 = + - @, a tab or a carriage return, e.g. a problem id `=HYPERLINK("http://x","y")`) get a leading
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -41,7 +43,8 @@ def _size(n: int) -> str:
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically: a temporary file beside it, fsync, rename. Returns the path."""
     path = Path(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    _remove_leftovers(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,6 +66,25 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         finally:
             os.close(folder)
     return path
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Temporary files of earlier writes of `path` whose process is gone (killed mid-write)."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -144,3 +144,38 @@ def test_a_full_disk_keeps_the_previous_export_and_names_the_file_and_the_space_
     finally:
         if mounted:
             subprocess.run(["umount", str(out)], check=True)
+
+
+def test_an_export_removes_what_a_killed_export_of_the_same_file_left_and_nothing_else(tmp_path):
+    """A SIGKILL mid-write leaves a hidden `.name.PID.xxxx.partial` beside the file: the next write of that
+    file removes it, but not a live writer's, nor another file's."""
+    import signal
+    import sys
+    import time
+
+    from db.files import write_text
+    target = tmp_path / "report.md"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import db.files as f, os\n"
+        "f.os.fsync = lambda fd: time.sleep(3600)  # killed in the middle of the write\n"
+        "f.write_text(sys.argv[2], 'x' * 100000)"), str(Path(__file__).resolve().parents[2]), str(target)])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".report.md.*.partial")):
+        assert time.monotonic() < deadline and writer.poll() is None, "the writer left no temporary file"
+        time.sleep(0.01)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        kept = [tmp_path / f".report.md.{live.pid}.abc.partial", tmp_path / f".other.md.{writer.pid}.abc.partial"]
+        for path in kept:
+            path.write_text("in flight")
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+        (killed,) = [p for p in tmp_path.glob(f".report.md.{writer.pid}.*.partial")]
+        write_text(target, "new")
+        assert target.read_text() == "new"
+        assert not killed.exists(), "the killed writer's temporary file is still there"
+        assert all(path.exists() for path in kept), "a live writer's, or another file's, temporary file went"
+        assert not [p for p in tmp_path.glob(f".report.md.{os.getpid()}.*.partial")]
+    finally:
+        live.kill()
+        live.wait()
