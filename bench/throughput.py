@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -88,6 +89,7 @@ class ModelFlops:
 
     def __init__(self, reasoner):
         self.reasoner, self.flops, self.tokens, self.handles = reasoner, 0, 0, []
+        self.lock = threading.Lock()  # batches may run side by side (runner/executor.py)
         config = reasoner.hf.config
         self.d, self.layers, self.vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
         self.block_params = sum(p.numel() for p in reasoner.blocks.parameters() if p.dim() == 2)
@@ -98,12 +100,15 @@ class ModelFlops:
         rows, q = x.shape[:2]
         past = cache.get_seq_length()
         keys = q * past + q * (q + 1) // 2  # per row
-        self.tokens += rows * q
-        self.flops += rows * (2 * self.block_params * q + 4 * self.d * keys * self.layers + 2 * self.d * self.vocab * keep)
+        with self.lock:
+            self.tokens += rows * q
+            self.flops += rows * (2 * self.block_params * q + 4 * self.d * keys * self.layers
+                                  + 2 * self.d * self.vocab * keep)
         return self.forward(cache, attended, position_ids, inputs_embeds, input_ids, keep, **kwargs)
 
     def _prj(self, module, args, output):
-        self.flops += 2 * self.prj_params * output[..., 0].numel()
+        with self.lock:
+            self.flops += 2 * self.prj_params * output[..., 0].numel()
 
     def __enter__(self):
         # Every step of the loop goes through LatentReasoner._forward: counted on the way (an instance

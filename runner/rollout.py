@@ -13,6 +13,7 @@ Each forward step is runner/forward.py's; gold scoring and greedy decoding are r
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,10 @@ class LatentReasoner:
         self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
         # A problem's text is tokenised by the context check, the prompt and the gold's answer, batch after
         # batch of a sweep and again on a resume: once per text (deterministic; ~0.1 ms a call).
-        self._ids = functools.lru_cache(maxsize=1 << 16)(
-            lambda text, special: tuple(tokenizer(text, add_special_tokens=special)["input_ids"]))
+        # Batches may run side by side (runner/executor.py): a transformers tokenizer call sets its backend's
+        # padding and truncation state, so calls take turns.
+        self.tokenizer_lock = threading.Lock()
+        self._ids = functools.lru_cache(maxsize=1 << 16)(self._tokenized)
         self._text = functools.lru_cache(maxsize=1 << 16)(self._decoded)
         self.forward = Forward.of(hf)
         assert self.forward is not None, f"{hf.config.model_type}: only GPT-2 and Llama with full attention run"
@@ -80,6 +83,9 @@ class LatentReasoner:
         # Static shapes (runner/forward.py's Attended, a fixed-capacity cache; finished rows masked, not
         # dropped) so that steps can run as CUDA graphs or under torch.compile. None = on CUDA only.
         self.static_shapes = None
+        # Batches rolled out side by side in this process (runner/executor.py's LocalExecutor): None = one
+        # per torch thread on a CPU (one on CUDA), N = N.
+        self.batch_workers = None
 
     @property
     def d_model(self) -> int:
@@ -110,9 +116,14 @@ class LatentReasoner:
         Cached: most variants of a problem give the same answer, a batch decodes each once."""
         return self._text(tuple(tokens))
 
+    def _tokenized(self, text: str, special: bool) -> tuple[int, ...]:
+        with self.tokenizer_lock:
+            return tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
     def _decoded(self, tokens: tuple[int, ...]) -> str:
-        text = self.tokenizer.decode([t for t in tokens if t < self.base_vocab], skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode([t for t in tokens if t < self.base_vocab], skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
         if self.clean_up:
             for spaced, joined in CLEAN_UP:
                 text = text.replace(spaced, joined)

@@ -103,3 +103,5 @@ def test_thread_count_and_batch_size_change_no_answer_and_floats_within_the_stat
         else:
             assert a[column] == b[column], column  # answers, tokens, correct, flip, ...: identical
     print(f"threads {threads}, batch {batch_size}: log-probs {'differ' if differs else 'bit-identical'}")
+    if batch_size == base_cfg.batch_size:  # the same batches on 2 threads: side by side, one thread each
+        assert not differs, "another thread count changed a float: batches no longer run on one thread each"

@@ -21,9 +21,10 @@ def config(model_dir, **overrides) -> SweepConfig:
     return SweepConfig(**(values | overrides))
 
 
-def sweep(store, reasoner, cfg, stop_after: int | None = None) -> tuple[int, str]:
+def sweep(store, reasoner, cfg, stop_after: int | None = None, executor=None) -> tuple[int, str]:
+    """A new run swept by `reasoner` (or by `executor`, with `reasoner` its shape)."""
     run_id = Sweep.create(store, reasoner, cfg)
-    return run_id, run(store, reasoner, cfg, run_id, stop_after)
+    return run_id, run(store, executor or reasoner, cfg, run_id, stop_after)
 
 
 def run(store, reasoner, cfg, run_id, stop_after=None) -> str:
@@ -111,6 +112,7 @@ class FlakyReasoner(LatentReasoner):
     def __init__(self, real: LatentReasoner, fail_on: set[int], error: Exception, min_batch: int = 0):
         self.__dict__.update(real.__dict__)
         self.calls, self.fail_on, self.error, self.min_batch = 0, fail_on, error, min_batch
+        self.batch_workers = 1  # faults keyed by call number: one batch at a time, calls in batch order
 
     def rollout(self, questions, plan, *args, **kwargs):
         self.calls += 1
@@ -257,3 +259,77 @@ def test_resuming_a_finished_run_keeps_its_rate(tmp_path, tiny_reasoner, tiny_mo
     assert run(store, tiny_reasoner, cfg, run_id) == "finished"
     after = store.run_row(run_id)
     assert after["problems_per_hour"] == before["problems_per_hour"] and after["done"] == before["done"] == 4
+
+
+class FaultOnQuestion(LatentReasoner):
+    """The real tiny model, raising `error` for any batch (of more than `min_batch` problems) holding `question`:
+    a fault that names its batch by content, whichever thread gets to it first."""
+
+    def __init__(self, real: LatentReasoner, question: str, error: Exception, min_batch: int = 0):
+        self.__dict__.update(real.__dict__)
+        self.question, self.error, self.min_batch = question, error, min_batch
+
+    def rollout(self, questions, plan, *args, **kwargs):
+        if self.question in questions and len(questions) > self.min_batch:
+            raise self.error
+        return super().rollout(questions, plan, *args, **kwargs)
+
+
+def stored_in_order(store, run_id) -> list[tuple]:
+    """Every stored row in the order it was committed (rowid): the batches and their order."""
+    return store.query(f"SELECT {COLUMNS} FROM results WHERE run_id = ? ORDER BY rowid", [run_id])
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_batches_side_by_side_commit_exactly_what_one_batch_at_a_time_commits(tmp_path, tiny_reasoner,
+                                                                              tiny_model_dir, workers):
+    """runner/executor.py's LocalExecutor with several workers: the same rows bit for bit, committed in the same
+    order; a stop after the first batch leaves just that batch (the ones started beside it go back), and the
+    resume ends where the uninterrupted run ends; a fault or an out-of-memory in a later batch in flight
+    changes nothing before it."""
+    from runner.executor import LocalExecutor, one_torch_thread
+    cfg = config(tiny_model_dir, limit=12, batch_size=2, validation=0)
+    one, many = LocalExecutor(tiny_reasoner, workers=1), LocalExecutor(tiny_reasoner, workers=workers)
+    assert many.workers == workers
+    store = Store(tmp_path / "s.duckdb")
+    with one_torch_thread():  # each worker's batch runs on one thread: so does the reference
+        reference, status = sweep(store, one.shape, cfg, executor=one)
+    assert status == "finished"
+    side_by_side, status = sweep(store, many.shape, cfg, executor=many)
+    assert status == "finished" and stored_in_order(store, side_by_side) == stored_in_order(store, reference)
+
+    stopped, status = sweep(store, many.shape, cfg, stop_after=2, executor=many)
+    assert status == "stopped" and store.run_row(stopped)["done"] == 2
+    assert len(rows(store, stopped)) == 2 * store.run_row(stopped)["n_variants"]
+    assert run(store, many, cfg, stopped) == "finished"
+    assert rows(store, stopped) == rows(store, reference)
+
+    problems = [p["question"] for p in store.run_problems(reference)]
+    faulty = FaultOnQuestion(tiny_reasoner, problems[4], RuntimeError("injected fault in batch 3"))
+    failed = Sweep.create(store, faulty, cfg)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(store, LocalExecutor(faulty, workers=workers), cfg, failed)
+    row = store.run_row(failed)
+    assert row["status"] == "failed" and row["done"] == 4  # batches 1 and 2, not what ran beside batch 3
+    assert stored_in_order(store, failed) == stored_in_order(store, reference)[: 4 * row["n_variants"]]
+
+    oom = FaultOnQuestion(tiny_reasoner, problems[4], torch.cuda.OutOfMemoryError("CUDA out of memory"), min_batch=1)
+    halved = {}
+    for name, executor in (("one", LocalExecutor(oom, workers=1)), ("many", LocalExecutor(oom, workers=workers))):
+        with one_torch_thread():
+            halved[name], status = sweep(store, executor.shape, cfg, executor=executor)
+        assert status == "finished" and store.run_row(halved[name])["batch_size"] == 1
+    assert stored_in_order(store, halved["many"]) == stored_in_order(store, halved["one"])
+    assert len(rows(store, halved["many"])) == len(rows(store, reference))
+
+
+def test_batches_run_side_by_side_on_a_cpu_one_per_torch_thread(tiny_reasoner):
+    from runner.executor import LocalExecutor
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert LocalExecutor(tiny_reasoner).workers == 2
+        torch.set_num_threads(1)
+        assert LocalExecutor(tiny_reasoner).workers == 1
+    finally:
+        torch.set_num_threads(before)

@@ -128,6 +128,7 @@ class FlakyReasoner(LatentReasoner):
     def __init__(self, real: LatentReasoner, fail_on: set[int], error: BaseException):
         self.__dict__.update(real.__dict__)
         self.calls, self.fail_on, self.error = 0, set(fail_on), error
+        self.batch_workers = 1  # faults keyed by call number: one batch at a time, calls in batch order
 
     def rollout(self, questions, plan, *args, **kwargs):
         self.calls += 1
