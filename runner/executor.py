@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -271,35 +271,49 @@ class LocalExecutor:
                 yield rollout_batch(self.reasoner, job, queue.popleft(), self.process, self.device)
             return
         flight: deque = deque()  # (batch, future), oldest first
-        with one_torch_thread(), ThreadPoolExecutor(self.workers, thread_name_prefix="sweep-batch") as pool:
+        with one_torch_thread():
             try:
                 while True:
                     while queue and not stop.is_set() and len(flight) < self.workers:
                         batch = queue.popleft()
-                        flight.append((batch, pool.submit(rollout_batch, self.reasoner, job, batch, self.process,
-                                                          self.device)))
+                        flight.append((batch, _in_thread(rollout_batch, self.reasoner, job, batch, self.process,
+                                                         self.device)))
                     if not flight:
                         return
                     result = flight.popleft()[1].result()
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
                         _hand_back(flight, queue)
                     yield result
-                    if stop.is_set():
-                        return  # the batches started since go back unused: one worker would not have run them
-            finally:
-                _hand_back(flight, queue)
+                    if stop.is_set():  # the batches started since go back unused: one worker would not have run them
+                        _hand_back(flight, queue)
+                        return
+            finally:  # an error, an abort, the sweep gone: not waited for here (their threads only compute)
+                queue.extendleft(reversed([batch for batch, _ in flight]))
 
     def close(self) -> None:
         pass
 
 
+def _in_thread(function, *args) -> Future:
+    """function(*args) on a thread of its own. Not a daemon: a process that exits mid-batch (a second Ctrl-C)
+    waits for it, as the one-worker loop finishes its torch op (C++ threads killed at exit abort the process)."""
+    future: Future = Future()
+
+    def work() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # handed to the sweep's thread, which raises it
+                future.set_exception(error)
+    threading.Thread(target=work, name="sweep-batch").start()
+    return future
+
+
 def _hand_back(flight: deque, queue: deque) -> None:
-    """Batches in flight whose results will not be used go back to the front of `queue`, in order, once
-    their threads are done with them (cancelled if not started, else waited for)."""
+    """Batches in flight whose results will not be used go back to the front of `queue`, in order, once their
+    threads are done (so that they hold no core when the sweep moves on)."""
     for _, future in flight:
-        future.cancel()
-    for _, future in flight:
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):
             future.result()
     queue.extendleft(reversed([batch for batch, _ in flight]))
     flight.clear()

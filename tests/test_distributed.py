@@ -6,7 +6,6 @@ Without Ray the Ray tests skip, except under CI=true, which installs requirement
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from db.store import Store
+from runner.executor import one_torch_thread
 from runner.model import ModelSpec
 from runner.sweep import Sweep, SweepConfig
 from tests.reliability.support import assert_same_results
@@ -46,19 +45,8 @@ def n_metrics(store, run_id) -> int:
     return store.query("SELECT count(*) FROM run_metrics WHERE run_id = ?", [run_id])[0][0]
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The actors run torch on one thread (Ray's OMP_NUM_THREADS = num_cpus): so does the local reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def local_sweep(store, reasoner, cfg) -> int:
-    with one_thread():
+    with one_torch_thread():  # the actors run torch on one thread (Ray's OMP_NUM_THREADS = num_cpus)
         run_id = Sweep.create(store, reasoner, cfg)
         assert Sweep(store, reasoner, cfg, run_id).run() == "finished"
     return run_id
