@@ -187,7 +187,8 @@ class LatentReasoner:
         attended.select(torch.arange(B, device=self.device).repeat_interleave(V))  # (R, L | capacity)
         # Rows with the same past are run once per latent step (runner/ablation.py's shared_steps), on the
         # shared prompt cache with dynamic shapes. By default in float32 only: in bf16 a smaller batch
-        # rounds differently enough to change answers (as the draft above is accepted in float32 only).
+        # rounds differently enough to change answers (as the gold draft is accepted in float32 only:
+        # runner/decoding.py).
         sharing = shared and capacity is None and (self.shared_latents if self.shared_latents is not None
                                                    else self.dtype == torch.float32)
         steps = ablation.shared_steps(plan, T) if sharing else [None] * T
