@@ -15,7 +15,7 @@ import torch
 from runner import ablation
 from runner.ablation import BASELINE, Variant
 from runner.model import ModelLoadError, ModelSpec, load
-from tests.checkpoints import GOLDS, QUESTIONS, build_codi, make_checkpoint, save_checkpoint
+from tests.checkpoints import GOLDS, QUESTIONS, build_codi, save_checkpoint
 
 STEPS = 8  # max_new_tokens: enough to see rows finish at different steps, cheap on a CPU
 # Batch size and padding change float32 rounding; six recurrent latent steps through a random

@@ -11,6 +11,7 @@ from db.store import Store
 from runner import ablation
 from runner.model import LatentReasoner
 from runner.sweep import Sweep, SweepConfig, SweepError
+from tests.reliability.support import FlakyReasoner
 
 COLUMNS = "problem_id, variant, answer_text, answer_value, correct, changed, flip, harm, help, gold_logprob, lens"
 
@@ -104,21 +105,6 @@ def test_validation_phase_alone_then_full_does_not_rerun_validation(tmp_path, ti
     after = rows(store, run_id)
     assert len(after) == 12 * store.run_row(run_id)["n_variants"]
     assert set(before) <= set(after)
-
-
-class FlakyReasoner(LatentReasoner):
-    """The real tiny model, with a fault injected on chosen rollout calls."""
-
-    def __init__(self, real: LatentReasoner, fail_on: set[int], error: Exception, min_batch: int = 0):
-        self.__dict__.update(real.__dict__)
-        self.calls, self.fail_on, self.error, self.min_batch = 0, fail_on, error, min_batch
-        self.batch_workers = 1  # faults keyed by call number: one batch at a time, calls in batch order
-
-    def rollout(self, questions, plan, *args, **kwargs):
-        self.calls += 1
-        if self.calls in self.fail_on and len(questions) > self.min_batch:
-            raise self.error
-        return super().rollout(questions, plan, *args, **kwargs)
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_reasoner, tiny_model_dir):
