@@ -12,7 +12,7 @@ from db import queries
 from db.store import StoreError
 
 st.set_page_config(page_title="ThoughtSweep", page_icon=":material/psychology:", layout="wide")
-state.begin_full_run()
+state.nothing_taken()
 
 PAGES = {
     "Sweep": [st.Page("pages/run.py", title="Run", icon=":material/play_circle:", default=True),
@@ -79,4 +79,4 @@ state.follow_demo()
 try:
     page.run()
 finally:
-    state.end_full_run()
+    state.nothing_taken()

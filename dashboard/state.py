@@ -89,13 +89,9 @@ def open_page() -> SweepService:
 # 'running' as its thread starts): the message it popped must survive into that rerun, or the user never
 # sees it. Every app rerun goes through `rerun_app`, which puts back what this full run took.
 
-def begin_full_run() -> None:
-    """app.py's first line: nothing taken yet in this full run."""
-    st.session_state["taken_this_run"] = {}
-
-
-def end_full_run() -> None:
-    """app.py's last step: a later fragment-only rerun has taken nothing and must put nothing back."""
+def nothing_taken() -> None:
+    """app.py, first and last: a full run starts having taken nothing, and a later fragment-only rerun
+    must put nothing back."""
     st.session_state["taken_this_run"] = {}
 
 

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
 import pyarrow
 import pyarrow.compute as pc
 
@@ -72,19 +73,9 @@ def _remove_leftovers(path: Path) -> None:
     """Temporary files of earlier writes of `path` whose process is gone (killed mid-write)."""
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
         pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 
+from db.markdown import printable  # imports only re: start-up stays fast
+
 DEFAULT_DB = "thoughtsweep.duckdb"
 
 
@@ -25,12 +27,11 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message} (see --help)")
 
 
-
 def say(text, file=None, flush: bool = False) -> None:
     """print() for every line of text the CLI writes: a dataset's ids, questions and names, a checkpoint's
     options, a file name can hold terminal escape sequences; control characters come out as visible \\xNN."""
-    from db.markdown import printable
     print(printable(text), file=file, flush=flush)
+
 
 def _positive_or_auto(text: str):
     if text == "auto":

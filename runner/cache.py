@@ -131,8 +131,8 @@ class SharedPrefixCache(DynamicCache):
         """For the forwards inside: only `rows` (R_s,) run, `groups` of them per problem (problem-major);
         their keys/values are written to every row r as those of rows[spread[r]] (spread (R,)), so rows that
         shared a past share it in the cache too (runner/ablation.py's SharedStep)."""
-        saved = [(layer.problem, layer.slot, layer.variants, layer.dense) for layer in self.layers]
         assert all(layer.dense for layer in self.layers), "rows are shared before any row leaves"
+        saved = [(layer.problem, layer.slot, layer.variants) for layer in self.layers]
         for layer in self.layers:
             layer.problem, layer.variants = layer.problem[rows], groups
             layer.slot = torch.arange(len(rows), device=rows.device) % groups
@@ -140,8 +140,8 @@ class SharedPrefixCache(DynamicCache):
         try:
             yield
         finally:
-            for layer, (problem, slot, variants, dense) in zip(self.layers, saved):
-                layer.problem, layer.slot, layer.variants, layer.dense, layer.only = problem, slot, variants, dense, None
+            for layer, (problem, slot, variants) in zip(self.layers, saved):
+                layer.problem, layer.slot, layer.variants, layer.only = problem, slot, variants, None
 
 
 class SharedPrefixLayer(GrowingLayer):

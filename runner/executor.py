@@ -22,8 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import replace
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -300,11 +299,11 @@ def _in_thread(function, *args) -> Future:
     future: Future = Future()
 
     def work() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(function(*args))
-            except BaseException as error:  # handed to the sweep's thread, which raises it
-                future.set_exception(error)
+        future.set_running_or_notify_cancel()  # never cancelled: a batch once handed out runs to its end
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # handed to the sweep's thread, which raises it
+            future.set_exception(error)
     threading.Thread(target=work, name="sweep-batch").start()
     return future
 

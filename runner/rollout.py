@@ -192,10 +192,10 @@ class LatentReasoner:
         sharing = shared and capacity is None and (self.shared_latents if self.shared_latents is not None
                                                    else self.dtype == torch.float32)
         steps = ablation.shared_steps(plan, T) if sharing else [None] * T
-        spread = torch.arange(B, device=self.device).repeat_interleave(V)  # (R,): row -> its row of `hidden`
-        logits = bot_logits
+        # spread (R,): each row's row of `hidden` / `logits` (None: row r is row r)
+        spread, logits = torch.arange(B, device=self.device).repeat_interleave(V), bot_logits
         if not sharing:  # every row its own from the start (bf16: prj's rounding depends on the batch, as before)
-            hidden, logits, spread = hidden[spread], logits[spread], torch.arange(R, device=self.device)
+            hidden, logits, spread = hidden[spread], logits[spread], None
         latents = torch.zeros(R, T, self.d_model, device=self.device, dtype=self.dtype)
         lens_ids = torch.zeros(R, T, top_k, dtype=torch.long, device=self.device)
         lens_probs = torch.zeros(R, T, top_k, device=self.device)
@@ -205,8 +205,10 @@ class LatentReasoner:
         for step in range(T):
             # hidden (R', 1, d), logits (R', V'): one row per group of rows with the same past, `spread` (R,)
             probs, ids = logits[:, : self.base_vocab].float().softmax(-1).topk(top_k, dim=-1)
-            lens_probs[:, step], lens_ids[:, step] = probs[spread], ids[spread]
-            latent = self.prj(hidden)[spread]  # (R, 1, d)
+            latent = self.prj(hidden)
+            if spread is not None:
+                probs, ids, latent = probs[spread], ids[spread], latent[spread]  # (R, ...)
+            lens_probs[:, step], lens_ids[:, step] = probs, ids
             if step > 0:  # frozen rows keep the baseline's latent wherever they do not ablate
                 latent = torch.where(plan.frozen[:, None, None], latent[plan.baseline_row], latent)
             latent = ablation.apply(plan, step, latent, layer=-1)
@@ -218,7 +220,7 @@ class LatentReasoner:
                 after_block = _at_blocks(plan, step, captured, None) if at_blocks else None
                 logits, hidden, cache = self._forward(cache, attended, position_ids, inputs_embeds=latent,
                                                       after_block=after_block)
-                spread = torch.arange(R, device=self.device)
+                spread = None
             else:
                 rows = share.rows
                 after_block = _at_blocks(ablation.rows_of(plan, rows), step, captured, share.spread) \

@@ -346,7 +346,7 @@ def _feedback_then_an_app_rerun():
     import streamlit as st
 
     from dashboard import state
-    state.begin_full_run()
+    state.nothing_taken()
     try:
         state.show_feedback()
         st.session_state.setdefault("reruns", 0)
@@ -354,7 +354,7 @@ def _feedback_then_an_app_rerun():
             st.session_state["reruns"] += 1
             state.rerun_app()
     finally:
-        state.end_full_run()
+        state.nothing_taken()
 
 
 def test_a_start_outcome_survives_an_app_rerun_in_the_same_run():
