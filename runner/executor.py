@@ -63,9 +63,17 @@ class ModelShape:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         device = str(model.device)
+        # `auto` sizes one batch from the budget: the batches in flight side by side share it.
+        budget = memory.device_budget(device) // local_workers(model)
         return ModelShape(model.num_latent, model.n_layers, model.d_model, model.d_model * kv_heads // heads,
                           int(config.vocab_size), positions, torch.finfo(model.dtype).bits // 8,
-                          memory.device_budget(device), model.options, model.options_line)
+                          budget, model.options, model.options_line)
+
+
+def local_workers(reasoner: LatentReasoner) -> int:
+    """Batches `LocalExecutor` runs side by side: the reasoner's `batch_workers`, else one per torch thread on
+    a CPU, one on CUDA."""
+    return max(1, reasoner.batch_workers or (torch.get_num_threads() if reasoner.device.type == "cpu" else 1))
 
 
 @dataclass(frozen=True)
@@ -248,12 +256,11 @@ class LocalExecutor:
 
     def __init__(self, reasoner: LatentReasoner, workers: int | None = None):
         self.reasoner, self.device = reasoner, str(reasoner.device)
-        cpu = reasoner.device.type == "cpu"
-        self.workers = max(1, workers or reasoner.batch_workers or (torch.get_num_threads() if cpu else 1))
-        shape = ModelShape.of(reasoner)
-        # `auto` sizes one batch from the budget: the batches in flight share it.
-        budget = None if shape.memory_budget is None else shape.memory_budget // self.workers
-        self.shape = replace(shape, memory_budget=budget)
+        self.workers = max(1, workers or local_workers(reasoner))
+        self.shape = ModelShape.of(reasoner)
+        if self.workers != local_workers(reasoner):  # another count than ModelShape.of assumed: the budget follows
+            budget = self.shape.memory_budget * local_workers(reasoner) // self.workers
+            self.shape = replace(self.shape, memory_budget=budget)
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # starts the CPU-time window
 

@@ -17,7 +17,10 @@ from runner.errors import MemoryBudgetError
 # and hold progress back; a GPU keeps gaining up to thousands of rows.
 MAX_ROWS = {"cpu": 256, "cuda": 4096}
 ANSWER_TOKENS = 16  # teacher-forced gold answer width allowed for (`The answer is: N` is ~6-10 tokens)
-SAFETY = 1.5  # allocator slack and transients the sum below does not itemise
+# Allocator slack and transients the sum below does not itemise. On a CPU with shared latent steps
+# (runner/ablation.py) every step's tensors have other row counts, and glibc's heap fragments: a batch of
+# 60 latents x 181 variants grew to 1.0-1.9x the itemised sum (9 runs), against 0.5x at 6 latents.
+SAFETY = 2.5
 USABLE = 0.7  # share of the free RAM / GPU memory a batch may take
 
 
@@ -38,8 +41,8 @@ def bytes_per_problem(shape, n_variants: int, prompt_tokens: int, max_new_tokens
     The prompt's KV is stored once per problem (shared-prefix cache); each row holds its own KV for
     the T latents, EOT and the answer, the fed latents and logit-lens tensors, and the logits of the
     teacher-forced gold answer (float32 log-softmax beside them). Checked against the peak RSS growth
-    of one batch of the embedded model (tests/test_memory.py): T=60 x 181 variants, 4 problems, 518 MB
-    measured, 860 MB estimated; T=6 x 19 variants, 13 problems, 45 MB measured, 137 MB estimated.
+    of one batch of the embedded model (tests/test_memory.py): T=60 x 181 variants, 4 problems, 0.6-1.1 GB
+    measured, 1.5 GB estimated; T=6 x 19 variants, 13 problems, ~45 MB measured, ~230 MB estimated.
     """
     T, e = shape.num_latent, shape.dtype_bytes
     kv_per_token = 2 * shape.n_layers * shape.kv_dim * e  # keys + values, every layer
