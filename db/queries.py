@@ -9,6 +9,7 @@ never from its scheme and k. SQL text is constant: values arrive as named `$name
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 
@@ -61,13 +62,30 @@ def plain(value):
 
 
 # --- runs and their variant groups ---------------------------------------------------------------------
-def runs(store) -> pd.DataFrame:
-    """Every run, newest first."""
-    return store.query_df(
-        "SELECT id, name, status, phase, done, total, problems_per_hour, created, model, dataset, source, notes, "
+RUNS = ("SELECT id, name, status, phase, done, total, problems_per_hour, created, model, dataset, source, notes, "
         "tags, n_variants, elapsed_s, error, batch_size, peak_rss_mb, peak_gpu_mb, positions, "
         "(SELECT count(*) FROM problems p WHERE p.run_id = runs.id AND p.skip_reason IS NOT NULL) AS skipped "
         "FROM runs ORDER BY created DESC, id DESC")
+
+
+def runs(store) -> pd.DataFrame:
+    """Every run, newest first."""
+    return store.query_df(RUNS)
+
+
+def runs_json(store) -> list[dict]:
+    """Every run as `runner status --json` prints it and the status file holds it: JSON values, times as ISO
+    text to the millisecond, non-finite numbers as null. Without pandas: the sweep's thread writes the status
+    file after every batch, and a DataFrame's round trip cost twice the query."""
+    return [{name: _json_value(value) for name, value in row.items()} for row in store.query_records(RUNS)]
+
+
+def _json_value(value):
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="milliseconds")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run_statuses(store) -> dict[int, str]:

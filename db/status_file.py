@@ -28,18 +28,12 @@ def path_for(db_path: str | Path) -> Path:
     return db_path.with_name(db_path.name + SUFFIX)
 
 
-def _runs(store) -> list[dict]:
-    from db import queries  # queries imports nothing of the store; import here keeps store.py light
-    frame = queries.runs(store)
-    return json.loads(frame.to_json(orient="records", date_format="iso"))
-
-
 def publish(store, run_id: int | None = None) -> None:
     """Rewrite the snapshot: every run's row, and run_id's markdown page (the others' pages are kept)."""
-    from db import status_page
+    from db import queries, status_page  # queries imports pandas: here, which keeps store.py light
     target = path_for(store.path)
     previous = read(store.path) or {}
-    runs = _runs(store)
+    runs = queries.runs_json(store)
     ids = {str(r["id"]) for r in runs}
     pages = {k: v for k, v in (previous.get("markdown") or {}).items() if k in ids}
     status = next((r["status"] for r in runs if str(r["id"]) == str(run_id)), None)

@@ -41,7 +41,7 @@ class SweepConfig:
     checkpoint_every: int | None = None  # write the old script's checkpoint_N.json every N problems
     checkpoint_dir: str | None = None
     max_gpu_memory_gb: float | None = None  # GPU memory a batch may use at most (CUDA)
-    memory_budget_gb: float | None = None  # memory a batch may use (None: a share of free RAM / GPU memory)
+    memory_budget_gb: float | None = None  # memory the batches in flight may use (None: a share of free RAM / GPU memory)
     # Checkpoint options (runner/checkpoint.py); None: what the checkpoint declares, else the released value.
     num_latent: int | None = None
     lora_alpha: float | None = None
@@ -108,8 +108,8 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
     Refuses (MemoryBudgetError) a configuration that cannot fit one problem within the budget.
     """
     budget = shape.memory_budget if shape.memory_budget is not None else memory.device_budget(config.device)
-    if config.memory_budget_gb is not None:
-        budget = int(config.memory_budget_gb * 2**30)
+    if config.memory_budget_gb is not None:  # the process's: shared by the batches in flight, as the default is
+        budget = int(config.memory_budget_gb * 2**30) // shape.batches_in_flight
     if config.max_gpu_memory_gb is not None and config.device.startswith("cuda"):
         budget = min(budget, int(config.max_gpu_memory_gb * 2**30))
     # Characters bound a BPE prompt's tokens from above; the model's context bounds them too.

@@ -50,6 +50,7 @@ class ModelShape:
     max_positions: int | None  # the model's context (GPT-2's n_positions); None: no fixed limit
     dtype_bytes: int  # bytes per weight/activation element
     memory_budget: int | None = None  # bytes a batch may use on the model's device, measured now
+    batches_in_flight: int = 1  # batches rolled out side by side, which share the device's memory
     options: dict | None = None  # the checkpoint options load() resolved, with their sources
     options_line: str = ""
 
@@ -64,10 +65,10 @@ class ModelShape:
         positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         device = str(model.device)
         # `auto` sizes one batch from the budget: the batches in flight side by side share it.
-        budget = memory.device_budget(device) // local_workers(model)
+        workers = local_workers(model)
         return ModelShape(model.num_latent, model.n_layers, model.d_model, model.d_model * kv_heads // heads,
                           int(config.vocab_size), positions, torch.finfo(model.dtype).bits // 8,
-                          budget, model.options, model.options_line)
+                          memory.device_budget(device) // workers, workers, model.options, model.options_line)
 
 
 def local_workers(reasoner: LatentReasoner) -> int:
@@ -260,7 +261,7 @@ class LocalExecutor:
         self.shape = ModelShape.of(reasoner)
         if self.workers != local_workers(reasoner):  # another count than ModelShape.of assumed: the budget follows
             budget = self.shape.memory_budget * local_workers(reasoner) // self.workers
-            self.shape = replace(self.shape, memory_budget=budget)
+            self.shape = replace(self.shape, memory_budget=budget, batches_in_flight=self.workers)
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # starts the CPU-time window
 

@@ -14,8 +14,12 @@ import torch
 from runner.errors import MemoryBudgetError
 
 # Rows (problems x variants) of an `auto` batch at most: on a CPU bigger batches stop paying off
-# and hold progress back; a GPU keeps gaining up to thousands of rows.
+# and hold progress back; a GPU keeps gaining up to thousands of rows. A CPU batch of a small model's rows
+# (the embedded one: 0.8 M weights a token) is mostly per-step and per-batch overhead below ~500 rows
+# (bench/throughput.py --batch-size): its cap grows as a row gets cheaper, up to CPU_CHEAP_ROWS.
 MAX_ROWS = {"cpu": 256, "cuda": 4096}
+CPU_CHEAP_ROWS = 1024
+CPU_BATCH_WEIGHTS = 2**30  # rows x weights a token: a CPU batch's cap covers this much matmul work a step
 ANSWER_TOKENS = 16  # teacher-forced gold answer width allowed for (`The answer is: N` is ~6-10 tokens)
 # Allocator slack and transients the sum below does not itemise. On a CPU with shared latent steps
 # (runner/ablation.py) every step's tensors have other row counts, and glibc's heap fragments: a batch of
@@ -60,12 +64,21 @@ def auto_batch_size(shape, n_variants: int, prompt_tokens: int, max_new_tokens: 
     """Problems per batch for `auto`: as many as the row cap and the budget allow; refuses below one."""
     need = bytes_per_problem(shape, n_variants, prompt_tokens, max_new_tokens)
     if need > budget:
+        n = shape.batches_in_flight
+        shared = "" if n == 1 else f" ({budget / 2**30:.1f} GB a batch, {n} batches side by side)"
         raise MemoryBudgetError(
             f"one problem needs about {need / 2**30:.1f} GB ({n_variants} variants x {shape.num_latent} latents, "
-            f"{shape.n_layers} layers of width {shape.d_model}) but the memory budget is {budget / 2**30:.1f} GB: "
+            f"{shape.n_layers} layers of width {shape.d_model}) but the memory budget is {budget * shape.batches_in_flight / 2**30:.1f} GB{shared}: "
             f"use fewer latents (--num-latent), fewer schemes or methods, or a bigger budget")
-    rows = MAX_ROWS["cuda" if device.startswith("cuda") else "cpu"]
-    return max(1, min(rows // n_variants, budget // need))
+    return max(1, min(max_rows(shape, device) // n_variants, budget // need))
+
+
+def max_rows(shape, device: str) -> int:
+    """The row cap of an `auto` batch: MAX_ROWS, on a CPU up to CPU_CHEAP_ROWS for a model whose rows are cheap."""
+    if device.startswith("cuda"):
+        return MAX_ROWS["cuda"]
+    weights = shape.n_layers * 12 * shape.d_model**2 + shape.d_model * shape.vocab  # blocks + logits, a token
+    return max(MAX_ROWS["cpu"], min(CPU_CHEAP_ROWS, CPU_BATCH_WEIGHTS // weights))
 
 
 def check_fixed(shape, n_variants: int, prompt_tokens: int, max_new_tokens: int, budget: int) -> None:

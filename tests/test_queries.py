@@ -229,6 +229,18 @@ def test_runs_groups_and_latest(store, run_id):
     assert queries.latest_run_id(Store(store.path.with_name("empty.duckdb"))) is None
 
 
+def test_runs_json_holds_what_the_runs_frame_holds(store, run_id):
+    """`status --json` and the status file list runs without pandas: the same values as the frame's own JSON
+    (times to the millisecond, NaN and NULL as null), a NULL batch size beside a set one included."""
+    second = build_run(store, "second")
+    store.update_run(second, batch_size=36, problems_per_hour=float("nan"), elapsed_s=2.5)
+    expected = json.loads(queries.runs(store).to_json(orient="records", date_format="iso"))
+    listed = queries.runs_json(store)
+    assert [r["id"] for r in listed] == [second, run_id] and listed[0]["problems_per_hour"] is None
+    assert listed == expected and json.loads(json.dumps(listed)) == listed
+    assert isinstance(listed[0]["created"], str) and len(listed[0]["created"]) == len("2026-12-02T09:47:26.774")
+
+
 def test_compare_validation_against_full(store, run_id):
     both = figures.compare(store, Scope(run_id, phase="validation", scheme="prefix"), Scope(run_id, scheme="prefix"))
     k3 = row(both, k=3)

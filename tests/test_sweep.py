@@ -191,16 +191,22 @@ def test_auto_batch_size_fits_the_memory_budget_and_refuses_what_cannot_fit_one_
     from runner.model import ModelSpec, load
     store = Store(tmp_path / "budget.duckdb")
     long_thoughts = load(ModelSpec(num_latent=1000))
+    long_thoughts.batch_workers = 2  # two batches side by side: each has half the budget, and the line says so
     cfg = SweepConfig(limit=12, memory_budget_gb=4.0)
     with pytest.raises(MemoryBudgetError) as refused:
         Sweep.create(store, long_thoughts, cfg)
+    assert "the memory budget is 4.0 GB (2.0 GB a batch, 2 batches side by side):" in str(refused.value)
+    long_thoughts.batch_workers = 1
+    with pytest.raises(MemoryBudgetError) as refused:
+        Sweep.create(store, long_thoughts, cfg)
     message = str(refused.value)
-    assert "\n" not in message and "3001 variants x 1000 latents" in message and "budget is 4.0 GB" in message
+    assert "\n" not in message and "3001 variants x 1000 latents" in message and "budget is 4.0 GB:" in message
     assert store.query("SELECT count(*) FROM runs")[0][0] == 0
     shape = ModelShape.of(long_thoughts)
     assert memory.bytes_per_problem(shape, 3001, 200, 24) > 16 * 2**30  # what the OOM killer saw, give or take
 
     reasoner = load(ModelSpec(model=str(tiny_model_dir)))
+    reasoner.batch_workers = 1  # one batch at a time: it has the whole budget
     shape, V = ModelShape.of(reasoner), 19  # prefix, single, suffix over 6 latents + the baseline
     need = memory.bytes_per_problem(shape, V, max(len(p.question) for p in data_problems(12)) + 8, 24)
     sizes = {}
@@ -209,7 +215,16 @@ def test_auto_batch_size_fits_the_memory_budget_and_refuses_what_cannot_fit_one_
         run_id = Sweep.create(store, reasoner, SweepConfig(model=str(tiny_model_dir), limit=12,
                                                            memory_budget_gb=budget_gb))
         sizes[problems_fitting] = store.run_row(run_id)["batch_size"]
-    assert sizes == {2: 2, 5: 5, 100: memory.MAX_ROWS["cpu"] // V}, sizes  # the row cap binds last
+    assert sizes == {2: 2, 5: 5, 100: memory.max_rows(shape, "cpu") // V}, sizes  # the row cap binds last
+    reasoner.batch_workers = 2  # two batches side by side share an explicit budget, as they share the default
+    run_id = Sweep.create(store, reasoner, SweepConfig(model=str(tiny_model_dir), limit=12,
+                                                       memory_budget_gb=(10 * need + need // 2) / 2**30))
+    assert store.run_row(run_id)["batch_size"] == 5
+    # The row cap: a small model's rows are cheap on a CPU (up to CPU_CHEAP_ROWS), GPT-2 small's are not.
+    gpt2_small = dataclasses.replace(shape, n_layers=12, d_model=768, kv_dim=768, vocab=50257)
+    assert memory.max_rows(shape, "cpu") == memory.CPU_CHEAP_ROWS > memory.MAX_ROWS["cpu"]
+    assert memory.max_rows(gpt2_small, "cpu") == memory.MAX_ROWS["cpu"]
+    assert memory.max_rows(shape, "cuda:0") == memory.max_rows(gpt2_small, "cuda:0") == memory.MAX_ROWS["cuda"]
 
 
 def data_problems(n: int):

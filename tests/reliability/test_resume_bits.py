@@ -67,7 +67,7 @@ def _wait_for_batches(db, pid: int, err, at_least: int) -> None:
 
 
 def test_a_sigkilled_auto_run_resumed_equals_an_uninterrupted_one_bit_for_bit(tmp_path, forkserver, ledger):
-    """The embedded model, `--batch-size auto` (13 problems of 19 variants a batch), SIGKILLed after its
+    """The embedded model, `--batch-size auto` (53 problems of 19 variants a batch), SIGKILLed after its
     second batch; the CLI's --resume finishes it. Every stored column equals the uninterrupted run's."""
     argv = ["sweep", "--limit", "120", "--validation", "20", "--quiet"]
     whole, parted = tmp_path / "whole.duckdb", tmp_path / "parted.duckdb"
