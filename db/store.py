@@ -121,6 +121,7 @@ class Store:
             self._conn.close()
             raise
         self._local = threading.local()
+        self.pages = status_file.Pages(self)  # the status file's markdown pages, built off the caller's thread
         try:
             with self._errors("checking the schema"):
                 migrate(self._conn.cursor(), self.path, read_only=read_only)  # refuses a newer file in one line
@@ -198,6 +199,7 @@ class Store:
                     self.cursor().execute(sql, _params(params)).fetchnumpy().items()}
 
     def close(self) -> None:
+        self.pages.close()  # the pages asked for are written first: they read this connection
         with contextlib.suppress(duckdb.Error):
             self._conn.close()
 

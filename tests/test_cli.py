@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -218,8 +219,21 @@ def test_status_works_while_another_process_holds_the_database(swept, capsys, tm
         holder.wait(timeout=60)
 
 
-def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir, monkeypatch):
+def test_a_cli_sweep_leaves_its_last_status_page_in_the_status_file(tmp_path):
+    """Pages are built on a thread of their own; a `python -m runner sweep` that ends without closing its store
+    still writes the page of its last status before the process exits."""
     from db import status_file
+    db = tmp_path / "exit.duckdb"
+    done = subprocess.run([sys.executable, "-m", "runner", "sweep", "--limit", "6", "--db", str(db), "--quiet"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    snapshot = status_file.read(db)
+    assert snapshot["runs"][0]["status"] == "finished"
+    assert snapshot["markdown"]["1"].startswith("# Run 1: ") and "— finished" in snapshot["markdown"]["1"]
+
+
+def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir, monkeypatch):
+    from db import status_file, status_page
     from runner.sweep import Sweep, SweepConfig
     monkeypatch.setattr(status_file, "PAGE_EVERY_S", 0.0)  # the page too, every batch (else every 10 s)
     store = Store(tmp_path / "live.duckdb")
@@ -228,12 +242,18 @@ def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, 
     seen = []
 
     def check(progress):
+        store.pages.flush()  # the page is built on a thread of its own: here it is in
         snapshot = status_file.read(store.path)
         row = next(r for r in snapshot["runs"] if r["id"] == run_id)
         seen.append((progress.done, row["done"], row["status"], f"{row['done']}/12 problems" in
                      snapshot["markdown"][str(run_id)]))
 
+    built_on = []
+    build = status_page.status_markdown
+    monkeypatch.setattr(status_page, "status_markdown", lambda *args: built_on.append(
+        threading.current_thread().name) or build(*args))
     assert Sweep(store, tiny_reasoner, config, run_id, on_progress=check).run() == "finished"
+    assert built_on and set(built_on) == {"status-pages"}  # never on the sweep's thread
     assert [s for s in seen if s[2] == "running" and s[0]] == [(4, 4, "running", True), (8, 8, "running", True),
                                                                (12, 12, "running", True)]
     assert seen[-1] == (12, 12, "finished", True)
@@ -241,9 +261,11 @@ def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, 
 
     monkeypatch.setattr(status_file, "PAGE_EVERY_S", 3600.0)  # throttled page: the run list still follows
     store.update_run(run_id, notes="checked")
-    snapshot = status_file.read(store.path)
+    snapshot = status_file.read(store.path)  # the run list at once, before update_run returns
     assert snapshot["runs"][0]["notes"] == "checked" and "12/12 problems" in snapshot["markdown"][str(run_id)]
-    store.update_run(run_id, status="stopped")  # a new status rebuilds the page at once
+    store.update_run(run_id, status="stopped")  # a new status rebuilds the page
+    assert status_file.read(store.path)["runs"][0]["status"] == "stopped"
+    store.close()  # waits for the pages asked for
     assert "— stopped" in status_file.read(store.path)["markdown"][str(run_id)]
 
 
