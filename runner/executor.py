@@ -278,18 +278,22 @@ class LocalExecutor:
                 yield rollout_batch(self.reasoner, job, queue.popleft(), self.process, self.device)
             return
         flight: deque = deque()  # (batch, future), oldest first
+
+        def hand_out() -> None:
+            while queue and not stop.is_set() and len(flight) < self.workers:
+                batch = queue.popleft()
+                flight.append((batch, _in_thread(rollout_batch, self.reasoner, job, batch, self.process, self.device)))
         with one_torch_thread():
             try:
                 while True:
-                    while queue and not stop.is_set() and len(flight) < self.workers:
-                        batch = queue.popleft()
-                        flight.append((batch, _in_thread(rollout_batch, self.reasoner, job, batch, self.process,
-                                                         self.device)))
+                    hand_out()
                     if not flight:
                         return
                     result = flight.popleft()[1].result()
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
                         _hand_back(flight, queue)
+                    else:  # the next batch computes while the sweep writes this one
+                        hand_out()
                     yield result
                     if stop.is_set():  # the batches started since go back unused: one worker would not have run them
                         _hand_back(flight, queue)
