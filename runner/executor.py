@@ -272,18 +272,17 @@ class LocalExecutor:
             return reference_values(self.reasoner, problems, n, layer, batch_size, max_new_tokens)
 
     def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
-        """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""
-        if self.workers == 1:
-            while queue and not stop.is_set():
-                yield rollout_batch(self.reasoner, job, queue.popleft(), self.process, self.device)
-            return
+        """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result.
+
+        Batches run on threads of their own, one worker included (so that the next batch computes on the CPU
+        or GPU while the sweep's thread writes the last one)."""
         flight: deque = deque()  # (batch, future), oldest first
 
         def hand_out() -> None:
             while queue and not stop.is_set() and len(flight) < self.workers:
                 batch = queue.popleft()
                 flight.append((batch, _in_thread(rollout_batch, self.reasoner, job, batch, self.process, self.device)))
-        with one_torch_thread():
+        with one_torch_thread() if self.workers > 1 else contextlib.nullcontext():
             try:
                 while True:
                     hand_out()
@@ -298,8 +297,8 @@ class LocalExecutor:
                     if stop.is_set():  # the batches started since go back unused: one worker would not have run them
                         _hand_back(flight, queue)
                         return
-            finally:  # an error, an abort, the sweep gone: not waited for here (their threads only compute)
-                queue.extendleft(reversed([batch for batch, _ in flight]))
+            finally:  # an error, an abort, the sweep gone: no batch thread outlives the sweep (a next run
+                _hand_back(flight, queue)  # gets the cores); a Ctrl-C during the wait leaves at once
 
     def close(self) -> None:
         pass
@@ -307,7 +306,7 @@ class LocalExecutor:
 
 def _in_thread(function, *args) -> Future:
     """function(*args) on a thread of its own. Not a daemon: a process that exits mid-batch (a second Ctrl-C)
-    waits for it, as the one-worker loop finishes its torch op (C++ threads killed at exit abort the process)."""
+    waits for it (C++ threads killed at exit abort the process)."""
     future: Future = Future()
 
     def work() -> None:
