@@ -249,12 +249,17 @@ def require_results(svc: SweepService) -> dict:
 
 # --- starting sweeps -------------------------------------------------------------------------------
 def demo_config() -> SweepConfig:
-    """The embedded model on the built-in problems with the default variants.
+    """The embedded model on the built-in problems with the default variants, DEMO_BATCH problems a batch.
 
     THOUGHTSWEEP_DEMO_LIMIT shrinks it (the browser test, a slow laptop); validation is a quarter, at most 30.
     """
     limit = int(os.environ.get("THOUGHTSWEEP_DEMO_LIMIT", "120"))
-    return SweepConfig(run_name="demo", limit=limit, validation=min(30, limit // 4))
+    return SweepConfig(run_name="demo", limit=limit, validation=min(30, limit // 4), batch_size=DEMO_BATCH)
+
+
+# The demo is watched: its pages redraw after every batch. `auto` would take 53 problems a batch on a CPU
+# (runner/memory.py: the embedded model's rows are cheap), three batches for the whole demo.
+DEMO_BATCH = 12
 
 
 def start_sweep(config: SweepConfig) -> int | None:

@@ -153,16 +153,22 @@ def build_parser(defaults: bool = True) -> Parser:
     return parser
 
 
+_opened: list = []  # the stores this command opened: main() closes them (their status pages written first)
+
+
 def _open(path: str, must_exist: bool = True):
     from db.store import Store, StoreError
     if must_exist and not os.path.exists(path):
         raise CliError(f"database {path} does not exist (pass --db)")
     try:
-        return Store(path)
+        store = Store(path)
     except StoreError as error:
         if os.path.exists(path) and not os.access(path, os.W_OK):
-            return Store(path, read_only=True)  # a copied, read-only file still opens for reading
-        raise error
+            store = Store(path, read_only=True)  # a copied, read-only file still opens for reading
+        else:
+            raise error
+    _opened.append(store)
+    return store
 
 
 def _run_id(store, requested: int | None) -> int:
@@ -536,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
         say(f"error: {type(error).__name__}: {first} (THOUGHTSWEEP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:  # closed when the command ends, not when the last reference goes: a page may still be building
+        while _opened:
+            _opened.pop().close()
 
 
 if __name__ == "__main__":

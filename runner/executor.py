@@ -253,6 +253,8 @@ class LocalExecutor:
     what it computes alone on one thread, and results are yielded in hand-out order: a stop or an
     out-of-memory drops (or hands back) the batches started after the one yielded, so the committed
     batches are those of one worker, bit for bit. On CUDA one worker (one stream does the batching).
+    Batches run on threads of their own, one worker's too: the next one is handed out before a result
+    is yielded, so it computes while the sweep's thread writes that one.
     """
 
     def __init__(self, reasoner: LatentReasoner, workers: int | None = None):
@@ -272,10 +274,7 @@ class LocalExecutor:
             return reference_values(self.reasoner, problems, n, layer, batch_size, max_new_tokens)
 
     def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
-        """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result.
-
-        Batches run on threads of their own, one worker included (so that the next batch computes on the CPU
-        or GPU while the sweep's thread writes the last one)."""
+        """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""
         flight: deque = deque()  # (batch, future), oldest first
 
         def hand_out() -> None:

@@ -151,6 +151,8 @@ class Sweep:
                 self.store.update_run(self.run_id, status="failed", error=message, pid=None, finished=True)
             self._emit("failed", error=message)
             raise
+        finally:  # when run() returns, the status file holds the pages of the run's last status
+            self.store.pages.flush()
 
     # --- phases -----------------------------------------------------------------------------------
     def _references(self) -> dict[str, Reference]:
