@@ -205,7 +205,8 @@ def sweep_form() -> Plan:
                             disabled=st.session_state["batch_auto"], help="Problems per batch")
         st.toggle("Automatic batch size", key="batch_auto", **KEEP,
                   help="Chosen once for the run from the model's size and the free memory (at most 256 rows of "
-                       "problems x variants on a CPU, up to 1,024 for a small model), kept on resume so the run's numbers do not depend on it")
+                       "problems x variants on a CPU, up to 1,024 for a small model), kept on resume so the run's "
+                       "numbers do not depend on it")
 
     site = "latent" if st.session_state["site_kind"] == "latent" else f"resid:{st.session_state['site_layer']}"
     config = SweepConfig(

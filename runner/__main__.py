@@ -87,8 +87,8 @@ def build_parser(defaults: bool = True) -> Parser:
     sweep.add_argument("--checkpoint-dir", default=None)
     sweep.add_argument("--max-gpu-memory-gb", type=float, default=None)
     sweep.add_argument("--memory-budget-gb", type=float, default=None,
-                       help="memory the sweep's batches may use, shared by those rolled out side by side (default: 70%% "
-                            "of the free RAM, or GPU memory on CUDA); "
+                       help="memory the sweep's batches may use, shared by those rolled out side by side "
+                            "(default: 70%% of the free RAM, or GPU memory on CUDA); "
                             "'auto' sizes batches to it and a configuration that cannot fit one problem is refused")
     sweep.add_argument("--max-new-tokens", type=int, default=24, help="answer tokens decoded at most")
     ckpt = sweep.add_argument_group("checkpoint options", "default: what the checkpoint declares (codi_config.json, "

@@ -41,7 +41,7 @@ class SweepConfig:
     checkpoint_every: int | None = None  # write the old script's checkpoint_N.json every N problems
     checkpoint_dir: str | None = None
     max_gpu_memory_gb: float | None = None  # GPU memory a batch may use at most (CUDA)
-    memory_budget_gb: float | None = None  # memory the batches in flight may use (None: a share of free RAM / GPU memory)
+    memory_budget_gb: float | None = None  # memory the batches in flight share (None: a share of free RAM / GPU)
     # Checkpoint options (runner/checkpoint.py); None: what the checkpoint declares, else the released value.
     num_latent: int | None = None
     lora_alpha: float | None = None

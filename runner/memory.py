@@ -64,11 +64,12 @@ def auto_batch_size(shape, n_variants: int, prompt_tokens: int, max_new_tokens: 
     """Problems per batch for `auto`: as many as the row cap and the budget allow; refuses below one."""
     need = bytes_per_problem(shape, n_variants, prompt_tokens, max_new_tokens)
     if need > budget:
-        n = shape.batches_in_flight
+        n = shape.batches_in_flight  # the budget given is theirs together: one batch has budget of it
         shared = "" if n == 1 else f" ({budget / 2**30:.1f} GB a batch, {n} batches side by side)"
         raise MemoryBudgetError(
             f"one problem needs about {need / 2**30:.1f} GB ({n_variants} variants x {shape.num_latent} latents, "
-            f"{shape.n_layers} layers of width {shape.d_model}) but the memory budget is {budget * shape.batches_in_flight / 2**30:.1f} GB{shared}: "
+            f"{shape.n_layers} layers of width {shape.d_model}) but the memory budget is "
+            f"{budget * n / 2**30:.1f} GB{shared}: "
             f"use fewer latents (--num-latent), fewer schemes or methods, or a bigger budget")
     return max(1, min(max_rows(shape, device) // n_variants, budget // need))
 
