@@ -307,8 +307,13 @@ def _in_thread(function, *args) -> Future:
     """function(*args) on a thread of its own. Not a daemon: a process that exits mid-batch (a second Ctrl-C)
     waits for it (C++ threads killed at exit abort the process)."""
     future: Future = Future()
+    # A new thread's OpenMP, which MKL's matmuls use, starts at the machine's default thread count whatever
+    # torch.get_num_threads() says; torch sets it to its own count only at the thread's first parallel ATen op,
+    # so a matmul before that ran on every core. The thread sets the caller's count first.
+    threads = torch.get_num_threads()
 
     def work() -> None:
+        torch.set_num_threads(threads)
         future.set_running_or_notify_cancel()  # never cancelled: a batch once handed out runs to its end
         try:
             future.set_result(function(*args))

@@ -334,3 +334,24 @@ def test_batches_run_side_by_side_on_a_cpu_one_per_torch_thread(tiny_reasoner):
         assert LocalExecutor(tiny_reasoner).workers == 1
     finally:
         torch.set_num_threads(before)
+
+
+
+def test_a_batch_thread_computes_on_the_thread_count_of_the_thread_that_handed_it_out():
+    """runner/executor.py's batch threads: OpenMP, which MKL's matmuls use, gives a new thread the machine's
+    default count until torch's first parallel op in it; a batch thread has the sweep's count from the start."""
+    import ctypes
+    import os
+    from runner.executor import _in_thread
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(library):
+        pytest.skip("this torch build does not ship GNU OpenMP, whose thread count the test reads")
+    if os.cpu_count() < 2:
+        pytest.skip("one core: a new thread's default is one thread too")
+    openmp, before = ctypes.CDLL(library), torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _in_thread(openmp.omp_get_max_threads).result() == threads
+    finally:
+        torch.set_num_threads(before)
