@@ -58,6 +58,7 @@ def main() -> None:
         started = time.process_time()
         rollout()
         best = min(best, time.process_time() - started)
+    forwards = timed_forwards(reasoner, rollout)
     peak = matmul_peak_gflops().cpu
     with torch.profiler.profile() as profiler:
         rollout()
@@ -68,7 +69,7 @@ def main() -> None:
     report = {"problems": args.batch, "rows": args.batch * len(variants), "model_gflop": counted.flops / 1e9,
               "cpu_seconds": best, "gflop_per_cpu_s": counted.flops / best / 1e9, "matmul_peak_gflop_per_cpu_s": peak,
               "fraction_of_matmul_peak": counted.flops / best / 1e9 / peak, "profile_shares": shares,
-              "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
+              "forwards_ms": forwards, "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -78,6 +79,36 @@ def main() -> None:
           f"of the fp32 matmul peak ({peak:.0f} GFLOP per CPU second)")
     for group, share in shares.items():
         print(f"  {100 * share:5.1f}%  {group}")
+    print("wall clock by forward (no profiler): " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in forwards.items()))
+
+
+def timed_forwards(reasoner, rollout) -> dict[str, float]:
+    """Milliseconds of one rollout by forward, in the loop's order: the prompt, the latent steps, EOT, the
+    teacher-forced gold answer (one forward of several tokens), the decoding steps (the first, with every
+    row, apart), and the rest (the loop's own work between forwards)."""
+    spent: list[tuple[int, int, float]] = []  # (rows, tokens, seconds) per forward
+    forward = reasoner._forward
+
+    def timed(cache, attended, position_ids, inputs_embeds=None, input_ids=None, *args, **kwargs):
+        started = time.perf_counter()
+        out = forward(cache, attended, position_ids, inputs_embeds, input_ids, *args, **kwargs)
+        x = input_ids if input_ids is not None else inputs_embeds
+        spent.append((x.shape[0], x.shape[1], time.perf_counter() - started))
+        return out
+    reasoner._forward = timed  # an instance attribute in front of the method, removed below
+    try:
+        started = time.perf_counter()
+        rollout()
+        total = time.perf_counter() - started
+    finally:
+        del reasoner._forward
+    T = reasoner.num_latent
+    prompt, latents, eot, rest = spent[0], spent[1 : T + 1], spent[T + 1], spent[T + 2 :]
+    gold = [rest.pop(0)] if rest and rest[0][1] > 1 else []
+    parts = {"prompt": [prompt], f"{T} latent steps": latents, "EOT": [eot], "gold answer": gold,
+             "first decoding step": rest[:1], f"{max(len(rest) - 1, 0)} more decoding steps": rest[1:]}
+    ms = {name: 1e3 * sum(s for _, _, s in part) for name, part in parts.items()}
+    return ms | {"rest": 1e3 * total - sum(ms.values()), "rollout": 1e3 * total}
 
 
 if __name__ == "__main__":

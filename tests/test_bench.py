@@ -32,6 +32,17 @@ def test_breakdown_splits_one_batch_into_operator_groups():
     report = bench("breakdown.py", "--batch", "4", "--repeats", "1")
     assert report["rows"] == 4 * 7 and 0 < report["fraction_of_matmul_peak"] < 1
     assert sum(report["profile_shares"].values()) == pytest.approx(1) and report["profile_shares"]["matmul"] > 0
+    forwards = report["forwards_ms"]  # every forward of the loop in its part, the parts summing to the rollout
+    assert forwards["prompt"] > 0 and forwards["6 latent steps"] > 0 and forwards["EOT"] > 0 and forwards["gold answer"] > 0
+    assert sum(ms for name, ms in forwards.items() if name != "rollout") == pytest.approx(forwards["rollout"])
+
+
+@pytest.mark.slow
+def test_side_by_side_times_two_batches_as_threads_as_processes_and_one_on_two_threads():
+    report = bench("side_by_side.py", "--batch", "4", "--repeats", "1")
+    assert report["rows"] == 4 * 7
+    for arrangement in ("threads_side_by_side", "processes_side_by_side", "one_batch_on_2_threads"):
+        assert report[f"speedup_{arrangement}"] > 0
 
 
 @pytest.mark.slow
