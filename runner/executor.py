@@ -248,9 +248,10 @@ class LocalExecutor:
     """Batches rolled out in this process on the model it holds: `workers` at a time, one torch thread each.
 
     A batch of one-token steps (latents, EOT, decoding) is many small ops that a second torch thread
-    hardly speeds up; two whole batches side by side use two cores (measured on 2 cores: 1.9x for
-    batches side by side, 1.4-1.9x for one batch on two threads). Each batch still computes exactly
-    what it computes alone on one thread, and results are yielded in hand-out order: a stop or an
+    speeds up little; two whole batches side by side use two cores (measured on 2 cores, one batch alone
+    = 1x: side by side 1.9x on an AMD EPYC, 1.5-1.6x on an Intel Xeon, where the GIL they share costs
+    more; one batch on two threads 1.4-1.9x and 1.6-1.7x: bench/side_by_side.py). Side by side, each
+    batch still computes exactly what it computes alone on one thread, and results are yielded in hand-out order: a stop or an
     out-of-memory drops (or hands back) the batches started after the one yielded, so the committed
     batches are those of one worker, bit for bit. On CUDA one worker (one stream does the batching).
     Batches run on threads of their own, one worker's too: the next one is handed out before a result
