@@ -34,22 +34,28 @@ GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
           "copies and indexing": ("aten::copy_", "aten::index", "aten::index_copy_", "aten::scatter", "aten::gather")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128, help="problems in the batch")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rollouts; the fastest counts")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def seed_batch(size: int):
+    """The embedded model on one torch thread and one batch of `size` built-in problems under the seed's 7
+    variants: (reasoner, variants, rollout), rollout() running it with gold scoring and the old loop's cap."""
     torch.set_num_threads(1)
     reasoner = load(ModelSpec())
-    problems = data.load_problems("builtin", limit=args.batch)
+    problems = data.load_problems("builtin", limit=size)
     variants = ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent)
     plan = ablation.make_plan(variants, [p.problem_id for p in problems], reasoner.num_latent, reasoner.d_model)
 
     def rollout():
         return reasoner.rollout([p.question for p in problems], plan, golds=[p.gold for p in problems],
                                 max_new_tokens=200)
+    return reasoner, len(variants), rollout
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128, help="problems in the batch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rollouts; the fastest counts")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    reasoner, n_variants, rollout = seed_batch(args.batch)
     rollout()  # warm-up
     with ModelFlops(reasoner) as counted:
         rollout()
@@ -66,14 +72,14 @@ def main() -> None:
     total = sum(self_us.values())
     shares = {group: sum(self_us[name] for name in names) / total for group, names in GROUPS.items()}
     shares["rest (small ops, Python)"] = 1 - sum(shares.values())
-    report = {"problems": args.batch, "rows": args.batch * len(variants), "model_gflop": counted.flops / 1e9,
+    report = {"problems": args.batch, "rows": args.batch * n_variants, "model_gflop": counted.flops / 1e9,
               "cpu_seconds": best, "gflop_per_cpu_s": counted.flops / best / 1e9, "matmul_peak_gflop_per_cpu_s": peak,
               "fraction_of_matmul_peak": counted.flops / best / 1e9 / peak, "profile_shares": shares,
               "forwards_ms": forwards, "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.batch} problems x {len(variants)} variants, 1 thread: {report['model_gflop']:.1f} model GFLOP in "
+    print(f"{args.batch} problems x {n_variants} variants, 1 thread: {report['model_gflop']:.1f} model GFLOP in "
           f"{best:.3f} CPU s = {report['gflop_per_cpu_s']:.1f} GFLOP/s = "
           f"{100 * report['fraction_of_matmul_peak']:.0f}% "
           f"of the fp32 matmul peak ({peak:.0f} GFLOP per CPU second)")

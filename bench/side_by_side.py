@@ -1,6 +1,6 @@
 """How two CPU cores share the rollout: `python bench/side_by_side.py [--batch N] [--json]`.
 
-One batch of the built-in problems (the seed's 7 variants, gold scoring on, the old loop's cap)
+One batch of the built-in problems (bench/breakdown.py's: the seed's 7 variants, gold scoring on)
 rolled out (1) alone on one torch thread, (2) twice at once on two Python threads of one process,
 one torch thread each (what runner/executor.py's LocalExecutor does with two workers), (3) twice at
 once in two forked processes, one torch thread each, and (4) alone on two torch threads. Each
@@ -23,8 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner import ablation, data  # noqa: E402
-from runner.model import ModelSpec, load  # noqa: E402
+from bench.breakdown import seed_batch  # noqa: E402
 
 
 def main() -> None:
@@ -33,15 +32,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="timed tries of each arrangement; the fastest counts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    reasoner = load(ModelSpec())
-    problems = data.load_problems("builtin", limit=args.batch)
-    variants = ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent)
-    plan = ablation.make_plan(variants, [p.problem_id for p in problems], reasoner.num_latent, reasoner.d_model)
+    _, n_variants, one_batch = seed_batch(args.batch)
 
     def rollout(threads: int = 1) -> None:
         torch.set_num_threads(threads)  # a new thread or process sets its own (see runner/executor.py)
-        reasoner.rollout([p.question for p in problems], plan, golds=[p.gold for p in problems], max_new_tokens=77)
+        one_batch()
 
     def threads_side_by_side() -> None:
         pair = [threading.Thread(target=rollout) for _ in range(2)]
@@ -68,7 +63,7 @@ def main() -> None:
 
     rollout()  # warm-up
     alone = best(rollout)
-    report = {"problems": args.batch, "rows": args.batch * len(variants), "alone_1_thread_s": alone,
+    report = {"problems": args.batch, "rows": args.batch * n_variants, "alone_1_thread_s": alone,
               "threads_side_by_side_s": best(threads_side_by_side),
               "processes_side_by_side_s": best(processes_side_by_side),
               "alone_2_threads_s": best(lambda: rollout(2))}
@@ -79,7 +74,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"one batch of {args.batch} problems x {len(variants)} variants alone on one thread: {1e3 * alone:.0f} ms")
+    print(f"one batch of {args.batch} problems x {n_variants} variants alone on one thread: {1e3 * alone:.0f} ms")
     for name, key in (("two batches on two threads of one process", "threads_side_by_side"),
                       ("two batches in two processes", "processes_side_by_side")):
         print(f"{name}: {1e3 * report[key + '_s']:.0f} ms, {report['speedup_' + key]:.2f}x of one core")
