@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from bench.reference import reference_answer  # noqa: E402
 from db.store import Store  # noqa: E402
 from runner import ablation, data  # noqa: E402
 from runner.model import ModelSpec, load  # noqa: E402
+from runner.executor import LocalExecutor  # noqa: E402
 from runner.sweep import Sweep, SweepConfig  # noqa: E402
 
 SEED_SCHEMES = ("prefix",)  # the old configuration: baseline + prefix k = 1..6, zero, latent
@@ -48,16 +50,25 @@ class Seconds(NamedTuple):
     cpu: float
 
 
-def engine_sweep(reasoner, n: int, schemes: tuple[str, ...], batch_size, max_new_tokens: int = 24) -> tuple[Seconds, dict]:
-    """The product's sweep into a fresh DuckDB file: seconds, and answer text per (problem, variant key)."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the sweep's worker processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def engine_sweep(reasoner, n: int, schemes: tuple[str, ...], batch_size, max_new_tokens: int = 24,
+                 in_process: bool = False) -> tuple[Seconds, dict]:
+    """The product's sweep into a fresh DuckDB file: seconds, and answer text per (problem, variant key).
+    `in_process`: its batches on threads of this process, where ModelFlops sees their forwards."""
     with tempfile.TemporaryDirectory() as folder:
         store = Store(Path(folder) / "bench.duckdb")
         config = SweepConfig(dataset="builtin", limit=n, schemes=schemes, methods=("zero",), batch_size=batch_size,
                              max_new_tokens=max_new_tokens)
-        started, cpu = time.perf_counter(), time.process_time()
+        started, cpu = time.perf_counter(), cpu_seconds()
         run_id = Sweep.create(store, reasoner, config)
-        status = Sweep(store, reasoner, config, run_id).run()
-        seconds = Seconds(time.perf_counter() - started, time.process_time() - cpu)
+        executor = LocalExecutor(reasoner, processes=False) if in_process else reasoner
+        status = Sweep(store, executor, config, run_id).run()
+        seconds = Seconds(time.perf_counter() - started, cpu_seconds() - cpu)
         assert status == "finished", status
         answers = dict(((p, v), a) for p, v, a in store.query(
             "SELECT problem_id, variant, answer_text FROM results WHERE run_id = ?", [run_id]))
@@ -68,14 +79,14 @@ def engine_sweep(reasoner, n: int, schemes: tuple[str, ...], batch_size, max_new
 def peer_sweep(reasoner, problems, schemes, batch: int, max_new_tokens: int) -> tuple[Seconds, dict]:
     """bench/peer.py over the same problems and variants: seconds, and answer text per (problem, variant key)."""
     variants = ablation.expand(schemes, ("zero",), "latent", "recompute", reasoner.num_latent)
-    answers, started, cpu = {}, time.perf_counter(), time.process_time()
+    answers, started, cpu = {}, time.perf_counter(), cpu_seconds()
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         tokens = peer_answers(reasoner, [p.question for p in chunk],
                               [v.ablated_positions(reasoner.num_latent) for v in variants], max_new_tokens)
         for variant, rows in zip(variants, tokens):
             answers |= {(p.problem_id, variant.key): reasoner.decode(t) for p, t in zip(chunk, rows)}
-    return Seconds(time.perf_counter() - started, time.process_time() - cpu), answers
+    return Seconds(time.perf_counter() - started, cpu_seconds() - cpu), answers
 
 
 class ModelFlops:
@@ -200,9 +211,12 @@ def main() -> None:
 
     for label, schemes in (("seed", SEED_SCHEMES), ("default", DEFAULT_SCHEMES)):
         engine_times, peer_times, mismatches = [], [], []
+        # Forwards are counted in a sweep of its own, untimed, with the same batches on threads of this
+        # process: the timed sweeps' worker processes (runner/workers.py) count in their own memory.
+        with ModelFlops(reasoner) as counted:
+            engine_sweep(reasoner, args.problems, schemes, batch_size, mnt, in_process=True)
         for round_ in range(args.rounds):  # alternating, so that load on a shared machine hits both sides
-            with ModelFlops(reasoner) as counted:
-                seconds, engine_answers = engine_sweep(reasoner, args.problems, schemes, batch_size, mnt)
+            seconds, engine_answers = engine_sweep(reasoner, args.problems, schemes, batch_size, mnt)
             engine_times.append(seconds)
             seconds, peer_answer = peer_sweep(reasoner, problems[: args.problems], schemes, args.peer_batch, mnt)
             peer_times.append(seconds)

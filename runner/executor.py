@@ -2,9 +2,9 @@
 
 The loop over batches, phases, references, progress and stop is `runner.sweep.Sweep`'s alone. It
 hands a phase's batches to an executor through a queue (cut in problem order, first out) and
-writes each `BatchResult` the executor yields. `LocalExecutor` rolls batches out in this process:
-on a CPU one batch per core at a time, each on one torch thread (`workers`), yielded in the order
-they were handed out, so that it commits exactly the batches, in exactly the order, of one batch at
+writes each `BatchResult` the executor yields. `LocalExecutor` rolls batches out on this machine:
+on a CPU one batch per core at a time, each on one torch thread (`workers`; several of them in
+forked worker processes, runner/workers.py), yielded in the order they were handed out, so that it commits exactly the batches, in exactly the order, of one batch at
 a time; `runner.distributed.RayExecutor` keeps one batch in flight per Ray actor and yields results
 as they complete. Both turn a batch into rows with `rollout_batch`, so they store
 the same rows for the same batches.
@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from runner import ablation, answers
+from runner import workers as forked
 from runner.ablation import Variant
 from runner.errors import SweepError
 from runner.model import LatentReasoner, official_question
@@ -245,22 +246,27 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Batches rolled out in this process on the model it holds: `workers` at a time, one torch thread each.
+    """Batches rolled out on this machine with the model this process holds: `workers` at a time, one torch
+    thread each.
 
     A batch of one-token steps (latents, EOT, decoding) is many small ops that a second torch thread
-    speeds up little; two whole batches side by side use two cores (measured on 2 cores, one batch alone
-    = 1x: side by side 1.9x on an AMD EPYC, 1.5-1.6x on an Intel Xeon, where the GIL they share costs
-    more; one batch on two threads 1.4-1.9x and 1.6-1.7x: bench/side_by_side.py). Side by side, each
-    batch still computes exactly what it computes alone on one thread, and results are yielded in hand-out order: a stop or an
-    out-of-memory drops (or hands back) the batches started after the one yielded, so the committed
-    batches are those of one worker, bit for bit. On CUDA one worker (one stream does the batching).
-    Batches run on threads of their own, one worker's too: the next one is handed out before a result
-    is yielded, so it computes while the sweep's thread writes that one.
+    speeds up little; two whole batches side by side use two cores. On a CPU with several workers they
+    run in worker processes forked from this one (runner/workers.py; Linux), because on threads of one
+    process the GIL they share costs them (bench/side_by_side.py, 2 cores, one batch alone = 1x: on
+    threads 1.9x on an AMD EPYC, 1.5-1.6x on an Intel Xeon); `processes=False` keeps threads. Each batch
+    computes exactly what it computes alone on one thread, and results are yielded in hand-out order: a
+    stop or an out-of-memory drops (or hands back) the batches started after the one yielded, so the
+    committed batches are those of one worker, bit for bit. On CUDA one worker (one stream does the
+    batching). One worker's batches run on a thread of their own: the next one is handed out before a
+    result is yielded, so it computes while the sweep's thread writes that one (so do the workers').
     """
 
-    def __init__(self, reasoner: LatentReasoner, workers: int | None = None):
+    def __init__(self, reasoner: LatentReasoner, workers: int | None = None, processes: bool | None = None):
         self.reasoner, self.device = reasoner, str(reasoner.device)
         self.workers = max(1, workers or local_workers(reasoner))
+        # Several CPU workers: forked processes by default (runner/workers.py: the GIL costs threads a third).
+        self.processes = (self.workers > 1 and self.device == "cpu" and forked.available()) \
+            if processes is None else processes
         self.shape = ModelShape.of(reasoner)
         if self.workers != local_workers(reasoner):  # another count than ModelShape.of assumed: the budget follows
             budget = self.shape.memory_budget * local_workers(reasoner) // self.workers
@@ -277,11 +283,13 @@ class LocalExecutor:
     def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
         """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""
         flight: deque = deque()  # (batch, future), oldest first
+        pool = forked.ForkedWorkers(self.reasoner, self.workers) if self.processes else None
 
         def hand_out() -> None:
             while queue and not stop.is_set() and len(flight) < self.workers:
                 batch = queue.popleft()
-                flight.append((batch, _in_thread(rollout_batch, self.reasoner, job, batch, self.process, self.device)))
+                flight.append((batch, pool.submit(job, batch, self.device) if pool else
+                               _in_thread(rollout_batch, self.reasoner, job, batch, self.process, self.device)))
         with one_torch_thread() if self.workers > 1 else contextlib.nullcontext():
             try:
                 while True:
@@ -297,8 +305,10 @@ class LocalExecutor:
                     if stop.is_set():  # the batches started since go back unused: one worker would not have run them
                         _hand_back(flight, queue)
                         return
-            finally:  # an error, an abort, the sweep gone: no batch thread outlives the sweep (a next run
-                _hand_back(flight, queue)  # gets the cores); a Ctrl-C during the wait leaves at once
+            finally:  # an error, an abort, the sweep gone: no batch thread or worker outlives the sweep (a
+                _hand_back(flight, queue)  # next run gets the cores); a Ctrl-C during the wait leaves at once
+                if pool is not None:
+                    pool.close()
 
     def close(self) -> None:
         pass

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 
+import psutil
 import pytest
 import torch
 
@@ -281,17 +283,21 @@ def stored_in_order(store, run_id) -> list[tuple]:
     return store.query(f"SELECT {COLUMNS} FROM results WHERE run_id = ? ORDER BY rowid", [run_id])
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers, processes", [(2, True), (3, True), (2, False)])
 def test_batches_side_by_side_commit_exactly_what_one_batch_at_a_time_commits(tmp_path, tiny_reasoner,
-                                                                              tiny_model_dir, workers):
-    """runner/executor.py's LocalExecutor with several workers: the same rows bit for bit, committed in the same
-    order; a stop after the first batch leaves just that batch (the ones started beside it go back), and the
-    resume ends where the uninterrupted run ends; a fault or an out-of-memory in a later batch in flight
-    changes nothing before it."""
+                                                                              tiny_model_dir, workers, processes):
+    """runner/executor.py's LocalExecutor with several workers, in forked processes (runner/workers.py) or on
+    threads: the same rows bit for bit, committed in the same order; a stop after the first batch leaves just
+    that batch (the ones started beside it go back), and the resume ends where the uninterrupted run ends; a
+    fault or an out-of-memory in a later batch in flight changes nothing before it."""
+    from runner import workers as forked
     from runner.executor import LocalExecutor, one_torch_thread
+    if processes and not forked.available():
+        pytest.skip("worker processes are forked: Linux only")
     cfg = config(tiny_model_dir, limit=12, batch_size=2, validation=0)
-    one, many = LocalExecutor(tiny_reasoner, workers=1), LocalExecutor(tiny_reasoner, workers=workers)
-    assert many.workers == workers
+    one, many = LocalExecutor(tiny_reasoner, workers=1), LocalExecutor(tiny_reasoner, workers=workers,
+                                                                      processes=processes)
+    assert many.workers == workers and many.processes == processes and not one.processes
     store = Store(tmp_path / "s.duckdb")
     with one_torch_thread():  # each worker's batch runs on one thread: so does the reference
         reference, status = sweep(store, one.shape, cfg, executor=one)
@@ -309,19 +315,49 @@ def test_batches_side_by_side_commit_exactly_what_one_batch_at_a_time_commits(tm
     faulty = FaultOnQuestion(tiny_reasoner, problems[4], RuntimeError("injected fault in batch 3"))
     failed = Sweep.create(store, faulty, cfg)
     with pytest.raises(RuntimeError, match="injected"):
-        run(store, LocalExecutor(faulty, workers=workers), cfg, failed)
+        run(store, LocalExecutor(faulty, workers=workers, processes=processes), cfg, failed)
     row = store.run_row(failed)
     assert row["status"] == "failed" and row["done"] == 4  # batches 1 and 2, not what ran beside batch 3
     assert stored_in_order(store, failed) == stored_in_order(store, reference)[: 4 * row["n_variants"]]
 
     oom = FaultOnQuestion(tiny_reasoner, problems[4], torch.cuda.OutOfMemoryError("CUDA out of memory"), min_batch=1)
     halved = {}
-    for name, executor in (("one", LocalExecutor(oom, workers=1)), ("many", LocalExecutor(oom, workers=workers))):
+    for name, executor in (("one", LocalExecutor(oom, workers=1)),
+                           ("many", LocalExecutor(oom, workers=workers, processes=processes))):
         with one_torch_thread():
             halved[name], status = sweep(store, executor.shape, cfg, executor=executor)
         assert status == "finished" and store.run_row(halved[name])["batch_size"] == 1
     assert stored_in_order(store, halved["many"]) == stored_in_order(store, halved["one"])
     assert len(rows(store, halved["many"])) == len(rows(store, reference))
+
+
+class FaultNamingItsProcess(LatentReasoner):
+    """The real tiny model, whose every rollout raises an error naming the process it ran in."""
+
+    def __init__(self, real: LatentReasoner):
+        self.__dict__.update(real.__dict__)
+
+    def rollout(self, *args, **kwargs):
+        raise RuntimeError(f"rolled out in process {os.getpid()}")
+
+
+def test_cpu_batches_side_by_side_run_in_worker_processes_that_end_with_the_sweep(tmp_path, tiny_reasoner,
+                                                                                  tiny_model_dir):
+    """Two CPU workers are forked processes by default (the GIL costs threads a third of a core: README); their
+    errors reach the sweep, which fails the run; none is left once it has."""
+    from runner import workers as forked
+    from runner.executor import LocalExecutor
+    if not forked.available():
+        pytest.skip("worker processes are forked: Linux only")
+    executor = LocalExecutor(FaultNamingItsProcess(tiny_reasoner), workers=2)
+    assert executor.processes
+    store = Store(tmp_path / "s.duckdb")
+    run_id = Sweep.create(store, executor.shape, config(tiny_model_dir, limit=4, batch_size=2, validation=0))
+    with pytest.raises(RuntimeError, match=r"rolled out in process \d+") as raised:
+        run(store, executor, config(tiny_model_dir, limit=4, batch_size=2, validation=0), run_id)
+    worker = int(str(raised.value).rsplit(" ", 1)[1])
+    assert worker != os.getpid() and store.run_row(run_id)["status"] == "failed"
+    assert not psutil.Process().children() and not psutil.pid_exists(worker)
 
 
 def test_batches_run_side_by_side_on_a_cpu_one_per_torch_thread(tiny_reasoner):
