@@ -296,7 +296,7 @@ class LocalExecutor:
                     hand_out()
                     if not flight:
                         return
-                    result = flight.popleft()[1].result()
+                    result = forked.result_of(flight.popleft()[1])
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
                         _hand_back(flight, queue)
                     else:  # the next batch computes while the sweep writes this one

@@ -23,9 +23,12 @@ import os
 import signal
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import torch
+
+from runner.errors import SweepError
 
 PR_SET_PDEATHSIG = 1
 _worker: dict = {}  # in a worker process: its reasoner and psutil.Process
@@ -46,11 +49,28 @@ class ForkedWorkers:
 
     def submit(self, job, batch: list[dict], device: str) -> Future:
         """The BatchResult of `batch`, from whichever worker is free; its exception if the rollout raised one."""
-        return self.pool.submit(_rollout, job, batch, device)
+        try:
+            return self.pool.submit(_rollout, job, batch, device)
+        except BrokenProcessPool as error:  # a worker died since the last batch was handed out
+            raise _died() from error
 
     def close(self) -> None:
         """Waits for the batches running, then for the workers to exit."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def result_of(future: Future):
+    """A batch's result (a thread's or a worker's); a worker that died (the system's out-of-memory killer,
+    a signal) is a SweepError that says so, the batches already committed kept."""
+    try:
+        return future.result()
+    except BrokenProcessPool as error:
+        raise _died() from error
+
+
+def _died() -> SweepError:
+    return SweepError("a worker process of the sweep died mid-batch (killed by the system: out of memory?); "
+                      "the batches committed are kept: resume with a smaller --batch-size")
 
 
 def _start(reasoner) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 
 import psutil
@@ -358,6 +359,37 @@ def test_cpu_batches_side_by_side_run_in_worker_processes_that_end_with_the_swee
     worker = int(str(raised.value).rsplit(" ", 1)[1])
     assert worker != os.getpid() and store.run_row(run_id)["status"] == "failed"
     assert not psutil.Process().children() and not psutil.pid_exists(worker)
+
+
+class KilledOnQuestion(LatentReasoner):
+    """The real tiny model, whose process is killed (as the system's out-of-memory killer would) by a batch
+    holding `question`."""
+
+    def __init__(self, real: LatentReasoner, question: str):
+        self.__dict__.update(real.__dict__)
+        self.question = question
+
+    def rollout(self, questions, *args, **kwargs):
+        if self.question in questions:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().rollout(questions, *args, **kwargs)
+
+
+def test_a_worker_process_killed_mid_batch_fails_the_run_with_one_message_and_keeps_what_was_committed(
+        tmp_path, tiny_reasoner, tiny_model_dir):
+    from runner import workers as forked
+    from runner.executor import LocalExecutor
+    if not forked.available():
+        pytest.skip("worker processes are forked: Linux only")
+    store, cfg = Store(tmp_path / "s.duckdb"), config(tiny_model_dir, limit=8, batch_size=2, validation=0)
+    run_id = Sweep.create(store, tiny_reasoner, cfg)
+    fifth = store.run_problems(run_id)[4]["question"]  # batch 3 of 4
+    with pytest.raises(SweepError, match="a worker process of the sweep died mid-batch"):
+        run(store, LocalExecutor(KilledOnQuestion(tiny_reasoner, fifth), workers=2), cfg, run_id)
+    row = store.run_row(run_id)
+    assert row["status"] == "failed" and row["done"] in (2, 4)  # batch 2 ran beside batch 3: kept if it ended first
+    assert len(rows(store, run_id)) == row["done"] * row["n_variants"] and not psutil.Process().children()
+    assert run(store, tiny_reasoner, cfg, run_id) == "finished" and store.run_row(run_id)["done"] == 8
 
 
 def test_batches_run_side_by_side_on_a_cpu_one_per_torch_thread(tiny_reasoner):
