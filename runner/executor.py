@@ -219,7 +219,8 @@ _RESOURCES = threading.Lock()  # psutil's CPU-time window is one per Process obj
 
 
 def measure_resources(process: psutil.Process, device: str) -> dict:
-    """This process's memory and CPU, and the device's memory: one `run_metrics` row's worth."""
+    """The memory and CPU of `process` (the one that ran the batch: this one, or a worker process of
+    runner/workers.py), and the device's memory: one `run_metrics` row's worth."""
     with _RESOURCES:
         return _resources(process, device)
 
