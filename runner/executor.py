@@ -258,8 +258,9 @@ class LocalExecutor:
     computes exactly what it computes alone on one thread, and results are yielded in hand-out order: a
     stop or an out-of-memory drops (or hands back) the batches started after the one yielded, so the
     committed batches are those of one worker, bit for bit. On CUDA one worker (one stream does the
-    batching). One worker's batches run on a thread of their own: the next one is handed out before a
-    result is yielded, so it computes while the sweep's thread writes that one (so do the workers').
+    batching). One worker's batches run on a thread of their own, several workers' in their processes:
+    either way the next batch is handed out before a result is yielded, so it computes while the sweep's
+    thread writes that one.
     """
 
     def __init__(self, reasoner: LatentReasoner, workers: int | None = None, processes: bool | None = None):

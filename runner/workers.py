@@ -9,7 +9,8 @@ order of results (runner/executor.py's LocalExecutor).
 
 A worker ignores SIGINT, SIGTERM and SIGHUP, which reach the whole process group (the first Ctrl-C or
 SIGTERM is the sweep's graceful stop: the batches in flight end and are written or handed back), is
-killed when the process that forked it dies (PR_SET_PDEATHSIG, SIGKILL), never collects
+killed when the thread that forked it ends (PR_SET_PDEATHSIG, SIGKILL: the sweep's thread, which closes
+the workers before it returns, so only when the sweep's process dies), never collects
 the objects it inherited (gc.freeze: their finalizers, DuckDB's included, belong to the parent), and
 exits without the parent's atexit handlers (multiprocessing ends a forked child with os._exit). Linux
 only (fork after threads is unsafe on macOS); elsewhere LocalExecutor keeps its threads.
