@@ -1,13 +1,13 @@
 """Where a sweep's batches run, and how one batch becomes result rows.
 
 The loop over batches, phases, references, progress and stop is `runner.sweep.Sweep`'s alone. It
-hands a phase's batches to an executor through a queue (cut in problem order, first out) and
-writes each `BatchResult` the executor yields. `LocalExecutor` rolls batches out on this machine:
-on a CPU one batch per core at a time, each on one torch thread (`workers`; several of them in
-forked worker processes, runner/workers.py), yielded in the order they were handed out, so that it commits exactly the batches, in exactly the order, of one batch at
-a time; `runner.distributed.RayExecutor` keeps one batch in flight per Ray actor and yields results
-as they complete. Both turn a batch into rows with `rollout_batch`, so they store
-the same rows for the same batches.
+hands a phase's batches to an executor through a queue (cut in problem order, first out) and writes
+each `BatchResult` the executor yields. `LocalExecutor` rolls batches out on this machine: on a CPU
+one batch per core at a time, each on one torch thread (`workers`; several of them in forked worker
+processes, runner/workers.py), yielded in the order they were handed out, so that it commits exactly
+the batches, in exactly the order, of one batch at a time; `runner.distributed.RayExecutor` keeps
+one batch in flight per Ray actor and yields results as they complete. Both turn a batch into rows
+with `rollout_batch`, so they store the same rows for the same batches.
 
 A problem the model cannot run (its prompt and answer do not fit the model's positions, or its
 question is empty once tokenised) is left out of its batch and comes back in `skipped` with the
@@ -266,7 +266,7 @@ class LocalExecutor:
     def __init__(self, reasoner: LatentReasoner, workers: int | None = None, processes: bool | None = None):
         self.reasoner, self.device = reasoner, str(reasoner.device)
         self.workers = max(1, workers or local_workers(reasoner))
-        # Several CPU workers: forked processes by default (runner/workers.py: the GIL costs threads a third).
+        # Several CPU workers: forked processes by default (on threads the GIL held two to 1.5-1.6x of one core).
         self.processes = (self.workers > 1 and self.device == "cpu" and forked.available()) \
             if processes is None else processes
         self.shape = ModelShape.of(reasoner)

@@ -344,7 +344,7 @@ class FaultNamingItsProcess(LatentReasoner):
 
 def test_cpu_batches_side_by_side_run_in_worker_processes_that_end_with_the_sweep(tmp_path, tiny_reasoner,
                                                                                   tiny_model_dir):
-    """Two CPU workers are forked processes by default (the GIL costs threads a third of a core: README); their
+    """Two CPU workers are forked processes by default (on threads the GIL costs them: README); their
     errors reach the sweep, which fails the run; none is left once it has."""
     from runner import workers as forked
     from runner.executor import LocalExecutor
