@@ -165,7 +165,9 @@ def test_demo_sweep_live_pages_layout_at_two_widths_and_a_download(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     port, log = _free_port(), tmp_path / "streamlit.log"
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "THOUGHTSWEEP_DEMO_LIMIT": str(DEMO_LIMIT), "PYTHONUNBUFFERED": "1",
+    # One torch thread, so one worker: two worker processes (runner/workers.py) sweep the whole demo in about
+    # a minute, less than the visits below take on a 2-core machine (tests/test_app.py sweeps with two).
+    env = {**os.environ, "THOUGHTSWEEP_DEMO_LIMIT": str(DEMO_LIMIT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "THOUGHTSWEEP_UPLOADS": str(tmp_path / "uploads")}
     env.pop("THOUGHTSWEEP_DB", None)
     with open(log, "w") as out:
@@ -198,8 +200,7 @@ def test_demo_sweep_live_pages_layout_at_two_widths_and_a_download(tmp_path):
                 assert f"ETA {eta.strip()}" in sidebar or "ETA" in sidebar  # one status object, one format
                 screenshot(page, "2-progress-running")
 
-                # The runs table first: its caption changes while the run sweeps, and once more when it ends
-                # (two CPU workers sweep the demo in about a minute: runner/workers.py).
+                # The runs table first: its caption changes while the run sweeps, and once more when it ends.
                 open_page(page, url, "Run")
                 table = page.locator("[data-testid='stCaptionContainer']", has_text="runs ·")
                 changes(lambda: table.first.inner_text() if table.count() else None, "the runs table")
