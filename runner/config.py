@@ -121,7 +121,7 @@ def batch_size_for(config: SweepConfig, shape: ModelShape, n_variants: int, ques
 
 def check_fits_context(config: SweepConfig, shape: ModelShape) -> None:
     """Refuse (SweepError) latents and an answer length that leave no room for any question in the context."""
-    # The skip rule (runner.executor.unrunnable) would skip every problem, one by one, and the run would
+    # The skip rule (runner.batch.unrunnable) would skip every problem, one by one, and the run would
     # "finish" with no result: refuse at the start instead. The shortest prompt is one question token
     # and BOT; EOT and at least one answer token follow the latents.
     if shape.max_positions is None:

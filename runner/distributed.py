@@ -4,7 +4,7 @@
 runs the same `runner.sweep.Sweep` as a one-process sweep: run creation, phases, references,
 resume, stop and progress are that loop's, once. Each actor holds the model on its own device (one
 GPU each; one CPU each without CUDA) and turns a batch into rows with
-`runner.executor.rollout_batch`, the code path of a local sweep. Rows come back to the driver
+`runner.batch.rollout_batch`, the code path of a local sweep. Rows come back to the driver
 (this process), DuckDB's one writer, which commits each batch in its own transaction. The
 executor keeps one batch in flight per actor, taken from the front of the sweep's queue, so the
 batches are those of a local sweep and the rows are identical (runner/sweep.py cuts them). An
@@ -33,7 +33,8 @@ import numpy as np
 import psutil
 
 from runner.errors import SweepError
-from runner.executor import BatchJob, BatchResult, ModelShape, reference_values, rollout_batch
+from runner.batch import BatchJob, BatchResult, reference_values, rollout_batch
+from runner.executor import ModelShape
 from runner.model import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent

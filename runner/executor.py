@@ -1,4 +1,4 @@
-"""Where a sweep's batches run, and how one batch becomes result rows.
+"""Where a sweep's batches run.
 
 The loop over batches, phases, references, progress and stop is `runner.sweep.Sweep`'s alone. It
 hands a phase's batches to an executor through a queue (cut in problem order, first out) and writes
@@ -7,19 +7,12 @@ one batch per core at a time, each on one torch thread (`workers`; several of th
 processes, runner/workers.py), yielded in the order they were handed out, so that it commits exactly
 the batches, in exactly the order, of one batch at a time; `runner.distributed.RayExecutor` keeps
 one batch in flight per Ray actor and yields results as they complete. Both turn a batch into rows
-with `rollout_batch`, so they store the same rows for the same batches.
-
-A problem the model cannot run (its prompt and answer do not fit the model's positions, or its
-question is empty once tokenised) is left out of its batch and comes back in `skipped` with the
-reason, instead of failing the batch (and every resume) with an IndexError.
+with runner/batch.py's `rollout_batch`, so they store the same rows for the same batches.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -29,11 +22,9 @@ import numpy as np
 import psutil
 import torch
 
-from runner import ablation, answers
 from runner import workers as forked
-from runner.ablation import Variant
-from runner.errors import SweepError
-from runner.model import LatentReasoner, official_question
+from runner.batch import BatchJob, BatchResult, reference_values, rollout_batch
+from runner.model import LatentReasoner
 
 
 @dataclass(frozen=True)
@@ -76,162 +67,6 @@ def local_workers(reasoner: LatentReasoner) -> int:
     """Batches `LocalExecutor` runs side by side: the reasoner's `batch_workers`, else one per torch thread on
     a CPU, one on CUDA."""
     return max(1, reasoner.batch_workers or (torch.get_num_threads() if reasoner.device.type == "cpu" else 1))
-
-
-@dataclass(frozen=True)
-class BatchJob:
-    """What every batch of a phase shares (Ray puts it in its object store once, not per batch)."""
-    variants: tuple[Variant, ...]
-    references: dict
-    seed: int
-    max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    batch: list[dict]  # the problems handed out, in run order
-    rows: list[dict] | None  # problem-major, baseline first; None: out of memory, nothing computed
-    skipped: dict  # problem_id -> why the model cannot run it (no rows for it)
-    seconds: float
-    resources: dict  # RSS / CPU / GPU memory of the process that ran it
-
-
-def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list[str],
-            tokens: list[list[int]] | None = None) -> list[dict]:
-    """The measures of DESIGN.md section 4 for one problem's rows (baseline first).
-
-    The answer value is CODI's official one (last number, commas removed) and `correct` is its
-    test.py comparison (equal to the gold value); `prefix_value` is the number after "The answer is:".
-    """
-    values = [answers.official_answer(t) for t in texts]
-    gold = problem["gold_value"]
-    correct = [v is not None and gold is not None and v == gold for v in values]
-    base, base_correct = values[0], correct[0]
-    base_lp = None if logprobs is None else float(logprobs[0])
-    rows = []
-    for v, (variant, value, is_correct, text) in enumerate(zip(variants, values, correct, texts)):
-        if value is not None or base is not None:
-            changed = not answers.same_number(value, base)
-        else:
-            changed = text != texts[0]
-        stated = answers.extract_answer(text)
-        lp = None if logprobs is None else float(logprobs[v])
-        rows.append({"problem_id": problem["problem_id"], "variant": variant.key, "scheme": variant.scheme,
-                     "k": variant.k, "method": variant.method, "site": variant.site, "mode": variant.mode,
-                     "answer_text": text, "answer_value": value,
-                     "extraction": "last-number" if value is not None else "none",
-                     "prefix_value": stated.value if stated.extraction == "codi" else None,
-                     "tokens": None if tokens is None else tokens[v],
-                     "correct": is_correct, "changed": changed, "flip": is_correct != base_correct,
-                     "harm": base_correct and not is_correct, "help": (not base_correct) and is_correct,
-                     "gold_logprob": lp, "logprob_drop": None if lp is None else base_lp - lp,
-                     "lens": lens[v]})
-    return rows
-
-
-def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> list[str]:
-    """(R, T, k) ids and probs -> per row, the JSON text of [[[token, prob], ...] per latent] (probs to 4 places).
-
-    Built as text, not as nested lists for json.dumps: the ~40,000 small lists of a batch outlived
-    several garbage collections, whose scans of the loaded model's objects cost ten times the work.
-    """
-    ids, probs = ids.cpu().numpy(), probs.float().cpu().numpy()
-    unique = np.unique(ids).tolist()
-    with reasoner.tokenizer_lock:
-        pieces = reasoner.tokenizer.batch_decode([[i] for i in unique])
-    token = {i: json.dumps(t) for i, t in zip(unique, pieces)}
-    return ["[" + ", ".join("[" + ", ".join(f"[{token[i]}, {round(p, 4)!r}]" for i, p in zip(ti, tp)) + "]"
-                            for ti, tp in zip(ri, rp)) + "]"
-            for ri, rp in zip(ids.tolist(), probs.tolist())]
-
-
-def unrunnable(reasoner: LatentReasoner, problem: dict, max_new_tokens: int) -> str | None:
-    """Why the model cannot run this problem, or None: checked alone, so the verdict never depends on the batch."""
-    text = official_question(problem["question"])
-    if not text or reasoner.ids(text) == reasoner.ids(""):
-        return "the question is empty after tokenisation"
-    config = reasoner.hf.config
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return None
-    answer = reasoner.ids(reasoner.answer_prompt(problem["gold"]), special=False)
-    prompt = len(reasoner.prompt_ids(problem["question"]))
-    # prompt + latents + EOT(+EOS) + the longer of the teacher-forced gold answer and the decoded one, less
-    # its last token, which is scored or emitted but never fed
-    needed = prompt + reasoner.num_latent + len(reasoner.answer_start) + max(len(answer), max_new_tokens) - 1
-    if needed > limit:
-        return (f"too long for the model's {limit} positions: {prompt} prompt tokens + {reasoner.num_latent} "
-                f"latents + answer need {needed}")
-    return None
-
-
-def rollout_batch(reasoner: LatentReasoner, job: BatchJob, batch: list[dict], process: psutil.Process,
-                  device: str) -> BatchResult:
-    """One batch of problems under every variant -> its rows (or None on out-of-memory) and skipped problems."""
-    started = time.time()
-    skipped = {p["problem_id"]: why for p in batch if (why := unrunnable(reasoner, p, job.max_new_tokens))}
-    runnable = [p for p in batch if p["problem_id"] not in skipped]
-    rows: list[dict] | None = []
-    try:
-        if runnable:
-            rows = rollout_rows(reasoner, job.variants, runnable, job.references, job.seed, job.max_new_tokens)
-    except torch.OutOfMemoryError:  # the sweep halves the batch size and hands the batch out again
-        rows = None
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return BatchResult(batch, rows, skipped, time.time() - started, measure_resources(process, device))
-
-
-def rollout_rows(reasoner: LatentReasoner, variants: tuple[Variant, ...], batch: list[dict], references: dict,
-                 seed: int, max_new_tokens: int) -> list[dict]:
-    """One batch of runnable problems under every variant -> its result rows, problem-major, baseline first."""
-    plan = ablation.make_plan(list(variants), [p["problem_id"] for p in batch], reasoner.num_latent,
-                              reasoner.d_model, references, seed)
-    out = reasoner.rollout([p["question"] for p in batch], plan, golds=[p["gold"] for p in batch],
-                           max_new_tokens=max_new_tokens)
-    V, lens = len(variants), _lens(reasoner, out.lens_ids, out.lens_probs)
-    rows = []
-    for b, problem in enumerate(batch):
-        part = slice(b * V, (b + 1) * V)
-        logprobs = None if out.gold_logprob is None else out.gold_logprob[part].tolist()
-        rows += measure(problem, variants, out.texts[part], logprobs, lens[part], out.tokens[part])
-    return rows
-
-
-def reference_values(reasoner: LatentReasoner, problems: list[dict], n: int, layer: int | None, batch_size: int,
-                     max_new_tokens: int) -> tuple[list[str], np.ndarray]:
-    """Baseline values fed at each latent step (layer None) or block `layer`'s output there, for the first `n`
-    problems the model can run (as the sweep skips the others): (their ids, (n, T, d))."""
-    chosen = list(itertools.islice((p for p in problems if unrunnable(reasoner, p, max_new_tokens) is None), n))
-    if not chosen:
-        raise SweepError("no problem of the run fits the model: there are no reference latents to compute")
-    questions, values = [p["question"] for p in chosen], []
-    for start in range(0, len(questions), max(1, batch_size)):
-        chunk = questions[start : start + max(1, batch_size)]
-        plan = ablation.make_plan([ablation.BASELINE], [str(i) for i in range(len(chunk))],
-                                  reasoner.num_latent, reasoner.d_model)
-        out = reasoner.rollout(chunk, plan, max_new_tokens=1, capture=() if layer is None else (layer,))
-        values.append(out.latents if layer is None else out.captured[layer])
-    return [p["problem_id"] for p in chosen], torch.cat(values).numpy()
-
-
-_RESOURCES = threading.Lock()  # psutil's CPU-time window is one per Process object: one reader at a time
-
-
-def measure_resources(process: psutil.Process, device: str) -> dict:
-    """The memory and CPU of `process` (the one that ran the batch: this one, or a worker process of
-    runner/workers.py), and the device's memory: one `run_metrics` row's worth."""
-    with _RESOURCES:
-        return _resources(process, device)
-
-
-def _resources(process: psutil.Process, device: str) -> dict:
-    gpu = peak = None
-    if device.startswith("cuda"):
-        gpu = torch.cuda.memory_allocated(device) / 2**20
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    return {"rss_mb": process.memory_info().rss / 2**20, "cpu_pct": process.cpu_percent(None),
-            "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
 
 
 class Executor(Protocol):

@@ -31,7 +31,8 @@ from runner.ablation import Reference
 from runner.config import (  # noqa: F401  (imported from here too)
     PHASES, SweepConfig, batch_size_for, check_fits_context, prepare)
 from runner.errors import SweepError
-from runner.executor import BatchJob, BatchResult, Executor, LocalExecutor, ModelShape
+from runner.batch import BatchJob, BatchResult
+from runner.executor import Executor, LocalExecutor, ModelShape
 from runner.model import LatentReasoner
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 import psutil
 import torch
 
+from runner.batch import rollout_batch
 from runner.errors import SweepError
 
 PR_SET_PDEATHSIG = 1
@@ -86,5 +87,4 @@ def _start(reasoner) -> None:
 
 
 def _rollout(job, batch: list[dict], device: str):
-    from runner.executor import rollout_batch  # runner.executor imports this module
     return rollout_batch(_worker["reasoner"], job, batch, _worker["process"], device)

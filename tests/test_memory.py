@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 MEASURE = """
 import json, sys, psutil
 from runner import ablation, answers, data, memory
-from runner.executor import BatchJob, ModelShape, rollout_batch
+from runner.batch import BatchJob, rollout_batch
+from runner.executor import ModelShape
 from runner.model import ModelSpec, load
 T, B = int(sys.argv[1]), int(sys.argv[2])
 reasoner = load(ModelSpec(num_latent=T))

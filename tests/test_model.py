@@ -371,7 +371,7 @@ def test_a_batch_mates_longer_gold_takes_no_row_past_the_models_positions(tiny_r
     """Each problem is checked to fit with its own gold answer; in a batch the teacher-forced answers are
     right-padded to the longest. That padding once ran a near-full row past GPT-2's position table
     (IndexError: the whole sweep failed); now its position ids stop at the row's last answer token."""
-    from runner.executor import unrunnable
+    from runner.batch import unrunnable
     r, max_new_tokens = tiny_reasoner, 8
     long_gold = " ".join(["12"] * 20)
     assert len(r.ids(r.answer_prompt(long_gold), special=False)) > max_new_tokens + 10

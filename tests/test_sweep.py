@@ -160,7 +160,7 @@ def test_a_problem_the_model_cannot_run_is_skipped_with_its_reason_and_the_sweep
     """Issue 14 case 8: GSM8K's 5th test question does not fit the embedded model's 128 positions (it died
     with IndexError, and so did every resume). Skipped with its reason; a stopped run resumes to the rows
     of an uninterrupted one and does not retry it."""
-    from runner.executor import BatchJob, rollout_rows
+    from runner.batch import BatchJob, rollout_rows
     cfg = SweepConfig(dataset=str(gsm8k_path), limit=40, batch_size=8, schemes=("prefix",))
     store = Store(tmp_path / "poison.duckdb")
     whole, status = sweep(store, default_reasoner, cfg)
