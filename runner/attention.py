@@ -73,8 +73,8 @@ def merged(query, layer, suffix_keys, suffix_values, blocked: torch.Tensor, scal
     prefix = (grouped @ prefix_keys_t).view(P, Hkv, V, G * q, L).transpose(1, 2).reshape(P * V, Hkv, G * q, L)
     if rows is not None:
         prefix = prefix[rows]
-    if G * q == 1:  # one query per row: multiply and sum (a batch of 1 x S matmuls is slower as bmm on a CPU)
-        suffix = (query.view(R, Hkv, d) * suffix_keys).sum(-1).permute(1, 2, 0)[:, :, None]  # (R, Hkv, 1, S)
+    if G * q == 1:  # one query per row
+        suffix = _suffix_scores(query.view(R, Hkv, d), suffix_keys)[:, :, None]  # (R, Hkv, 1, S)
     else:
         suffix = query @ suffix_keys.permute(1, 2, 3, 0)  # (R, Hkv, Gq, S)
     scores = torch.cat([prefix, suffix], dim=-1).view(R, Hkv, G, q, L + S)
@@ -87,7 +87,37 @@ def merged(query, layer, suffix_keys, suffix_values, blocked: torch.Tensor, scal
     if rows is not None:
         out = out[rows]
     if G * q == 1:
-        out = out + (weights[..., L:].permute(3, 0, 1, 2).contiguous() * suffix_values).sum(0)[:, :, None]
+        out = out + _suffix_sum(weights[..., L:], suffix_values)[:, :, None]
     else:
         out = out + weights[..., L:] @ suffix_values.permute(1, 2, 0, 3)  # (R, Hkv, S, d)
     return out.reshape(R, H, q, d).to(dtype)
+
+
+# One query per row against its own S suffix keys (S, R, Hkv, d): a multiply and a sum is the fastest form on a
+# CPU while their (S, R, Hkv, d) product stays in a core's L2 (bmm's per-matrix cost dominates 1 x S matmuls);
+# past it the product's trip through memory costs more than what it saves (measured on a 2-core Xeon with a
+# 2 MiB L2, R 3-896, S 2-40: at 896 rows and 12 suffix tokens 0.35 ms instead of 0.72 ms for the sum, 0.45
+# instead of 0.78 for the scores). Which form runs depends on the batch's shape only: a batch computes the same
+# bits on every thread count and resume.
+SCORES_IN_L2 = 1 << 18  # product elements (1 MiB of float32)
+SUM_IN_L2 = 1 << 17
+
+
+def _suffix_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """query (R, Hkv, d) . keys (S, R, Hkv, d) over d -> (R, Hkv, S)."""
+    S, R, Hkv, d = keys.shape
+    if keys.numel() < SCORES_IN_L2:
+        return (query * keys).sum(-1).permute(1, 2, 0)
+    # The keys read in place: a batch of R*Hkv (S, d) matrices whose rows lie R*Hkv*d elements apart.
+    return torch.bmm(keys.reshape(S, R * Hkv, d).transpose(0, 1), query.reshape(R * Hkv, d, 1)).view(R, Hkv, S)
+
+
+def _suffix_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weights (R, Hkv, 1, S), values (S, R, Hkv, d) -> sum over S of weight x value, (R, Hkv, d)."""
+    weights = weights.permute(3, 0, 1, 2).contiguous()  # (S, R, Hkv, 1)
+    if values.numel() < SUM_IN_L2:
+        return (weights * values).sum(0)
+    total = weights[0] * values[0]  # (R, Hkv, d): accumulated in place, one suffix position at a time
+    for s in range(1, values.shape[0]):
+        total.addcmul_(weights[s], values[s])
+    return total

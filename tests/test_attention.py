@@ -30,12 +30,17 @@ def plain_attention(query, keys, values, mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("heads, kv_heads, q", [(4, 4, 1), (4, 4, 5), (4, 2, 1), (8, 2, 3)])
-def test_merge_equals_attention_over_the_repeated_prefix(heads, kv_heads, q):
+@pytest.mark.parametrize("heads, kv_heads, q, P, d", [(4, 4, 1, 3, 8), (4, 4, 5, 3, 8), (4, 2, 1, 3, 8), (8, 2, 3, 3, 8),
+                                                  (4, 4, 1, 80, 32)])
+def test_merge_equals_attention_over_the_repeated_prefix(heads, kv_heads, q, P, d):
+    """The last case is a step of a wide batch: its one-query suffix scores and sums take their other form."""
+    from runner import attention
     from runner.attention import blocked, causal, merged
     torch.manual_seed(0)
-    P, V, L, S, d = 3, 4, 6, 7, 8  # S includes this step's q tokens
+    V, L, S = 4, 6, 7  # S includes this step's q tokens
     R = P * V
+    wide = S * R * kv_heads * d >= max(attention.SCORES_IN_L2, attention.SUM_IN_L2)
+    assert wide == (P == 80), "the wide case must take the forms of a batch past the L2 (and only it)"
     prefix_k, prefix_v = torch.randn(P, kv_heads, L, d), torch.randn(P, kv_heads, L, d)
     prefix_mask = torch.ones(P, L, dtype=torch.bool)
     prefix_mask[0, :2] = prefix_mask[2, :1] = False  # left padding
