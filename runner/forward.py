@@ -159,19 +159,30 @@ class Gpt2Forward(Forward):
         query, key, value = attn.c_attn(block.ln_1(hidden)).split(d, dim=2)
         out = attend(i, self.heads_of(query, self.heads), self.heads_of(key, self.heads),
                      self.heads_of(value, self.heads), attn.scaling)
-        hidden = attn.c_proj(out.reshape(*hidden.shape[:2], d)) + hidden
-        return hidden + self.mlp(block.mlp, block.ln_2(hidden))
+        hidden = self.project(attn.c_proj, out.reshape(*hidden.shape[:2], d), hidden)
+        return self.mlp(block.mlp, block.ln_2(hidden), hidden)
 
-    def mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        plain_conv = all(type(m).__name__ == "Conv1D" for m in (mlp.c_fc, mlp.c_proj))  # not LoRA-wrapped
-        if not (self.fast_gelu and plain_conv and x.dtype == torch.float32):
-            return mlp(x)
+    @staticmethod
+    def plain(*convs) -> bool:
+        return all(type(m).__name__ == "Conv1D" for m in convs)  # not LoRA-wrapped
+
+    def project(self, conv, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + conv(x), the residual accumulated by the matmul itself (one pass over the rows fewer)."""
+        if not (self.plain(conv) and x.dtype == torch.float32):
+            return conv(x) + residual
+        out = (residual + conv.bias).view(-1, residual.shape[-1])  # (N, d)
+        return out.addmm_(x.reshape(-1, x.shape[-1]), conv.weight).view(residual.shape)
+
+    def mlp(self, mlp, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + mlp(x)."""
+        if not (self.fast_gelu and self.plain(mlp.c_fc, mlp.c_proj) and x.dtype == torch.float32):
+            return residual + mlp(x)
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        out = flat.new_empty(flat.shape[0], mlp.c_proj.weight.shape[1])
+        out = (residual + mlp.c_proj.bias).view(-1, residual.shape[-1])  # (N, d)
         for start in range(0, flat.shape[0], MLP_ROWS):
             inner = torch.addmm(mlp.c_fc.bias, flat[start : start + MLP_ROWS], mlp.c_fc.weight)  # (n, 4d)
-            torch.addmm(mlp.c_proj.bias, gelu_tanh_(inner), mlp.c_proj.weight, out=out[start : start + MLP_ROWS])
-        return out.view(*x.shape[:-1], out.shape[-1])
+            out[start : start + MLP_ROWS].addmm_(gelu_tanh_(inner), mlp.c_proj.weight)
+        return out.view(residual.shape)
 
 
 class LlamaForward(Forward):
