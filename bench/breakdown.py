@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.throughput import ModelFlops, matmul_peak_gflops  # noqa: E402
-from runner import ablation, data  # noqa: E402
+from runner import ablation, data, memory  # noqa: E402
 from runner.model import ModelSpec, load  # noqa: E402
 
 GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
@@ -38,6 +38,7 @@ def seed_batch(size: int):
     """The embedded model on one torch thread and one batch of `size` built-in problems under the seed's 7
     variants: (reasoner, variants, rollout), rollout() running it with gold scoring and the old loop's cap."""
     torch.set_num_threads(1)
+    memory.keep_freed_memory()  # as the sweep's CPU batches run (runner/executor.py)
     reasoner = load(ModelSpec())
     problems = data.load_problems("builtin", limit=size)
     variants = ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent)

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import torch
 
+from runner import memory
 from runner import workers as forked
 from runner.batch import BatchJob, BatchResult, reference_values, rollout_batch
 from runner.model import LatentReasoner
@@ -50,7 +51,6 @@ class ModelShape:
     def of(model: "LatentReasoner | ModelShape") -> "ModelShape":
         if isinstance(model, ModelShape):
             return model
-        from runner import memory
         config = model.hf.config
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -108,6 +108,8 @@ class LocalExecutor:
         if self.workers != local_workers(reasoner):  # another count than ModelShape.of assumed: the budget follows
             budget = self.shape.memory_budget * local_workers(reasoner) // self.workers
             self.shape = replace(self.shape, memory_budget=budget, batches_in_flight=self.workers)
+        if self.device == "cpu":
+            memory.keep_freed_memory()  # each batch reuses the pages the last one freed (runner/memory.py)
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # starts the CPU-time window
 

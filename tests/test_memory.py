@@ -26,6 +26,7 @@ estimate = B * memory.bytes_per_problem(ModelShape.of(reasoner), len(variants),
 def high_water() -> int:  # VmHWM, the peak RSS since the last reset, in bytes
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
+memory.keep_freed_memory()  # as LocalExecutor sets it for CPU batches
 before = psutil.Process().memory_info().rss
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS: the model load's own peak is not counted
@@ -43,3 +44,37 @@ def test_the_estimate_bounds_the_memory_one_batch_really_takes(num_latent, probl
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < measured["growth"] < measured["estimate"], measured
+
+
+FAULTS = """
+import resource, sys
+from runner import ablation, data, memory
+from runner.model import ModelSpec, load
+if sys.argv[1] == "keep":
+    assert memory.keep_freed_memory()
+reasoner = load(ModelSpec())
+problems = data.load_problems("builtin", limit=128)
+variants = ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent)
+plan = ablation.make_plan(variants, [p.problem_id for p in problems], reasoner.num_latent, reasoner.d_model)
+def rollout():
+    reasoner.rollout([p.question for p in problems], plan, golds=[p.gold for p in problems], max_new_tokens=77)
+rollout()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    rollout()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_kept_freed_memory_spares_a_batch_the_page_faults_of_the_one_before():
+    """Later 128 x 7 batches fault their pages in again under glibc's defaults (thousands of minor faults
+    each: their multi-MB tensors come from fresh mmaps or a trimmed heap), and reuse the first one's with
+    keep_freed_memory."""
+    faults = {}
+    for policy in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", FAULTS, policy], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[policy] = int(done.stdout.strip().splitlines()[-1])
+    assert faults["keep"] * 2 < faults["default"], faults

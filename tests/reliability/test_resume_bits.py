@@ -11,7 +11,7 @@ import time
 
 from db import status_file
 from db.store import Store
-from runner.sweep import Sweep, SweepConfig
+from runner.sweep import Sweep
 from tests.reliability.support import sweep_config
 
 EVERY_COLUMN = "SELECT * EXCLUDE (run_id) FROM results WHERE run_id = ? ORDER BY problem_id, variant"
