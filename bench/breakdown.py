@@ -4,14 +4,16 @@ One batch of the built-in problems (`--batch` problems x the seed's 7 variants, 
 the old loop's 200-token cap) through `LatentReasoner.rollout` alone (no database), on one thread:
 model FLOPs counted as in bench/throughput.py over the CPU time it took, against the fp32
 torch.matmul peak measured in the same run; then torch.profiler's self CPU time by operator,
-grouped into matmuls, attention, element-wise work and the rest. bench/throughput.py measures the
-whole sweep (database writes, status file, answer parsing included); this isolates the engine.
+grouped into matmuls, attention, element-wise work and the rest; and the batch's work around the
+rollout as the sweep does it (its rows, then one transaction into a DuckDB file). bench/throughput.py
+measures the whole sweep (status file, start-up included); this isolates the engine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,8 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.throughput import ModelFlops, matmul_peak_gflops  # noqa: E402
+from db.store import Store  # noqa: E402
 from runner import ablation, data, memory  # noqa: E402
+from runner.batch import rollout_rows  # noqa: E402
 from runner.model import ModelSpec, load  # noqa: E402
+from runner.sweep import Sweep, SweepConfig  # noqa: E402
 
 GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
           "attention (softmax, SDPA, masks)": ("aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -66,6 +71,7 @@ def main() -> None:
         rollout()
         best = min(best, time.process_time() - started)
     forwards = timed_forwards(reasoner, rollout)
+    around = around_the_rollout(reasoner, args.batch, args.repeats)
     peak = matmul_peak_gflops().cpu
     with torch.profiler.profile() as profiler:
         rollout()
@@ -76,7 +82,7 @@ def main() -> None:
     report = {"problems": args.batch, "rows": args.batch * n_variants, "model_gflop": counted.flops / 1e9,
               "cpu_seconds": best, "gflop_per_cpu_s": counted.flops / best / 1e9, "matmul_peak_gflop_per_cpu_s": peak,
               "fraction_of_matmul_peak": counted.flops / best / 1e9 / peak, "profile_shares": shares,
-              "forwards_ms": forwards, "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
+              "forwards_ms": forwards, "around_the_rollout_ms": around, "top_operators_ms": {name: us / 1e3 for name, us in self_us.most_common(12)}}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -87,6 +93,42 @@ def main() -> None:
     for group, share in shares.items():
         print(f"  {100 * share:5.1f}%  {group}")
     print("wall clock by forward (no profiler): " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in forwards.items()))
+    print(f"around the rollout (wall clock): its {report['rows']} rows {around['rows']:.1f} ms, storing them "
+          f"{around['store']:.1f} ms")
+
+
+def around_the_rollout(reasoner, size: int, repeats: int) -> dict[str, float]:
+    """Milliseconds, the fastest of `repeats`, of the seed batch's work around its rollout as the sweep does it:
+    its rows (runner/batch.py's rollout_rows less the rollout inside it) and storing them (Store.write_batch:
+    one transaction into a DuckDB file, a new run each time)."""
+    variants = tuple(ablation.expand(("prefix",), ("zero",), "latent", "recompute", reasoner.num_latent))
+    config = SweepConfig(dataset="builtin", limit=size, schemes=("prefix",), methods=("zero",), batch_size=size)
+    rows_ms = store_ms = float("inf")
+    inner, rollout = [], reasoner.rollout
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        out = rollout(*args, **kwargs)
+        inner.append(time.perf_counter() - started)
+        return out
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store(Path(folder) / "breakdown.duckdb")
+        problems = store.run_problems(Sweep.create(store, reasoner, config))  # as the sweep hands them out
+        reasoner.rollout = timed  # an instance attribute in front of the method, removed below
+        try:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                rows = rollout_rows(reasoner, variants, problems, {}, 0, 200)
+                rows_ms = min(rows_ms, 1e3 * (time.perf_counter() - started - inner.pop()))
+                run_id = store.create_run(name="breakdown", model="embedded", dataset="builtin", config={},
+                                          num_latent=reasoner.num_latent, n_variants=len(variants))
+                started = time.perf_counter()
+                store.write_batch(run_id, rows, done=size)
+                store_ms = min(store_ms, 1e3 * (time.perf_counter() - started))
+        finally:
+            del reasoner.rollout
+            store.close()
+    return {"rows": rows_ms, "store": store_ms}
 
 
 def timed_forwards(reasoner, rollout) -> dict[str, float]:

@@ -62,19 +62,24 @@ def _skip_reason(cursor: duckdb.DuckDBPyConnection) -> None:
     cursor.execute("ALTER TABLE problems ADD COLUMN skip_reason TEXT")
 
 
-def describe_variants(variants) -> pd.DataFrame:
-    """(run_id, variant key, num_latent) triples -> what each variant ablated, from runner.ablation.Variant."""
+DESCRIBED = ("ablated_positions", "latents_fed", "position")  # migration 3's columns, from the variant key
+
+
+def describe_key(key: str, num_latent: int) -> dict:
+    """What the variant `key` ablated (DESCRIBED, from runner.ablation.Variant); {} for a key ThoughtSweep
+    never wrote: its rows stay undescribed (NULL), never guessed."""
     from runner.ablation import Variant  # torch: only a writer needs it, and only here
 
-    rows = []
-    for run_id, key, num_latent in variants:
-        try:
-            variant = Variant.from_key(key)
-        except ValueError:  # not a key ThoughtSweep wrote: the row stays undescribed (NULL), never guessed
-            rows.append({"run_id": run_id, "variant": key})
-            continue
-        rows.append({"run_id": run_id, "variant": key, **variant.describe(int(num_latent))})
-    frame = pd.DataFrame(rows, columns=["run_id", "variant", "ablated_positions", "latents_fed", "position"])
+    try:
+        return Variant.from_key(key).describe(int(num_latent))
+    except ValueError:
+        return {}
+
+
+def describe_variants(variants) -> pd.DataFrame:
+    """(run_id, variant key, num_latent) triples -> what each variant ablated (describe_key)."""
+    rows = [{"run_id": run_id, "variant": key, **describe_key(key, num_latent)} for run_id, key, num_latent in variants]
+    frame = pd.DataFrame(rows, columns=["run_id", "variant", *DESCRIBED])
     return frame.astype({"position": "Int64", "latents_fed": "Int64"})
 
 

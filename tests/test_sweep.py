@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -183,6 +184,20 @@ def test_a_problem_the_model_cannot_run_is_skipped_with_its_reason_and_the_sweep
     assert status == "stopped" and store.skipped_problems(parted) == skipped
     assert run(store, default_reasoner, cfg, parted) == "finished"
     assert rows(store, parted) == rows(store, whole) and store.run_row(parted)["done"] == 40
+
+
+def test_the_logit_lens_text_is_the_json_of_its_tokens_and_their_probabilities_to_four_places(default_reasoner):
+    """runner/batch.py builds each row's lens as text, for speed: it must be exactly what json.dumps writes of
+    [[[token, round(p, 4)], ...] per latent], at the rounding edges too, and with no token at all (k = 0)."""
+    from runner.batch import _lens
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, default_reasoner.tokenizer.vocab_size, (5, 6, 3), generator=generator)
+    probs = torch.rand(5, 6, 3, generator=generator)
+    probs[0, 0], probs[0, 1] = torch.tensor([1.0, 0.0, 5e-05]), torch.tensor([0.99995, 0.12345, 1e-04])
+    expected = [[[[default_reasoner.tokenizer.decode([i]), round(p, 4)] for i, p in zip(ti, tp)]
+                 for ti, tp in zip(ri, rp)] for ri, rp in zip(ids.tolist(), probs.tolist())]
+    assert _lens(default_reasoner, ids, probs) == [json.dumps(row) for row in expected]
+    assert _lens(default_reasoner, ids[..., :0], probs[..., :0]) == [json.dumps([[]] * 6)] * 5
 
 
 def test_auto_batch_size_fits_the_memory_budget_and_refuses_what_cannot_fit_one_problem(tmp_path, tiny_model_dir):
