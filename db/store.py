@@ -25,7 +25,8 @@ import pandas as pd
 import pyarrow
 
 from db import recovery, status_file
-from db.migrations import DESCRIBED, SchemaError, describe_key, migrate
+from db import rows as rows_to_db
+from db.migrations import SchemaError, migrate
 from runner.errors import ThoughtSweepError
 
 RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "site", "mode", "answer_text",
@@ -60,21 +61,6 @@ def _locked_message(path: Path, error: Exception) -> str:
     holder = f"process {pid.group(1)}" if pid else "another process"
     return (f"database {path} is in use by {holder}: DuckDB allows one process per file. "
             f"Stop that process, or pass --db with another file (the dashboard and a CLI sweep cannot share one)")
-
-
-def _not_unicode(rows) -> str:
-    """Which row and field hold text that UTF-8 cannot store (a lone surrogate such as "\\ud800" from a JSON escape)."""
-    records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
-    for record in records:
-        for field, value in record.items():
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as error:
-                    return (f"problem {record.get('problem_id')!r}: {field} is not valid Unicode text "
-                            f"({value[error.start]!r} at character {error.start}, a lone surrogate): "
-                            f"fix the dataset; nothing was stored")
-    return "text that is not valid Unicode: nothing was stored"
 
 
 def _params(params):
@@ -226,7 +212,7 @@ class Store:
                  "device": device, "batch_size": batch_size, "pid": os.getpid() if status == "running" else None,
                  "host": socket.gethostname(), "positions": positions}).fetchone()
             if table is not None:
-                self._append(cursor, "problems", table, PROBLEM_COLUMNS, run_id)
+                rows_to_db.append(cursor, "problems", table, PROBLEM_COLUMNS, run_id)
         if status == "running":
             recovery.claim(self, run_id)
         self.publish_status(run_id)
@@ -282,24 +268,17 @@ class Store:
     # --- problems and results -------------------------------------------------------------------------
     @staticmethod
     def _table(rows: list[dict] | pd.DataFrame) -> pyarrow.Table:
-        """The rows as an Arrow table, which DuckDB reads in place. Built column by column from the dicts: a
-        batch's 896 rows take ~1.5 ms, where a pandas frame of them and its insert cost twice this insert."""
         try:
-            if isinstance(rows, pd.DataFrame):
-                return pyarrow.Table.from_pandas(rows, preserve_index=False)
-            names = dict.fromkeys(name for row in rows for name in row)
-            return pyarrow.table({name: [row.get(name) for row in rows] for name in names})
-        except UnicodeEncodeError:
-            raise StoreError(_not_unicode(rows)) from None
-        except pyarrow.ArrowException as error:  # one column of mixed types, say: said, and nothing half-stored
-            raise StoreError(f"rows that cannot be stored ({error}): nothing was stored") from None
+            return rows_to_db.table_of(rows)
+        except rows_to_db.UnstorableRows as error:
+            raise StoreError(str(error)) from None
 
     def insert_problems(self, run_id: int, problems: list[dict] | pd.DataFrame) -> None:
         """Rows with PROBLEM_COLUMNS (run_id filled in), in one transaction."""
         self._check_writable()
         table = self._table(problems)
         with self.transaction(f"storing the problems of run {run_id}") as cursor:
-            self._append(cursor, "problems", table, PROBLEM_COLUMNS, run_id)
+            rows_to_db.append(cursor, "problems", table, PROBLEM_COLUMNS, run_id)
 
     def write_batch(self, run_id: int, results: list[dict] | pd.DataFrame, metrics: dict | None = None,
                     skipped: dict[str, str] | None = None, **run_fields) -> None:
@@ -309,7 +288,7 @@ class Store:
         table = self._table(results)
         with self.transaction(f"storing a batch of run {run_id}") as cursor:
             if table.num_rows:
-                self._append(cursor, "results", self._described(cursor, run_id, table), RESULT_COLUMNS, run_id)
+                rows_to_db.append(cursor, "results", rows_to_db.described(cursor, run_id, table), RESULT_COLUMNS, run_id)
             for problem_id, reason in (skipped or {}).items():
                 cursor.execute("UPDATE problems SET skip_reason = $reason WHERE run_id = $run AND problem_id = $problem",
                                {"reason": reason, "run": run_id, "problem": problem_id})
@@ -320,30 +299,6 @@ class Store:
             if run_fields:
                 self._update_run(run_id, **run_fields)
         self.publish_status(run_id)  # after COMMIT: the snapshot never shows a batch that could roll back
-
-    @staticmethod
-    def _described(cursor, run_id: int, table: pyarrow.Table) -> pyarrow.Table:
-        """The rows with what their variant ablated (migration 3's columns, describe_key), in place of any given."""
-        ((num_latent,),) = cursor.execute("SELECT num_latent FROM runs WHERE id = $run", {"run": run_id}).fetchall()
-        keys = table.column("variant").to_pylist()
-        described = {key: describe_key(key, num_latent) for key in set(keys)}
-        table = table.drop_columns([name for name in DESCRIBED if name in table.column_names])
-        for name in DESCRIBED:
-            table = table.append_column(name, pyarrow.array([described[key].get(name) for key in keys]))
-        return table
-
-    @staticmethod
-    def _append(cursor, table: str, rows: pyarrow.Table, columns: list[str], run_id: int) -> None:
-        """rows into `table`'s `columns`, with run_id; a column the rows lack is NULL, one they add is left out."""
-        # A registered table is inserted in one statement; executemany would run row by row.
-        given = set(rows.column_names)
-        values = ", ".join("$run" if c == "run_id" else c if c in given else "NULL" for c in columns)
-        cursor.register("_incoming", rows)
-        try:
-            cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM _incoming", {"run": run_id})
-        finally:
-            with contextlib.suppress(duckdb.Error):  # fails in an aborted transaction; keep the first error
-                cursor.unregister("_incoming")
 
     def stored_problem_ids(self, run_id: int) -> set[str]:
         """Problems whose batch was committed (the baseline row is written with all variants), those the
