@@ -45,11 +45,12 @@ def described(cursor: duckdb.DuckDBPyConnection, run_id: int, table: pyarrow.Tab
 
 
 def append(cursor: duckdb.DuckDBPyConnection, table: str, rows: pyarrow.Table, columns: list[str], run_id: int) -> None:
-    """rows into `table`'s `columns`, with run_id; a column the rows lack is NULL, one they add is left out.
-    `table` and `columns` are ours (db/store.py's names), never a caller's."""
+    """rows into `table`'s `columns`, with run_id; a column the rows lack takes its default (NULL where it has
+    none), one they add is left out. `table` and `columns` are ours (db/store.py's names), never a caller's."""
     # A registered table is inserted in one statement; executemany would run row by row.
     given = set(rows.column_names)
-    values = ", ".join("$run" if c == "run_id" else c if c in given else "NULL" for c in columns)
+    columns = [c for c in columns if c == "run_id" or c in given]
+    values = ", ".join("$run" if c == "run_id" else c for c in columns)
     cursor.register("_incoming", rows)
     try:
         cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM _incoming", {"run": run_id})

@@ -70,3 +70,24 @@ def test_a_run_left_without_its_problems_is_marked_failed_on_open_and_refuses_to
             assert row["status"] == "failed" and row["done"] == 0, row  # not "finished 0/0"
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("bad", [{"answer_text": "7 \ud800"}, {"answer_value": "seven"}],
+                         ids=["lone surrogate in an answer", "a text among the numbers of a column"])
+def test_a_batch_whose_rows_cannot_be_stored_is_refused_whole_and_the_run_keeps_what_it_had(tmp_path, bad):
+    """db/rows.py builds the batch's table before the transaction: a row that cannot be stored refuses the
+    batch in one StoreError, and neither its results, its metrics nor the run's progress are written."""
+    store = Store(tmp_path / "rows.duckdb")
+    try:
+        run_id = store.create_run(name="r", model="m", dataset="d", config={}, num_latent=6, n_variants=1, total=2)
+        good = {"problem_id": "p1", "variant": "baseline:0/none/latent/recompute", "scheme": "baseline",
+                "k": 0, "method": "none", "site": "latent", "mode": "recompute", "answer_text": "7",
+                "answer_value": 7.0, "correct": True, "changed": False, "flip": False, "harm": False, "help": False}
+        store.write_batch(run_id, [good], {"elapsed_s": 1.0, "done": 1}, done=1)
+        with pytest.raises(StoreError, match="nothing was stored"):
+            store.write_batch(run_id, [dict(good, problem_id="p2"), dict(good, problem_id="p3", **bad)],
+                              {"elapsed_s": 2.0, "done": 3}, done=3)
+        assert store.query("SELECT problem_id FROM results") == [("p1",)]
+        assert store.query("SELECT count(*) FROM run_metrics")[0][0] == 1 and store.run_row(run_id)["done"] == 1
+    finally:
+        store.close()
