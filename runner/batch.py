@@ -94,8 +94,8 @@ def _lens(reasoner: LatentReasoner, ids: torch.Tensor, probs: torch.Tensor) -> l
 
 
 def _four_places(p: float) -> str:
-    """repr(round(p, 4)) for a probability, twice as fast: both are the correctly rounded 4-place decimal,
-    and repr's shortest form of it drops its trailing zeros (but one after the point)."""
+    """repr(round(p, 4)) for a probability, without the float in between: both are the correctly rounded
+    4-place decimal, and repr's shortest form of it drops its trailing zeros (but one after the point)."""
     text = ("%.4f" % p).rstrip("0")
     return text + "0" if text.endswith(".") else text
 
