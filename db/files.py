@@ -4,7 +4,9 @@ A file is written to a temporary file in its own folder, flushed to disk and ren
 target: a full disk or a kill leaves the previous file as it was (os.replace is atomic within one
 file system), never a truncated one. A failed write names the file and, on a full disk, the space
 it needed and what was free. The temporary file's name holds its writer's PID: the next write of the
-same file removes what a killed writer left (`.name.PID.xxxx.partial`), never a live writer's.
+same file removes what a killed writer left (`.name.PID.xxxx.partial`), never a live writer's. The file
+gets the mode of the one it replaces, else the one `open` gives a new file (0666 less the umask), not the
+temporary file's 0600, which would hide an export from the colleagues who share its folder.
 
 CSV cells that a spreadsheet would run as a formula (OWASP's "CSV injection": text starting with
 = + - @, a tab or a carriage return, e.g. a problem id `=HYPERLINK("http://x","y")`) get a leading
@@ -19,6 +21,8 @@ import errno
 import glob
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +51,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     _remove_leftovers(path)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
     try:
+        os.chmod(temporary, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -67,6 +72,25 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         finally:
             os.close(folder)
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """Permission bits for the file written at `path`: those of the file it replaces, else a new file's."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (os.umask sets it to read it: a file
+    another thread created in between would get the wrong mode)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open("/proc/self/status") as status:
+                return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_leftovers(path: Path) -> None:

@@ -179,3 +179,24 @@ def test_an_export_removes_what_a_killed_export_of_the_same_file_left_and_nothin
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("fmt", ["seed-json", "csv", "parquet", "markdown"])
+def test_an_export_gets_the_mode_a_new_file_would_and_keeps_the_mode_of_the_file_it_replaces(hostile_db, tmp_path, fmt):
+    """Exports are written to a temporary file (mode 0600) and renamed: a new one gets 0666 less the umask, as
+    `open` would give it (colleagues sharing the folder can read it), and one written over keeps its own mode."""
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "runner", "export", "--db", str(hostile_db), "--run", "1", "--format", fmt,
+               "--out", str(out)]
+    root = Path(__file__).resolve().parents[2]
+    written = subprocess.run(command, cwd=root, umask=0o002, capture_output=True, text=True, check=True)
+    paths = [Path(line) for line in written.stdout.splitlines()]  # the CLI prints each file it wrote
+    assert paths and all(p.is_file() for p in paths), written.stdout
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {oct(0o664)}
+    for path in paths:
+        path.chmod(0o640)
+    subprocess.run(command, cwd=root, umask=0o002, capture_output=True, check=True)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {oct(0o640)}
+    assert not list(out.glob(".*.partial"))
