@@ -30,8 +30,11 @@ def ci(value, lo=None, hi=None, digits: int = 3) -> str:
 
 
 def duration(seconds) -> str:
+    """'1h 05m', '3m 07s', '42s'; under ten seconds two significant digits ('0.38s' a problem on a fast machine)."""
     if missing(seconds):
         return "–"
+    if seconds < 9.5:
+        return "0s" if seconds <= 0 else "<0.001s" if seconds < 0.001 else f"{seconds:.2g}s"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

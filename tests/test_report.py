@@ -81,6 +81,12 @@ def test_report_of_an_imported_run(store):
     assert "imported from the seed" in text and "3/4 = 0.750" in text
 
 
+def test_durations_keep_two_digits_under_ten_seconds_where_a_fast_sweep_spends_its_time_per_problem():
+    cases = {0: "0s", 0.0004: "<0.001s", 0.0072: "0.0072s", 0.38: "0.38s", 2: "2s", 5.26: "5.3s", 9.6: "10s",
+             42.4: "42s", 187: "3m 07s", 3725: "1h 02m", None: "–", float("nan"): "–"}
+    assert {seconds: report.duration(seconds) for seconds in cases} == cases
+
+
 def test_status_page_of_a_running_sweep(store, run_id):
     store.insert_problems(run_id, [{"problem_id": f"q{i}", "ord": 10 + i, "question": "?", "gold": "1",
                                     "gold_value": 1.0, "difficulty": 2, "solution": "", "phase": "full"}
