@@ -43,9 +43,15 @@ STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
 
 # A database file is data, never code: a view or macro in a copied file must not read local files or the
 # network (read_text, read_csv, httpfs), and opening a foreign file must not fetch an extension.
+# One thread: DuckDB's worker threads call glibc's malloc_trim after their tasks, which hands every free page
+# of every malloc arena of the process back to the system, those the sweep's CPU batches keep for the next one
+# (runner/memory.py) included: after each committed batch the next one faulted ~30,000 pages in again, 5-10%
+# of its rollout's time (the embedded model, 128 x 7, one worker). With one thread DuckDB runs a query on the
+# caller's thread, has no worker and no such call; the dashboard's queries on 1.6M rows ran as fast
+# (bench/queries.py, medians within 10% either way).
 CONNECT_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
                   "autoload_known_extensions": False, "allow_community_extensions": False,
-                  "lock_configuration": True}
+                  "threads": 1, "lock_configuration": True}
 
 
 class StoreError(ThoughtSweepError, RuntimeError):

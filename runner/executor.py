@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
@@ -123,12 +123,16 @@ class LocalExecutor:
         """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""
         flight: deque = deque()  # (batch, future), oldest first
         pool = forked.ForkedWorkers(self.reasoner, self.workers) if self.processes else None
+        # Batch threads for the whole run, not one per batch: a thread's malloc arena keeps what its last batch
+        # freed (runner/memory.py); a new thread may find another thread (a status page's) holding that arena
+        # and start on a fresh one, whose pages a 128 x 7 batch of the embedded model faults in (~30,000).
+        threads = None if pool else ThreadPoolExecutor(self.workers, thread_name_prefix="sweep-batch")
 
         def hand_out() -> None:
             while queue and not stop.is_set() and len(flight) < self.workers:
                 batch = queue.popleft()
                 flight.append((batch, pool.submit(job, batch, self.device) if pool else
-                               _in_thread(rollout_batch, self.reasoner, job, batch, self.process, self.device)))
+                               _in_thread(threads, rollout_batch, self.reasoner, job, batch, self.process, self.device)))
         with one_torch_thread() if self.workers > 1 else contextlib.nullcontext():
             try:
                 while True:
@@ -148,29 +152,25 @@ class LocalExecutor:
                 _hand_back(flight, queue)  # next run gets the cores); a Ctrl-C during the wait leaves at once
                 if pool is not None:
                     pool.close()
+                if threads is not None:  # idle now: the batches in flight have ended
+                    threads.shutdown()
 
     def close(self) -> None:
         pass
 
 
-def _in_thread(function, *args) -> Future:
-    """function(*args) on a thread of its own. Not a daemon: a process that exits mid-batch (a second Ctrl-C)
-    waits for it (C++ threads killed at exit abort the process)."""
-    future: Future = Future()
+def _in_thread(threads: ThreadPoolExecutor, function, *args) -> Future:
+    """function(*args) on one of a run's batch threads. Not daemons: a process that exits mid-batch (a second
+    Ctrl-C) waits for it (C++ threads killed at exit abort the process)."""
     # A new thread's OpenMP, which MKL's matmuls use, starts at the machine's default thread count whatever
     # torch.get_num_threads() says; torch sets it to its own count only at the thread's first parallel ATen op,
     # so a matmul before that ran on every core. The thread sets the caller's count first.
-    threads = torch.get_num_threads()
+    count = torch.get_num_threads()
 
-    def work() -> None:
-        torch.set_num_threads(threads)
-        future.set_running_or_notify_cancel()  # never cancelled: a batch once handed out runs to its end
-        try:
-            future.set_result(function(*args))
-        except BaseException as error:  # handed to the sweep's thread, which raises it
-            future.set_exception(error)
-    threading.Thread(target=work, name="sweep-batch").start()
-    return future
+    def work():
+        torch.set_num_threads(count)
+        return function(*args)
+    return threads.submit(work)  # never cancelled: a batch once handed out runs to its end
 
 
 def _hand_back(flight: deque, queue: deque) -> None:

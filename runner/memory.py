@@ -34,9 +34,15 @@ USABLE = 0.7  # share of the free RAM / GPU memory a batch may take
 # activations are 3-9 MB each) then page-fault their memory in again, ~1,500-18,000 faults for a 128 x 7
 # batch of the embedded model. Kept instead, the rollout takes ~3% less CPU time (7 alternating processes
 # each way, 429 against 417 ms on average) and faults far less; a process then keeps up to KEPT_FREE bytes it freed.
-MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = -3, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+# Batches on a thread (one CPU worker: runner/executor.py keeps one thread for a run's batches) allocate from
+# a thread arena, whose 64 MiB heaps glibc unmaps as soon as one is empty, whatever the trim threshold, unless
+# the top pad is that large: without it a later 128 x 7 batch faulted 5,000-28,000 pages in again, with it
+# next to none. (db/store.py keeps DuckDB from trimming every arena: one DuckDB thread.)
+# mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and M_TOP_PAD:
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, MALLOC_TOP_PAD = -3, -1, -2
 MMAP_ABOVE = 32 * 2**20  # glibc's largest mmap threshold
 KEPT_FREE = 512 * 2**20
+THREAD_HEAP = 64 * 2**20  # glibc's HEAP_MAX_SIZE on 64 bits, a thread arena's heap
 
 
 def keep_freed_memory() -> bool:
@@ -46,7 +52,8 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(MALLOC_MMAP_THRESHOLD, MMAP_ABOVE) and libc.mallopt(MALLOC_TRIM_THRESHOLD, KEPT_FREE))
+        return bool(libc.mallopt(MALLOC_MMAP_THRESHOLD, MMAP_ABOVE) and libc.mallopt(MALLOC_TRIM_THRESHOLD, KEPT_FREE)
+                    and libc.mallopt(MALLOC_TOP_PAD, THREAD_HEAP))
     except (OSError, AttributeError):  # another C library (musl has no mallopt)
         return False
 

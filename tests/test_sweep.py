@@ -427,6 +427,8 @@ def test_a_batch_thread_computes_on_the_thread_count_of_the_thread_that_handed_i
     default count until torch's first parallel op in it; a batch thread has the sweep's count from the start."""
     import ctypes
     import os
+    from concurrent.futures import ThreadPoolExecutor
+
     from runner.executor import _in_thread
     library = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
     if not os.path.exists(library):
@@ -437,6 +439,7 @@ def test_a_batch_thread_computes_on_the_thread_count_of_the_thread_that_handed_i
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert _in_thread(openmp.omp_get_max_threads).result() == threads
+            with ThreadPoolExecutor(1) as batch_threads:  # a new thread for each count
+                assert _in_thread(batch_threads, openmp.omp_get_max_threads).result() == threads
     finally:
         torch.set_num_threads(before)
