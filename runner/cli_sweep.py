@@ -131,6 +131,14 @@ def stop_on_signals(run_id: int, in_flight: str):
             signal.signal(sig, handler)
 
 
+def postfix(progress) -> str:
+    """The bar's tail: what the sweep knows so far (no phase before the first one, no RSS before a batch)."""
+    parts = [progress.phase] if progress.phase else []
+    parts += [f"batch={progress.batch_size}"] if progress.batch_size else []
+    parts += [f"rss={progress.rss_mb:.0f}MB"] if progress.rss_mb else []
+    return " ".join(parts)
+
+
 class _progress_bar:
     """tqdm on stderr, fed by the sweep's progress callback; a context manager that closes it."""
 
@@ -150,8 +158,11 @@ class _progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=progress.total, initial=progress.done, desc=f"run {self.run_id}",
                             unit="problem", file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(progress.done - self.bar.n)
-        self.bar.set_postfix_str(f"{progress.phase} batch={progress.batch_size} rss={progress.rss_mb or 0:.0f}MB")
+        self.bar.set_postfix_str(postfix(progress), refresh=False)  # drawn with the count, in one frame
+        if progress.done != self.bar.n:
+            self.bar.update(progress.done - self.bar.n)
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
