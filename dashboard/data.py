@@ -170,6 +170,15 @@ def validate_dataset(source: str, modified: float | None) -> dict:
         return {"error": str(error)}
 
 
+@st.cache_data(**CACHE)
+def validation_shortfall(source: str, modified: float | None, limit: int | None, shuffle_seed: int | None,
+                         n: int, seed: int) -> str | None:
+    """runner/data.py's validation_shortfall for the problems a run of these options would hold (the CLI's
+    warning); `modified` as validate_dataset's. Only for a dataset that validated."""
+    problems = datasets.load_problems(source, limit=limit, seed=shuffle_seed)
+    return datasets.validation_shortfall(problems, n, seed)
+
+
 # --- the runs table ------------------------------------------------------------------------------
 def runs_version(runs: pd.DataFrame) -> tuple:
     """Changes whenever a run's row does (a batch, a status, an edit): the runs table's cache key."""

@@ -270,6 +270,8 @@ def _check(plan: Plan) -> Plan:
                                    "fix or remove them, then upload the file again.")
             if config.limit and config.limit > n:
                 plan.warnings.append(f"Limit {config.limit} is more than the {n} usable problems: all will run.")
-            if config.validation > min(n, config.limit or n):
-                plan.warnings.append(f"Validation subset {config.validation} is more than the problems in the run.")
+            if config.validation and n and not plan.dataset["rejected"] and (short := data.validation_shortfall(
+                    config.dataset, path.stat().st_mtime if path.is_file() else None, config.limit,
+                    config.seed if config.shuffle else None, config.validation, config.seed)):
+                plan.warnings.append(f"Validation: {short}.")
     return plan

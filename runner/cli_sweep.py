@@ -46,6 +46,7 @@ PHASES_OF = {"all": ("validation", "full"), "validation": ("validation",), "full
 
 
 def cmd_sweep(args) -> int:
+    from runner.data import validation_shortfall
     from runner.sweep import Sweep, SweepConfig, prepare
     store = open_store(args.db, must_exist=False)
     problems = None
@@ -69,6 +70,8 @@ def cmd_sweep(args) -> int:
                              num_latent=args.num_latent, lora_alpha=args.lora_alpha, merge_lora=args.merge_lora,
                              remove_eos=args.remove_eos, use_prj=args.use_prj, prj_no_ln=args.prj_no_ln)
         problems = prepare(config)  # options and dataset checked once, before a model load
+        if short := validation_shortfall(problems, config.validation, config.seed):
+            say(f"warning: {short}", file=sys.stderr)
     ray = args.workers > 1 or args.ray_address
     with contextlib.closing(_executor(config, args)) as executor:
         if args.resume is None:

@@ -407,3 +407,24 @@ def stratified_sample(problems: list[Problem], n: int, seed: int,
     rng = random.Random(seed)
     chosen = sorted(i for b in present for i in rng.sample(strata[b], realised[b]))
     return [problems[i] for i in chosen], realised
+
+
+def validation_shortfall(problems: list[Problem], n: int, seed: int) -> str | None:
+    """Why a validation subset of `n` holds fewer problems than asked, in one line; None when it holds `n`.
+
+    The run still starts (its subset is what the sample realised); the CLI warns on stderr and the
+    Run page before Start, with this one text.
+    """
+    if n <= 0:
+        return None
+    chosen, realised = stratified_sample(problems, n, seed)
+    if len(chosen) >= n:
+        return None
+    held = f"a validation subset of {n} holds {len(chosen)} problem(s)"
+    if len(chosen) == len(problems):
+        return f"{held}: every problem of the run, none left for the full phase"
+    present = [b for b, count in realised.items() if count]
+    share = n // len(present) + (n % len(present) > 0)
+    counts = ", ".join(f"{bucket}: {count}" for bucket, count in realised.items() if count)
+    return (f"{held} (by solution steps {counts}): each difficulty bucket gives at most an equal share ({share}), "
+            f"and some have fewer")

@@ -295,6 +295,22 @@ def test_invalid_options_are_explained_and_start_nothing(database):
     assert len(at.data_editor[0].value) == before
 
 
+def test_a_validation_subset_that_holds_fewer_than_asked_is_warned_before_start(database, gsm8k_path):
+    """The CLI's warning (tests/test_cli.py), the same line, on the Run page; the run may still start."""
+    at = open_app(database.sweep_id)
+    at.radio(key="dataset_choice").set_value("GSM8K .jsonl file").run()
+    at.text_input(key="dataset_path").input(str(gsm8k_path)).run()
+    at.number_input(key="limit").set_value(20).run()
+    assert not [w.value for w in at.warning if "Validation" in displayed(w.value)]
+    at.number_input(key="validation").set_value(30).run()
+    warnings = [displayed(w.value) for w in at.warning if "Validation" in displayed(w.value)]
+    assert warnings == ["Validation: a validation subset of 30 holds 19 problem(s) (by solution steps 1-2: 5, 3-4: "
+                        "10, 5+: 4): each difficulty bucket gives at most an equal share (10), and some have fewer."]
+    assert not next(b for b in at.button if b.label == "Start").disabled
+    at.number_input(key="validation").set_value(12).run()
+    assert not [w.value for w in at.warning if "Validation" in displayed(w.value)]
+
+
 def test_the_seed_preset_sets_prefix_zero_at_mid_depth(database):
     at = open_app(database.sweep_id)
     at.radio(key="model_choice").set_value("Local CODI checkpoint").run()

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -398,3 +399,20 @@ def test_a_sweep_that_skipped_problems_says_so_where_it_ends(capsys, gsm8k_path,
     assert last.endswith(f"(all of them: python -m runner status --db {db} --markdown --run 1)")
     code, out, _ = cli(capsys, "status", "--db", db, "--markdown", "--run", 1)
     assert code == 0 and "gsm8k\\-test\\-0004: too long" in out  # Markdown-escaped: file text is data
+
+
+def test_a_validation_subset_bigger_than_the_run_is_a_warning_and_the_run_holds_what_was_drawn(capsys, gsm8k_path,
+                                                                                                 tmp_path):
+    """--validation 30 of 20 GSM8K problems: equal shares realise 19 (only 5 have 1-2 steps); stderr says so in
+    one line before the sweep, and the stored phases are that sample, as the dashboard would have warned."""
+    db = tmp_path / "short.duckdb"
+    code, _, err = cli(capsys, "sweep", "--db", db, "--dataset", gsm8k_path, "--limit", "20", "--validation", "30",
+                       "--schemes", "prefix", "--phase", "validation", "--quiet")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: a validation subset of 30 holds 19 problem(s) (by solution steps 1-2: 5, 3-4: 10, "
+                        "5+: 4): each difficulty bucket gives at most an equal share (10), and some have fewer"]
+    store = Store(db, read_only=True)
+    phases = Counter(p["phase"] for p in store.run_problems(1))
+    store.close()
+    assert phases == {"validation": 19, "full": 1}

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.data import (DatasetError, Problem, difficulty_bucket, from_hf_dataset, load_problems,
-                         solution_steps, stratified_sample, validate_dataset)
+                         solution_steps, stratified_sample, validate_dataset,
+                         validation_shortfall)
 
 REPO = Path(__file__).parents[1]
 GSM8K_TEST = REPO / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -332,6 +333,23 @@ def test_stratified_sample_is_deterministic_per_seed():
     assert counts == {"1-2": 20, "3-4": 20, "5+": 20}
     assert stratified_sample(problems, 60, seed=1)[0] == first
     assert stratified_sample(problems, 60, seed=2)[0] != first
+
+
+def test_a_validation_subset_that_holds_fewer_than_asked_says_why_in_one_line():
+    """GSM8K has 230 problems of 5+ steps: an equal share of 1,000 (334 a bucket) realises 897, and the line
+    gives the sample's own counts; more than the run's problems makes every problem validation."""
+    problems = load_problems(str(gsm8k_test_file()))
+    assert validation_shortfall(problems, 600, seed=0) is None and validation_shortfall(problems, 0, seed=0) is None
+    chosen, counts = stratified_sample(problems, 1000, seed=0)
+    assert (len(chosen), counts) == (897, {"1-2": 334, "3-4": 333, "5+": 230})
+    assert validation_shortfall(problems, 1000, seed=0) == (
+        "a validation subset of 1000 holds 897 problem(s) (by solution steps 1-2: 334, 3-4: 333, 5+: 230): each "
+        "difficulty bucket gives at most an equal share (334), and some have fewer")
+    assert validation_shortfall(problems, 2000, seed=0) == \
+        "a validation subset of 2000 holds 1319 problem(s): every problem of the run, none left for the full phase"
+    assert validation_shortfall(problems[:20], 30, seed=0) == (  # 5 of the first 20 have 1-2 steps, 4 have 5+
+        "a validation subset of 30 holds 19 problem(s) (by solution steps 1-2: 5, 3-4: 10, 5+: 4): each "
+        "difficulty bucket gives at most an equal share (10), and some have fewer")
 
 
 def test_stratified_sample_rejects_bad_arguments():
