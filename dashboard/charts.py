@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from dashboard.safe import html as plain
 from db.figures import ablated_label
+from runner.ablation import METHODS
 
 COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
 MEASURE_LABELS = {"flip": "Flip rate", "harm": "Harm rate (right → wrong)", "help": "Help rate (wrong → right)",
@@ -78,14 +79,24 @@ def value_range(frames: list[pd.DataFrame], measure: str) -> list[float]:
     return [min(low, 0) - pad, high + pad]
 
 
+def method_color(method: str) -> str:
+    """One colour per ablation method on every page and in every scheme's chart (zero blue, mean red, ...),
+    whatever order a query returns the methods in; a method we do not know (an imported run's) is grey."""
+    return COLORS[METHODS.index(method)] if method in METHODS else COLORS[-1]
+
+
 def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: int,
                     y_range: list[float] | None = None, height: int = 320) -> go.Figure:
-    """One scheme's per-k curve for each (method, site, mode), with its 95% band."""
+    """One scheme's per-k curve for each (method, site, mode), with its 95% band; the methods in
+    runner/ablation.py's order, each in its colour (more sites or modes than one: a colour per curve)."""
     fig = go.Figure()
     part = curve[curve["scheme"] == scheme]
     several = part[["site", "mode"]].drop_duplicates().shape[0] > 1
-    for i, ((method, site, mode), group) in enumerate(part.groupby(["method", "site", "mode"], sort=False)):
-        color, name = COLORS[i % len(COLORS)], plain(f"{method} · {site} · {mode}" if several else method)
+    groups = sorted(part.groupby(["method", "site", "mode"], sort=False),
+                    key=lambda item: METHODS.index(item[0][0]) if item[0][0] in METHODS else len(METHODS))
+    for i, ((method, site, mode), group) in enumerate(groups):
+        color = COLORS[i % len(COLORS)] if several else method_color(method)
+        name = plain(f"{method} · {site} · {mode}" if several else method)
         group = group.sort_values("k")
         _band(fig, group["k"], group["value_lo"], group["value_hi"], color, name)
         labels = [ticks(group, num_latent)[int(k)] for k in group["k"]]

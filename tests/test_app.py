@@ -129,6 +129,26 @@ def test_importance_curves_intervals_and_the_difficulty_filter(database):
     assert figures(at)[0]["layout"]["yaxis"]["title"]["text"].startswith("Drop in gold log-prob")
 
 
+def test_each_method_keeps_its_colour_in_every_chart(tmp_path, tiny_model_dir, tiny_reasoner, monkeypatch):
+    """zero and mean swept together: the curves follow runner/ablation.py's method order and colours (zero
+    blue, mean red) in every scheme's chart, whatever order the query gives (it sorts mean first)."""
+    from dashboard.charts import COLORS
+    path = tmp_path / "methods.duckdb"
+    store = Store(path)
+    config = SweepConfig(model=str(tiny_model_dir), dataset="builtin", limit=6, batch_size=6, methods=("zero", "mean"),
+                         schemes=("prefix", "single"), run_name="two methods")
+    run_id = Sweep.create(store, tiny_reasoner, config)
+    assert Sweep(store, tiny_reasoner, config, run_id).run() == "finished"
+    store.close()
+    monkeypatch.setenv("THOUGHTSWEEP_DB", str(path))
+    at = open_app(run_id, "pages/importance.py")
+    shown = figures(at)
+    assert len(shown) == 2
+    for figure in shown:
+        lines = [(t["name"], t["line"]["color"]) for t in figure["data"] if t.get("mode") == "lines+markers"]
+        assert lines == [("zero", COLORS[0]), ("mean", COLORS[1])]
+
+
 def test_imported_run_has_curves_but_no_logprobs(database):
     at = open_app(database.seed_id, "pages/importance.py")
     assert len(figures(at)) == 1  # the seed swept prefix only
