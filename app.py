@@ -7,8 +7,9 @@ after a reload) and the database file switcher.
 import streamlit as st
 
 from dashboard import safe, state
-from dashboard.widgets import duration, status_badge
+from dashboard.widgets import status_badge
 from db import queries
+from db.report import duration
 from db.store import StoreError
 
 st.set_page_config(page_title="ThoughtSweep", page_icon=":material/psychology:", layout="wide")

@@ -80,16 +80,6 @@ def run_caption(run: dict) -> None:
                f"{int(run['done'])}/{int(run['total'])} problems{source}{live}")
 
 
-def duration(seconds) -> str:
-    """'1h 05m', '4m 12s', '9s'; '–' when unknown."""
-    if missing(seconds):
-        return "–"
-    seconds = int(round(float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
 STATUS_COLORS = {"running": "blue", "finished": "green", "stopped": "orange", "interrupted": "orange",
                  "failed": "red"}
 

@@ -36,7 +36,7 @@ def status_markdown(store, run_id: int) -> str:
            "", f"- progress: {done}/{total} problems ({100 * done / max(total, 1):.1f}%)",
            f"- time sweeping: {report.duration(run['elapsed_s'])}; ETA: {report.duration(eta)}"
            + ("" if eta is None else " at the current throughput"),
-           f"- throughput: {'–' if rate is None else f'{rate:.0f}'} problems/hour; "
+           f"- throughput: {'–' if rate is None else f'{rate:,.0f}'} problems/hour; "
            f"{report.duration(per_problem)} per problem ({run['n_variants']} variants each, batch size "
            f"{run['batch_size'] or '–'}, device {text(run['device'] or '–')})"]
     skipped = store.skipped_problems(run_id)

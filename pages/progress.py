@@ -3,7 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, safe, state
-from dashboard.widgets import duration, missing, status_badge
+from dashboard.widgets import missing, status_badge
+from db.report import duration
 
 svc = state.open_page()
 run = state.selected_run(svc)

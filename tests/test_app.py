@@ -258,6 +258,14 @@ def test_progress_of_a_finished_run(database):
     titles = {f["layout"]["title"]["text"] for f in figures(at)}
     assert {"Throughput per batch", "Process memory (RSS)", "CPU"} <= titles
     assert any("No GPU memory" in displayed(i.value) for i in at.info)
+    # One definition of a duration and a rate: the CLI's status page shows the same strings.
+    from dashboard import state
+    from db import report, status_page
+    row = state.open_service(str(database.path.resolve())).store.run_row(database.sweep_id)
+    page = status_page.status_markdown(state.open_service(str(database.path.resolve())).store, database.sweep_id)
+    elapsed, rate = metric(at, "Elapsed"), metric(at, "Throughput")
+    assert elapsed == report.duration(row["elapsed_s"]) and f"time sweeping: {elapsed};" in page
+    assert rate.endswith(" /h") and f"throughput: {rate[:-3]} problems/hour" in page
 
 
 @pytest.mark.parametrize("status, shown", [("failed", "Failed after 0 of 5 problems: CUDA out of memory (test)"),

@@ -93,7 +93,7 @@ def test_status_page_of_a_running_sweep(store, run_id):
                                    for i in range(10)])
     store.update_run(run_id, total=20, phase="full", status="running")
     text = status_page.status_markdown(store, run_id)
-    for expected in ("— running (phase full)", "10/20 problems (50.0%)", "1800 problems/hour", "2s per problem",
+    for expected in ("— running (phase full)", "10/20 problems (50.0%)", "1,800 problems/hour", "2s per problem",
                      "ETA: 20s", "| validation | 4/4 | 8s |", "| full (the other problems) | 6/16 | 32s | 20s so far | "
                      "running |", "RSS now 510 MB, peak 510 MB", "## Validation vs full run so far",
                      "| baseline accuracy | 1.000 [", f"python -m runner sweep --resume {run_id} --db {store.path}",
