@@ -69,6 +69,8 @@ def ci(value, lo=None, hi=None, percent: bool = True) -> str:
         text = f"{100 * value:.1f}%"
         return text if missing(lo) or missing(hi) else f"{text} [{100 * lo:.1f}, {100 * hi:.1f}]"
     text = f"{value:.2f}"
+    if not missing(lo) and missing(hi):  # a ratio whose denominator's interval reaches 0 (db/stats.py)
+        return f"{text} [{lo:.2f}, no upper bound]"
     return text if missing(lo) or missing(hi) else f"{text} [{lo:.2f}, {hi:.2f}]"
 
 

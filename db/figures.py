@@ -16,7 +16,8 @@ import pandas as pd
 
 from db import queries
 from db.scope import Scope
-from db.stats import EARLY_LATE, GROUP_KEYS, bucket, drop_intervals, early_late_table, old_script_early_late
+from db.stats import (EARLY_LATE, GROUP_KEYS, UNANIMOUS, bucket, drop_intervals, early_late_table,
+                      old_script_early_late)
 
 FIGURES = {
     "old_script_early_late": (
@@ -27,7 +28,7 @@ FIGURES = {
     "per_latent_early_late": (
         "per-latent early/late",
         "single-position scheme (one latent ablated at a time): early = mean flip rate with latent 0, 1 or 2 "
-        "ablated, late = with latent 3, 4 or 5, ratio = early / late; 95% bootstrap intervals over problems"),
+        "ablated, late = with latent 3, 4 or 5, ratio = early / late; 95% bootstrap intervals over problems (" + UNANIMOUS + ")"),
 }
 CURVE_COLUMNS = [*GROUP_KEYS, "k", "position", "ablated_positions", "latents_fed", "n", "value", "value_lo", "value_hi"]
 
@@ -56,7 +57,8 @@ def early_late(store, scope: Scope, measure: str = "flip", seed: int = 0, n_boot
     """
     group = queries.first_group(store, scope)
     named = dict(zip(GROUP_KEYS, (group or scope).keys)) | {"measure": measure}
-    table = early_late_table(queries.scores(store, group, measure), None, seed, n_boot) if group else pd.DataFrame()
+    table = (early_late_table(queries.scores(store, group, measure), None, seed, n_boot, rate=measure != "logprob_drop")
+             if group else pd.DataFrame())
     return named | {"n": 0} if table.empty else {**queries.plain(table.to_dict("records")[0]), "measure": measure}
 
 

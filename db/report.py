@@ -14,7 +14,7 @@ from db import figures, queries
 from db.figures import FIGURES, ablated_label
 from db.markdown import text
 from db.scope import QueryError, Scope
-from db.stats import GROUP_KEYS, drop_intervals, early_late_table
+from db.stats import GROUP_KEYS, UNANIMOUS, drop_intervals, early_late_table
 
 
 # --- formatting -------------------------------------------------------------------------------------
@@ -25,7 +25,8 @@ def missing(value) -> bool:
 def ci(value, lo=None, hi=None, digits: int = 3) -> str:
     if missing(value):
         return "–"
-    interval = "" if missing(lo) or missing(hi) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    interval = "" if missing(lo) else f" [{lo:.{digits}f}, no upper bound]" if missing(hi) else \
+        f" [{lo:.{digits}f}, {hi:.{digits}f}]"  # no upper bound: a ratio whose denominator's interval reaches 0
     return f"{value:.{digits}f}{interval}"
 
 
@@ -130,7 +131,7 @@ def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int 
                        "k = p; figures.old_script_early_late); extras: position = the last latent a prefix "
                        "ablates (k - 1), k otherwise, as each row stores it; early = positions 0..T/2-1, late = "
                        "T/2..T-1; rates: 95% Wilson; means and early/late/ratio: 95% percentile bootstrap over "
-                       f"problems ({n_boot} resamples, seed {seed})",
+                       f"problems ({n_boot} resamples, seed {seed}); {UNANIMOUS}",
     }
     return queries.plain(result)
 
@@ -215,7 +216,7 @@ def markdown_report(store, run_id: int) -> str:
             "position k-1 (the last latent it removes), other schemes at position k. The named figures above are "
             "the two common definitions, each under its own name.",
             "- Intervals are 95%: Wilson score intervals for rates; percentile bootstrap over problems "
-            "(1,000 resamples, seed 0) for mean log-prob drops and for early, late and their ratio.",
+            f"(1,000 resamples, seed 0) for mean log-prob drops and for early, late and their ratio; {UNANIMOUS}.",
             "- Exit k = T feeds every latent and equals the baseline; a variant that ablates nothing must reproduce "
             "the baseline exactly.", ""]
     if about["source"] == "import":

@@ -15,6 +15,9 @@ EARLY_LATE = ("early", "early_lo", "early_hi", "late", "late_lo", "late_hi", "ra
 BUCKET_EDGES, BUCKET_REST = ((2, "1-2"), (4, "3-4")), "5+"  # buckets: step counts up to each edge, then the rest
 
 Z = 1.959963984540054  # two-sided 95% normal quantile
+# Said wherever early/late intervals are: early_late_table's rule for a side without spread.
+UNANIMOUS = ("where every problem of a side scored 0 (or 1) the bootstrap has no spread: that side's interval is "
+             "Wilson's for that many problems, and the ratio's the one its sides' intervals bound")
 
 
 def wilson_sql(x: str, n: str, name: str = "value") -> str:
@@ -26,6 +29,26 @@ def wilson_sql(x: str, n: str, name: str = "value") -> str:
     lo = f"CASE WHEN {n} > 0 THEN greatest(0.0, ({centre} - {half}) / {denom}) END"
     hi = f"CASE WHEN {n} > 0 THEN least(1.0, ({centre} + {half}) / {denom}) END"
     return f"{p} AS {name}, {lo} AS {name}_lo, {hi} AS {name}_hi"
+
+
+def wilson(x: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """wilson_sql's 95% interval of x/n, in numpy (the same formula); NaN where n = 0."""
+    x, n = np.asarray(x, dtype=float), np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = x / n
+        centre, denom = p + Z * Z / (2 * n), 1 + Z * Z / n
+        half = Z * np.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+        lo, hi = np.maximum(0.0, (centre - half) / denom), np.minimum(1.0, (centre + half) / denom)
+    return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
+
+
+def unanimous(values: np.ndarray) -> np.ndarray:
+    """(G,) whether a column of per-problem rates (n, G) is all 0 or all 1 (NaN = missing): the bootstrap's
+    replicates are then that value too, and its interval [0, 0] would claim a certainty n problems do not give."""
+    present = ~np.isnan(values)
+    zeros, ones = (present & (values == 0)).sum(axis=0), (present & (values == 1)).sum(axis=0)
+    n = present.sum(axis=0)
+    return (n > 0) & ((zeros == n) | (ones == n))
 
 
 def bootstrap_means(values: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
@@ -129,11 +152,15 @@ def drop_intervals(cells: pd.DataFrame, seed: int, n_boot: int) -> pd.DataFrame:
     return cells.drop(columns=["ords", "drops"])
 
 
-def early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int) -> pd.DataFrame:
+def early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: int, rate: bool = True) -> pd.DataFrame:
     """Per (stratum `by`, group): n, early, late, ratio, each with a 95% bootstrap interval over the stratum's problems.
 
     `scores` comes from db.queries.scores; `by` is None, 'difficulty' or 'bucket'. One bootstrap per
-    stratum serves every group (the same resampled problems), so ratios are paired.
+    stratum serves every group (the same resampled problems), so ratios are paired. For a rate
+    (`rate`; not a log-prob drop) whose problems all scored 0, or all 1, the bootstrap has no spread:
+    that side's interval is then Wilson's for that many problems (0 of n: [0, ~3.8/n]), and the ratio's
+    is the one its two sides' intervals bound, [early_lo / late_hi, early_hi / late_lo] (no upper
+    bound, NaN, where late_lo is 0).
     """
     columns = ([by] if by else []) + [*GROUP_KEYS, "n", *EARLY_LATE]
     if scores.empty:
@@ -162,6 +189,15 @@ def early_late_table(scores: pd.DataFrame, by: str | None, seed: int, n_boot: in
         ratio[~np.isfinite(ratio)] = np.nan
         lo, hi = percentile_interval(replicates)
         ratio_lo, ratio_hi = percentile_interval(ratio_reps)
+        if rate and (same := unanimous(values)).any():
+            n = (~np.isnan(values)).sum(axis=0)
+            bounded = wilson(np.nan_to_num(means) * n, n)
+            lo, hi = np.where(same, bounded[0], lo), np.where(same, bounded[1], hi)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                outer_lo, outer_hi = lo[:G] / hi[G:], hi[:G] / lo[G:]
+            either = same[:G] | same[G:]
+            ratio_lo = np.where(either, np.where(np.isfinite(outer_lo), outer_lo, np.nan), ratio_lo)
+            ratio_hi = np.where(either, np.where(np.isfinite(outer_hi), outer_hi, np.nan), ratio_hi)
         counts = (~np.isnan(values[:, :G])).sum(axis=0)
         kept = counts > 0
         stats = {"n": counts, "early": means[:G], "early_lo": lo[:G], "early_hi": hi[:G], "late": means[G:],

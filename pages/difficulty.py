@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard import charts, data, safe, state, widgets
 from db.figures import FIGURES
 from db.report import NAMED_HEADER, named_rows
+from db.stats import UNANIMOUS
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -61,7 +62,8 @@ def results() -> None:
         "early / late": [widgets.ci(r.ratio, r.ratio_lo, r.ratio_hi, percent=False) for r in table.itertuples()]})
     st.dataframe(own, hide_index=True)
     st.caption("The chosen group's own positions (a prefix k sits at k−1, the last latent it ablates), 95% "
-               "bootstrap intervals over the row's problems: neither named figure unless the group is single.")
+               f"bootstrap intervals over the row's problems ({UNANIMOUS}): neither named figure unless the group is "
+               "single.")
 
     st.markdown(f"##### Difficulty × position · {safe.md(widgets.group_label(group))}")
     measure = widgets.measure("difficulty_measure")

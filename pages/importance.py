@@ -2,6 +2,7 @@
 import streamlit as st
 
 from dashboard import charts, data, safe, state, widgets
+from db.stats import UNANIMOUS
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -40,10 +41,12 @@ def results() -> None:
                 st.metric(f"{name}, {part} latents ({span})", widgets.ci(split[part], percent=pct), width="content",
                           border=True, help=f"{where}: mean {name.lower()} over the {part} latent positions, 95% "
                           "bootstrap interval "
-                          + widgets.ci(split[part], split[part + "_lo"], split[part + "_hi"], pct))
+                          + widgets.ci(split[part], split[part + "_lo"], split[part + "_hi"], pct)
+                          + (f" ({UNANIMOUS})" if pct else ""))
             st.metric(f"{name}: early / late", widgets.ci(split["ratio"], percent=False), width="content",
                       border=True, help="95% bootstrap interval " + widgets.ci(split["ratio"], split["ratio_lo"],
-                                                                              split["ratio_hi"], percent=False))
+                                                                              split["ratio_hi"], percent=False)
+                      + (f" ({UNANIMOUS})" if pct else ""))
     st.caption(f"{name}: {charts.MEASURE_HELP[measure]}. Shaded bands: 95% "
                + ("Wilson intervals." if pct else "bootstrap intervals over problems."))
     numbering, meaning = data.positions(db, run_id)

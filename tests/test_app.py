@@ -167,6 +167,8 @@ def test_difficulty_table_per_step_and_per_bucket(database):
     at.segmented_control(key="difficulty_by").set_value("per bucket").run()
     buckets = at.dataframe[0].value
     assert set(buckets["bucket"]) <= {"1-2", "3-4", "5+"} and buckets["problems"].sum() == 24
+    from db.stats import UNANIMOUS
+    assert UNANIMOUS in texts(at)  # the intervals' rule where a side has no spread, with the table
 
 
 def test_problems_filters_search_and_drill_down(database):

@@ -94,6 +94,31 @@ def test_wilson_for_three_of_ten_is_the_hand_value(store, run_id):
     assert list(curve["value"]) == [len(PREFIX_FLIPS[k]) / 10 for k in range(1, 7)]
 
 
+def test_a_side_where_every_problem_scored_the_same_gets_wilsons_interval_not_zero_width(store, run_id):
+    """The mean method flips nothing: a bootstrap of ten zeros is [0, 0], which ten problems cannot promise.
+    Flip-based sides get Wilson's 0-of-10 interval (the same formula as the SQL's), the ratio the bound its
+    sides give; a log-prob drop of exactly 0 everywhere keeps its bootstrap (no rate to bound)."""
+    from db.stats import wilson as wilson_np
+    mean = figures.early_late(store, Scope(run_id, scheme="prefix", method="mean"))
+    assert (mean["n"], mean["early"], mean["late"]) == (10, 0.0, 0.0)
+    assert (mean["early_lo"], mean["early_hi"]) == pytest.approx(wilson(0, 10)) != (0.0, 0.0)
+    assert (mean["late_lo"], mean["late_hi"]) == pytest.approx(wilson(0, 10))
+    assert mean["ratio"] is None and mean["ratio_hi"] is None  # 0 / 0: no ratio, no upper bound
+    drop = figures.early_late(store, Scope(run_id, scheme="prefix", method="mean"), measure="logprob_drop")
+    assert (drop["early"], drop["early_lo"], drop["early_hi"]) == (0.0, 0.0, 0.0)
+    # Difficulty 1 (p0, p1): every prefix k >= 4 flips both, late = 1 for each: Wilson's 2 of 2.
+    one = row(figures.difficulty_table(store, Scope(run_id, scheme="prefix", method="zero")), difficulty=1)
+    assert (one["late"], one["late_lo"], one["late_hi"]) == pytest.approx((1.0, *wilson(2, 2)))
+    assert one["early_lo"] < one["early"] < one["early_hi"]  # p0 2/3, p1 1/3: the bootstrap's own
+    assert (one["ratio_lo"], one["ratio_hi"]) == pytest.approx((one["early_lo"] / one["late_hi"],
+                                                                one["early_hi"] / one["late_lo"]))
+    lo, hi = wilson_np(np.array([0, 3, 10, 4]), np.array([10, 10, 10, 0]))
+    assert list(zip(lo[:3], hi[:3])) == pytest.approx([wilson(0, 10), wilson(3, 10), wilson(10, 10)])
+    assert math.isnan(lo[3]) and math.isnan(hi[3])
+    sql = store.query(f"SELECT {queries.wilson_sql('x', 'n')} FROM (VALUES (0, 10), (3, 10), (10, 10)) t(x, n)")
+    assert [(r[1], r[2]) for r in sql] == pytest.approx(list(zip(lo[:3], hi[:3])))
+
+
 def test_baseline_accuracy_and_filters(store, run_id):
     acc = queries.baseline_accuracy(store, Scope(run_id))
     assert (acc["n"], acc["correct"], acc["accuracy"]) == (10, 8, 0.8)

@@ -151,3 +151,14 @@ def test_generated_tokens_are_exported_and_old_databases_migrate(tmp_path, tiny_
         assert "prefix_value" in csv and "prefix_value" in parquet
     finally:
         store.close()
+
+
+def test_an_interval_without_an_upper_bound_says_so_in_the_report_and_the_dashboard():
+    """A ratio whose denominator's interval reaches 0 (db/stats.py) has a lower bound only: both formatters
+    say so instead of dropping the interval; a value without any bound stays bare."""
+    from dashboard import widgets
+    nan = float("nan")
+    assert report.ci(0.25, 0.1, nan, 2) == "0.25 [0.10, no upper bound]"
+    assert widgets.ci(0.25, 0.1, None, percent=False) == "0.25 [0.10, no upper bound]"
+    assert report.ci(0.25) == "0.250" and widgets.ci(0.25, percent=False) == "0.25"
+    assert report.ci(0.25, 0.1, 0.4, 2) == "0.25 [0.10, 0.40]"
