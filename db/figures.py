@@ -17,7 +17,7 @@ import pandas as pd
 from db import queries
 from db.scope import Scope
 from db.stats import (EARLY_LATE, GROUP_KEYS, UNANIMOUS, bucket, drop_intervals, early_late_table,
-                      old_script_early_late)
+                      old_script_early_late, wilson)
 
 FIGURES = {
     "old_script_early_late": (
@@ -120,11 +120,10 @@ def old_script_summary(store, scope: Scope) -> dict:
     Equal to `db.seed.seed_summary` of the same problems' records (the export page shows it without
     building 10,000 records). by_difficulty holds the old script's early/late.
     """
-    group = _named_group(store, scope, "prefix")
-    cells = queries.old_script_cells(store, group or scope.group("prefix", "", "", ""))
+    cells = _old_script_cells(store, scope)
     base = queries.accuracy_by(store, scope.problems(), "steps")
     n_total, correct = int(base["n"].sum()), int(base["correct"].sum())
-    totals = cells.groupby("old_position")[["n", "flips"]].sum().sort_index()
+    totals = _old_script_totals(cells)
     summary = {"n_problems": n_total, "baseline_accuracy": correct / n_total if n_total else None,
                "position_importance": {str(p): int(r.flips) / int(r.n) for p, r in totals.iterrows()},
                "by_difficulty": {}}
@@ -135,6 +134,23 @@ def old_script_summary(store, scope: Scope) -> dict:
             "n_problems": int(row.n), "baseline_accuracy": int(row.correct) / int(row.n),
             **old_script_early_late({int(c.old_position): int(c.flips) / int(c.n) for c in mine.itertuples()})}
     return summary
+
+
+def old_script_position_intervals(store, scope: Scope) -> dict:
+    """{old position: {n, lo, hi}}: the 95% Wilson interval of each `position_importance` value (its flips of n)."""
+    totals = _old_script_totals(_old_script_cells(store, scope))
+    lo, hi = wilson(totals["flips"].to_numpy(), totals["n"].to_numpy())
+    return {str(p): {"n": int(r.n), "lo": float(low), "hi": float(high)}
+            for (p, r), low, high in zip(totals.iterrows(), lo, hi)}
+
+
+def _old_script_cells(store, scope: Scope) -> pd.DataFrame:
+    group = _named_group(store, scope, "prefix")
+    return queries.old_script_cells(store, group or scope.group("prefix", "", "", ""))
+
+
+def _old_script_totals(cells: pd.DataFrame) -> pd.DataFrame:
+    return cells.groupby("old_position")[["n", "flips"]].sum().sort_index()
 
 
 def _first_seen(cells: pd.DataFrame, base: pd.DataFrame) -> list[int]:

@@ -122,6 +122,11 @@ def stats_json(store, run_id: int, method=None, site=None, mode=None, seed: int 
         "summary_group": dict(zip(GROUP_KEYS, group.keys if group else ("prefix", None, None, None))),
         "baseline_accuracy": queries.baseline_accuracy(store, scope),
         "baseline_accuracy_validation": queries.baseline_accuracy(store, scope.replace(phase="validation")),
+        # The top level's position_importance (the old numbering) with the 95% Wilson interval of each value.
+        "position_importance_intervals": figures.old_script_position_intervals(store, chosen),
+        "baseline_accuracy_by_steps": {str(r["difficulty"]): {"n": r["n"], "lo": r["accuracy_lo"],
+                                                              "hi": r["accuracy_hi"]}
+                                       for r in queries.accuracy_by(store, scope, "steps").to_dict("records")},
         "groups": groups,
         "figures": {name: {"name": title, "definition": definition, "group": named["steps"]["groups"][name],
                            **{by: [{k: v for k, v in r.items() if k not in FIGURES or k == name} for r in n["rows"]]

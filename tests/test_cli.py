@@ -57,6 +57,33 @@ def test_stats_json_has_the_seed_summary_keys_and_extras(swept, capsys):
     assert stats["position_importance"]["0"] == 0.0
 
 
+def test_plain_stats_give_every_rate_its_interval(swept, capsys):
+    """The terminal summary carries the 95% Wilson interval of each position's flip rate and accuracy, the
+    same numbers as --json's extras (the positions' curve of the summary group, the accuracy by step count)."""
+    from db.stats import wilson
+    code, out, _ = cli(capsys, "stats", "--db", swept, "--json")
+    stats = json.loads(out)
+    code, plain, _ = cli(capsys, "stats", "--db", swept)
+    assert code == 0
+    lines = plain.splitlines()
+    accuracy = stats["extras"]["baseline_accuracy"]
+    assert lines[0] == (f"problems 12, baseline accuracy {accuracy['accuracy']:.1%} [{100 * accuracy['lo']:.1f}, "
+                        f"{100 * accuracy['hi']:.1f}] (intervals: 95% Wilson)")
+    group = next(g for g in stats["extras"]["groups"] if g["scheme"] == "prefix")
+    shown = dict(re.findall(r"(\d): (\d\.\d{3}(?: \[\d\.\d{3}, \d\.\d{3}\])?)", lines[1]))
+    assert lines[1].startswith("position importance (prefix · zero · latent · recompute, flip rate; 0 = the baseline)")
+    assert shown["0"] == "0.000"  # the baseline flips nothing by definition: no interval
+    for point in group["positions"]:  # prefix k is the old numbering's position k
+        flip = point["flip"]
+        lo, hi = wilson(round(flip["value"] * flip["n"]), flip["n"])
+        assert shown[str(point["k"])] == f"{flip['value']:.3f} [{flip['lo']:.3f}, {flip['hi']:.3f}]"
+        assert (flip["lo"], flip["hi"]) == pytest.approx((float(lo), float(hi)))
+    by_steps = stats["extras"]["baseline_accuracy_by_steps"]
+    for line, (steps, row) in zip(lines[2:], stats["by_difficulty"].items()):
+        bounds = by_steps[steps]
+        assert f"acc={row['baseline_accuracy']:.1%} [{100 * bounds['lo']:.1f}, {100 * bounds['hi']:.1f}]" in line
+
+
 def test_export_import_round_trip_reproduces_the_statistics(swept, capsys, tmp_path):
     code, out, _ = cli(capsys, "export", "--db", swept, "--format", "seed-json", "--out", tmp_path / "seed")
     files = sorted(p.split("/")[-1] for p in out.split())
