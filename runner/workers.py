@@ -57,7 +57,14 @@ class ForkedWorkers:
             raise _died() from error
 
     def close(self) -> None:
-        """Waits for the batches running, then for the workers to exit."""
+        """Waits for the batches running, then for the workers to exit.
+
+        After a worker died the pool stops the others with SIGTERM, which they ignore (`_start`): Python
+        3.11 also sends them its exit sentinel, 3.12+ does not and waits for them forever, holding the
+        lock `shutdown` needs. So the survivors of a broken pool are killed here first."""
+        if getattr(self.pool, "_broken", False):
+            for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                process.kill()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
