@@ -79,10 +79,15 @@ def value_range(frames: list[pd.DataFrame], measure: str) -> list[float]:
     return [min(low, 0) - pad, high + pad]
 
 
+def method_rank(method: str) -> int:
+    """A method's place in runner/ablation.py's order; one we do not know (an imported run's) comes last."""
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
 def method_color(method: str) -> str:
     """One colour per ablation method on every page and in every scheme's chart (zero blue, mean red, ...),
-    whatever order a query returns the methods in; a method we do not know (an imported run's) is grey."""
-    return COLORS[METHODS.index(method)] if method in METHODS else COLORS[-1]
+    whatever order a query returns the methods in; a method we do not know is grey."""
+    return COLORS[method_rank(method)] if method in METHODS else COLORS[-1]
 
 
 def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: int,
@@ -92,8 +97,7 @@ def position_figure(curve: pd.DataFrame, scheme: str, measure: str, num_latent: 
     fig = go.Figure()
     part = curve[curve["scheme"] == scheme]
     several = part[["site", "mode"]].drop_duplicates().shape[0] > 1
-    groups = sorted(part.groupby(["method", "site", "mode"], sort=False),
-                    key=lambda item: METHODS.index(item[0][0]) if item[0][0] in METHODS else len(METHODS))
+    groups = sorted(part.groupby(["method", "site", "mode"], sort=False), key=lambda item: method_rank(item[0][0]))
     for i, ((method, site, mode), group) in enumerate(groups):
         color = COLORS[i % len(COLORS)] if several else method_color(method)
         name = plain(f"{method} · {site} · {mode}" if several else method)

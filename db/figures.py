@@ -28,7 +28,8 @@ FIGURES = {
     "per_latent_early_late": (
         "per-latent early/late",
         "single-position scheme (one latent ablated at a time): early = mean flip rate with latent 0, 1 or 2 "
-        "ablated, late = with latent 3, 4 or 5, ratio = early / late; 95% bootstrap intervals over problems (" + UNANIMOUS + ")"),
+        "ablated, late = with latent 3, 4 or 5, ratio = early / late; 95% bootstrap intervals over problems "
+        f"({UNANIMOUS})"),
 }
 CURVE_COLUMNS = [*GROUP_KEYS, "k", "position", "ablated_positions", "latents_fed", "n", "value", "value_lo", "value_hi"]
 
