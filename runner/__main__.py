@@ -103,7 +103,7 @@ def cmd_stats(args) -> int:
         return 0
     extras = stats["extras"]
     say(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}"
-        f"{_interval(extras['baseline_accuracy'], percent=True)} (intervals: 95% Wilson)")
+        f"{_percent_interval(extras['baseline_accuracy'])} (intervals: 95% Wilson)")
     if not has_prefix:
         say(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
             f"scheme's (stats --json lists its other groups under extras)")
@@ -111,10 +111,10 @@ def cmd_stats(args) -> int:
     group = " · ".join(str(extras["summary_group"][key]) for key in ("scheme", "method", "site", "mode"))
     intervals = extras["position_importance_intervals"]
     say(f"position importance ({group}, flip rate; 0 = the baseline): " +
-        ", ".join(f"{k}: {v:.3f}{_interval(intervals.get(k)) if k != '0' else ''}"
+        ", ".join(f"{k}: " + (report.ci(v) if k == "0" else report.ci(v, *_bounds(intervals.get(k))))
                   for k, v in stats["position_importance"].items()))
     for steps, row in stats["by_difficulty"].items():
-        accuracy = _interval(extras["baseline_accuracy_by_steps"].get(steps), percent=True)
+        accuracy = _percent_interval(extras["baseline_accuracy_by_steps"].get(steps))
         say(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%}"
             f"{accuracy} old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
     return 0
@@ -124,12 +124,14 @@ def _figure(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _interval(bounds: dict | None, percent: bool = False) -> str:
-    """' [lo, hi]' of a {lo, hi} (as percentages, or fractions to 3 places); '' where there is none."""
-    if not bounds or bounds.get("lo") is None or bounds.get("hi") is None:
-        return ""
-    return f" [{100 * bounds['lo']:.1f}, {100 * bounds['hi']:.1f}]" if percent else \
-        f" [{bounds['lo']:.3f}, {bounds['hi']:.3f}]"
+def _bounds(bounds: dict | None) -> tuple:
+    return (None, None) if not bounds else (bounds.get("lo"), bounds.get("hi"))
+
+
+def _percent_interval(bounds: dict | None) -> str:
+    """' [lo, hi]' of a {lo, hi} in percent; '' where there is none."""
+    lo, hi = _bounds(bounds)
+    return "" if lo is None or hi is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def cmd_export(args) -> int:
