@@ -61,3 +61,9 @@ def mixed_positions(sides: list[Side], runs: dict[int, dict]) -> list[int]:
     """The runs among `sides` that number positions otherwise than the first side (runner.ablation.POSITIONS)."""
     first = runs.get(sides[0].run_id, {}).get("positions", "latent")
     return sorted({s.run_id for s in sides if runs.get(s.run_id, {}).get("positions", "latent") != first})
+
+
+def same_group(side: Side, first: Side) -> bool:
+    """`side` is `first`'s run and variant group in another phase: their pairs are the subset against itself."""
+    return (side.run_id, side.scheme, side.method, side.site, side.mode) == \
+        (first.run_id, first.scheme, first.method, first.site, first.mode)

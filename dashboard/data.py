@@ -86,7 +86,8 @@ def difficulty_heatmap(db: str, version: tuple, scope: Scope, measure: str) -> p
 def paired(db: str, versions: tuple, a: Scope, b: Scope, measure: str) -> pd.DataFrame:
     """a − b per k on the problems both share, with the paired bootstrap interval (db/paired.py)."""
     store = _store(db)
-    return paired_difference(queries.curve_values(store, a, measure), queries.curve_values(store, b, measure))
+    return paired_difference(queries.curve_values(store, a, measure), queries.curve_values(store, b, measure),
+                             rate=measure in queries.RATE_MEASURES)
 
 
 @st.cache_data(**CACHE)

@@ -5,6 +5,7 @@ import streamlit as st
 from dashboard import charts, comparison, data, state, widgets
 from dashboard.comparison import Side
 from db import queries
+from db.paired import NO_SPREAD
 
 svc = state.open_page()
 run = state.require_results(svc)
@@ -73,7 +74,8 @@ if len({s.scheme for s in sides}) > 1:
     st.warning("Different schemes: the same k ablates different latents; the x axis follows the first curve.",
                icon=":material/warning:")
 st.text("Legend: " + (", ".join(differ) if differ else "nothing differs but the run") + " (the settings that differ)")
-drawn = [(n, p) for n, p, s in zip(names[1:], pairs, sides[1:]) if s.run_id not in apart]
+drawn = [(n, p) for n, p, s in zip(names[1:], pairs, sides[1:])
+         if s.run_id not in apart and not comparison.same_group(s, sides[0])]  # no difference to draw
 st.plotly_chart(charts.compare_figure(list(zip(names, curves)), drawn, sides[0].scheme, measure, T),
                 key="compare_chart")
 ticks = charts.ticks(curves[0], T)
@@ -82,10 +84,13 @@ pct = charts.is_rate(measure)
 fmt = (lambda v: "–" if widgets.missing(v) else f"{100 * v:+.1f} pp") if pct else \
     (lambda v: "–" if widgets.missing(v) else f"{v:+.3f}")
 rows = []
+
+
 for name, pair, side in zip(names[1:], pairs, sides[1:]):
     for r in pair.itertuples():
         only = "only in the first" if r.n_b == 0 else "only in this one" if r.n_a == 0 else \
-            "positions differ in meaning" if side.run_id in apart else None
+            "positions differ in meaning" if side.run_id in apart else \
+            "0 by construction" if comparison.same_group(side, sides[0]) else None
         rows.append({"compared with": name, "latents ablated": ticks.get(int(r.k), str(r.k)),
                      "shared problems": r.shared, "unpaired (first / this)": f"{r.only_a} / {r.only_b}",
                      "first − this (shared)": only or fmt(r.diff),
@@ -97,11 +102,10 @@ table = pd.DataFrame(rows, columns=["compared with", "latents ablated", "shared 
 st.dataframe(table, hide_index=True)
 both = table[table["excludes 0"] != "–"]
 st.caption(f"Problems are paired by id: differences use the shared problems only, with a 95% percentile "
-           f"bootstrap interval resampling the pairs (the same for every measure). "
+           f"bootstrap interval resampling the pairs (for every measure; {NO_SPREAD}). "
            f"{int((both['excludes 0'] == 'yes').sum())} of {len(both)} positions present on both sides differ "
            f"(interval excludes 0); positions present on one side only are listed, not counted. "
            "Top: each curve with its 95% band (Wilson for rates, bootstrap for log-prob drops).")
-if any(s.run_id == sides[0].run_id and (s.scheme, s.method, s.site, s.mode) == (sides[0].scheme, sides[0].method,
-       sides[0].site, sides[0].mode) for s in sides[1:]):
+if any(comparison.same_group(s, sides[0]) for s in sides[1:]):
     st.caption("A validation subset against its own run: the shared problems are the subset itself, so their "
                "paired difference is 0 by construction; compare the bands instead.")

@@ -201,6 +201,9 @@ def test_compare_validation_vs_full_and_two_runs(database):
     table = at.dataframe[0].value
     assert len(table) == 6 and set(table["shared problems"]) == {8}  # the subset is shared, the rest unpaired
     assert set(table["unpaired (first / this)"]) == {"16 / 0"}
+    assert set(table["first − this (shared)"]) == {"0 by construction"} and set(table["excludes 0"]) == {"–"}
+    from db.paired import NO_SPREAD
+    assert NO_SPREAD in texts(at)
 
     seed = Side(database.seed_id, "prefix", "zero", "latent", "recompute")
     sides.set_value([sides.value[0], seed]).run()

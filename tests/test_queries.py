@@ -120,6 +120,31 @@ def test_a_side_where_every_problem_scored_the_same_gets_wilsons_interval_not_ze
     assert [r[1] for r in sql] + [r[2] for r in sql] == pytest.approx([*lo[:3], *hi[:3]])
 
 
+def test_a_paired_difference_without_spread_gets_the_interval_wilson_bounds_not_zero_width(store, run_id):
+    """Zero against mean (which flips nothing) on the same ten problems: at k = 1 no pair disagrees, and the
+    bootstrap's [0, 0] would promise that no other problem does. Its interval is the one Wilson's intervals of
+    the two kinds of disagreement bound (0 of 10 each way); where every pair differs one way, from Wilson's
+    10 of 10; with spread it stays the bootstrap. Log-prob drops keep the bootstrap (no count to bound)."""
+    from db.paired import disagreement_interval, paired_difference
+    zero, mean = Scope(run_id, scheme="prefix", method="zero"), Scope(run_id, scheme="prefix", method="mean")
+    flips = paired_difference(queries.curve_values(store, zero, "flip"), queries.curve_values(store, mean, "flip"),
+                              rate=True)
+    at = {int(r.k): r for r in flips.itertuples()}
+    _, none_hi = wilson(0, 10)
+    assert (at[1].shared, at[1].diff) == (10, 0.0)
+    assert (at[1].diff_lo, at[1].diff_hi) == pytest.approx((-none_hi, none_hi)) and none_hi > 0.25
+    differences = np.array([1.0 if i in PREFIX_FLIPS[3] else 0.0 for i in range(10)])  # zero flips 3, mean none
+    (lo,), (hi,) = percentile_interval(bootstrap_means(differences[:, None], 0, 1000))
+    assert (at[3].diff, at[3].diff_lo, at[3].diff_hi) == pytest.approx((0.3, lo, hi)) and lo < 0.3 < hi
+    all_lo, _ = wilson(10, 10)
+    ones, zeros = np.ones(10), np.zeros(10)
+    assert disagreement_interval(ones, zeros) == pytest.approx((all_lo - none_hi, 1.0))
+    assert disagreement_interval(zeros, ones) == pytest.approx((-1.0, none_hi - all_lo))
+    drops = paired_difference(queries.curve_values(store, mean, "logprob_drop"),
+                              queries.curve_values(store, mean, "logprob_drop"), rate=False)
+    assert (drops["diff"] == 0).all() and (drops["diff_lo"] == 0).all() and (drops["diff_hi"] == 0).all()
+
+
 def test_baseline_accuracy_and_filters(store, run_id):
     acc = queries.baseline_accuracy(store, Scope(run_id))
     assert (acc["n"], acc["correct"], acc["accuracy"]) == (10, 8, 0.8)
