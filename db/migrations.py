@@ -65,6 +65,13 @@ def _skip_reason(cursor: duckdb.DuckDBPyConnection) -> None:
 DESCRIBED = ("ablated_positions", "latents_fed", "position")  # migration 3's columns, from the variant key
 
 
+def _sweep_memory(cursor: duckdb.DuckDBPyConnection) -> None:
+    # rss_mb is the memory of the process that ran a batch: one worker's, when batches run in forked worker
+    # processes. sweep_pss_mb is what the sweep's processes on that machine hold together (runner/batch.py's
+    # sweep_pss_mb), at the batch's commit; NULL where it was not measured (earlier rows, Ray, no PSS).
+    cursor.execute("ALTER TABLE run_metrics ADD COLUMN sweep_pss_mb DOUBLE")
+
+
 def describe_key(key: str, num_latent: int) -> dict:
     """What the variant `key` ablated (DESCRIBED, from runner.ablation.Variant); {} for a key ThoughtSweep
     never wrote: its rows stay undescribed (NULL), never guessed."""
@@ -88,6 +95,7 @@ MIGRATIONS = [
     (2, "results.tokens and results.prefix_value", _generated_tokens),
     (3, "self-describing result rows: ablated_positions, latents_fed, position; runs.positions", _self_describing_rows),
     (4, "problems.skip_reason", _skip_reason),
+    (5, "run_metrics.sweep_pss_mb", _sweep_memory),
 ]
 
 

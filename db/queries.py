@@ -271,7 +271,8 @@ def skipped_problems(store, run_id: int) -> pd.DataFrame:
 def metrics(store, run_id: int) -> pd.DataFrame:
     """The run's metrics time series (one row per stored batch), oldest first."""
     return _df(store, "SELECT t, elapsed_s, phase, done, batch_problems, batch_size, problems_per_hour, rss_mb, "
-                      "cpu_pct, gpu_mem_mb, gpu_peak_mb FROM run_metrics WHERE run_id = $run ORDER BY elapsed_s, t",
+                      "sweep_pss_mb, cpu_pct, gpu_mem_mb, gpu_peak_mb FROM run_metrics WHERE run_id = $run "
+                      "ORDER BY elapsed_s, t",
                run=run_id)
 
 

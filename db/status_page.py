@@ -75,7 +75,10 @@ def status_markdown(store, run_id: int) -> str:
         def mb(value):
             return "–" if report.missing(value) else f"{value:,.0f} MB"
         cpu = "" if report.missing(last["cpu_pct"]) else f"; CPU {last['cpu_pct']:.0f}%"
-        out += [f"- RSS now {mb(last['rss_mb'])}, peak {mb(series['rss_mb'].max())}{cpu}",
+        out += [f"- RSS (the process that ran the batch) now {mb(last['rss_mb'])}, peak "
+                f"{mb(series['rss_mb'].max())}{cpu}",
+                f"- the sweep's processes together (PSS) now {mb(last['sweep_pss_mb'])}, peak "
+                f"{mb(series['sweep_pss_mb'].max())}",
                 f"- GPU memory now {mb(last['gpu_mem_mb'])}, peak {mb(series['gpu_peak_mb'].max())}",
                 f"- batches stored: {len(series)}; last at {last['t']:%H:%M:%S}", ""]
 

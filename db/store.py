@@ -34,7 +34,7 @@ RESULT_COLUMNS = ["run_id", "problem_id", "variant", "scheme", "k", "method", "s
                   "logprob_drop", "lens", "tokens", "prefix_value", "ablated_positions", "latents_fed", "position"]
 PROBLEM_COLUMNS = ["run_id", "problem_id", "ord", "question", "gold", "gold_value", "difficulty", "solution", "phase"]
 METRIC_COLUMNS = ["run_id", "elapsed_s", "phase", "done", "batch_problems", "batch_size", "problems_per_hour",
-                  "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb"]
+                  "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_peak_mb", "sweep_pss_mb"]
 RUN_FIELDS = {"name", "status", "phase", "done", "total", "started", "finished", "elapsed_s", "problems_per_hour",
               "peak_rss_mb", "peak_gpu_mb", "batch_size", "device", "pid", "host", "error", "notes", "tags",
               "n_variants", "config"}

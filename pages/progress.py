@@ -16,6 +16,7 @@ db, run_id = state.db_path(), int(run["id"])
 ENDINGS = {"finished": st.success, "stopped": st.warning, "interrupted": st.warning, "failed": st.error}
 SERIES = {"throughput": ("problems_per_hour", "Throughput per batch", "problems/hour", charts.COLORS[0]),
           "rss": ("rss_mb", "Memory of the process that ran the batch (RSS)", "MB", charts.COLORS[2]),
+          "sweep": ("sweep_pss_mb", "Memory of the sweep's processes together (PSS)", "MB", charts.COLORS[5]),
           "cpu": ("cpu_pct", "CPU", "% of one core", charts.COLORS[3]),
           "gpu": ("gpu_mem_mb", "GPU memory allocated", "MB", charts.COLORS[4])}
 
@@ -73,9 +74,12 @@ def live_view() -> None:
         for name in SERIES:  # full width, one under the other: readable from 800 px up
             if name in figures:
                 st.plotly_chart(figures[name], key=f"chart_{name}")
-        st.caption("Memory and CPU are those of the process that rolled out each batch: on a CPU with more than "
-                   "one core, one of the sweep's worker processes (they share the model's pages, so the sweep "
-                   "holds less than the workers' sum); on Ray, that batch's actor.")
+        st.caption("RSS and CPU are those of the process that rolled out each batch: on a CPU with more than "
+                   "one core, one of the sweep's worker processes; on Ray, that batch's actor. The sweep's memory "
+                   "together is the PSS of the sweep's process and its worker processes on this machine when the "
+                   "batch was stored: PSS splits each shared page (the model's, shared with the forked workers) "
+                   "between the processes that map it, so it counts once. Ray's actors are not in it (not "
+                   "charted for a Ray run), nor is anything on a system without PSS (Linux has it).")
         if "gpu" not in figures:
             st.info(f"No GPU memory to chart: this run sweeps on {safe.md(row['device'] or 'the CPU')}.",
                           icon=":material/memory:")

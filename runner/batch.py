@@ -39,7 +39,7 @@ class BatchResult:
     rows: list[dict] | None  # problem-major, baseline first; None: out of memory, nothing computed
     skipped: dict  # problem_id -> why the model cannot run it (no rows for it)
     seconds: float
-    resources: dict  # RSS / CPU / GPU memory of the process that ran it
+    resources: dict  # RSS / CPU / GPU memory of the process that ran it; the executor adds sweep_pss_mb
 
 
 def measure(problem: dict, variants: tuple[Variant, ...], texts: list[str], logprobs, lens: list[str],
@@ -188,3 +188,22 @@ def _resources(process: psutil.Process, device: str) -> dict:
     return {"rss_mb": process.memory_info().rss / 2**20, "cpu_pct": process.cpu_percent(None),
             "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
 
+
+
+def sweep_pss_mb(processes: list[psutil.Process]) -> float | None:
+    """What the sweep's processes on this machine hold together, in MB: the sum of their PSS, which splits
+    each shared page between the processes that map it, so the model's pages that forked workers share
+    with the sweep's process count once (a sum of RSS counts them in every process). None where the
+    system reports no PSS (only Linux does); a process that has ended counts nothing."""
+    total = 0
+    for process in processes:
+        try:
+            pss = getattr(process.memory_full_info(), "pss", None)
+        except psutil.NoSuchProcess:  # a zombie too
+            continue
+        except psutil.Error:  # denied, say: not measured, and the sweep goes on
+            return None
+        if pss is None:
+            return None
+        total += pss
+    return total / 2**20

@@ -135,10 +135,13 @@ def stop_on_signals(run_id: int, in_flight: str):
 
 
 def postfix(progress) -> str:
-    """The bar's tail: what the sweep knows so far (no phase before the first one, no RSS before a batch)."""
+    """The bar's tail: what the sweep knows so far (no phase before the first one, no RSS before a batch).
+    rss: the process that ran the last batch (a worker, when there are several); sweep_pss: all of the
+    sweep's processes on this machine, shared pages counted once."""
     parts = [progress.phase] if progress.phase else []
     parts += [f"batch={progress.batch_size}"] if progress.batch_size else []
     parts += [f"rss={progress.rss_mb:.0f}MB"] if progress.rss_mb else []
+    parts += [f"sweep_pss={progress.sweep_pss_mb:.0f}MB"] if progress.sweep_pss_mb else []
     return " ".join(parts)
 
 

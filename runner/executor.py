@@ -24,7 +24,7 @@ import torch
 
 from runner import memory
 from runner import workers as forked
-from runner.batch import BatchJob, BatchResult, reference_values, rollout_batch
+from runner.batch import BatchJob, BatchResult, reference_values, rollout_batch, sweep_pss_mb
 from runner.model import LatentReasoner
 
 
@@ -140,6 +140,7 @@ class LocalExecutor:
                     if not flight:
                         return
                     result = forked.result_of(flight.popleft()[1])
+                    result.resources["sweep_pss_mb"] = sweep_pss_mb([self.process, *(pool.processes() if pool else ())])
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
                         _hand_back(flight, queue)
                     else:  # the next batch computes while the sweep writes this one

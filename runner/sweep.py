@@ -55,6 +55,7 @@ class Progress:
     latest: tuple[dict, ...] = ()
     error: str | None = None
     skipped: int = 0  # problems the model cannot run (problems.skip_reason says why)
+    sweep_pss_mb: float | None = None  # the sweep's processes on this machine together (runner/batch.py)
 
 
 class Sweep:
@@ -263,7 +264,7 @@ class Sweep:
         self.on_progress(Progress(self.run_id, status, self.phase, self.done, self.total, elapsed, rate, eta,
                                   self.batch_size, resources.get("rss_mb"), self.peak_rss, resources.get("cpu_pct"),
                                   resources.get("gpu_mem_mb"), resources.get("gpu_peak_mb"), tuple(self.latest),
-                                  error, self.skipped))
+                                  error, self.skipped, resources.get("sweep_pss_mb")))
 
     def _finish(self, status: str) -> str:
         elapsed, rate, _ = self._rates()

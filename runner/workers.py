@@ -17,6 +17,7 @@ only (fork after threads is unsafe on macOS); elsewhere LocalExecutor keeps its 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import multiprocessing
@@ -55,6 +56,14 @@ class ForkedWorkers:
             return self.pool.submit(_rollout, job, batch, device)
         except BrokenProcessPool as error:  # a worker died since the last batch was handed out
             raise _died() from error
+
+    def processes(self) -> list[psutil.Process]:
+        """The worker processes alive now (none before the first `submit` forks them; a killed one is gone)."""
+        alive = []
+        for pid in list(getattr(self.pool, "_processes", None) or {}):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                alive.append(psutil.Process(pid))
+        return alive
 
     def close(self) -> None:
         """Waits for the batches running, then for the workers to exit.

@@ -261,7 +261,8 @@ def test_progress_of_a_finished_run(database):
     assert metric(at, "Problems") == "24 / 24"
     assert any("Finished" in displayed(s.value) for s in at.success)
     titles = {f["layout"]["title"]["text"] for f in figures(at)}
-    assert {"Throughput per batch", "Memory of the process that ran the batch (RSS)", "CPU"} <= titles
+    assert {"Throughput per batch", "Memory of the process that ran the batch (RSS)",
+            "Memory of the sweep's processes together (PSS)", "CPU"} <= titles
     assert any("No GPU memory" in displayed(i.value) for i in at.info)
     # One definition of a duration and a rate: the CLI's status page shows the same strings.
     from dashboard import state

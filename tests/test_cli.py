@@ -263,14 +263,14 @@ def test_a_cli_sweep_leaves_its_last_status_page_in_the_status_file(tmp_path):
 
 def test_the_progress_bar_says_only_what_the_sweep_knows(tmp_path):
     """`python -m runner sweep` without --quiet: tqdm frames on stderr; before the first batch there is no phase
-    or RSS to show (not 'None', not 'rss=0MB'), after it the phase, the batch size and the RSS."""
+    or RSS to show (not 'None', not 'rss=0MB'), after it the phase, the batch size, the RSS and the sweep's PSS."""
     db = tmp_path / "bar.duckdb"
     done = subprocess.run([sys.executable, "-m", "runner", "sweep", "--limit", "6", "--batch-size", "3", "--db",
                            str(db)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     frames = [f for f in done.stderr.replace("\n", "\r").split("\r") if f.startswith("run 1:")]
     assert frames and not [f for f in frames if "None" in f or "rss=0MB" in f], frames
-    assert re.search(r"6/6 .*, full batch=3 rss=\d+MB\]$", frames[-1]), frames[-1]
+    assert re.search(r"6/6 .*, full batch=3 rss=\d+MB sweep_pss=\d+MB\]$", frames[-1]), frames[-1]
 
 
 def test_the_status_file_follows_every_committed_batch(tmp_path, tiny_reasoner, tiny_model_dir, monkeypatch):

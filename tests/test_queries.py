@@ -54,7 +54,8 @@ def build_run(store: Store, name: str = "hand") -> int:
             rows += [result(i, "single", k, i == k) for k in range(T)]
             rows += [result(i, "prefix", k, False, method="mean", drop=0.0) for k in range(1, T + 1)]
         store.write_batch(run_id, rows, {"elapsed_s": 10.0 * (batch.stop // 5), "phase": "full", "done": batch.stop,
-                                         "problems_per_hour": 1800.0, "rss_mb": 500.0 + batch.stop},
+                                         "problems_per_hour": 1800.0, "rss_mb": 500.0 + batch.stop,
+                                         "sweep_pss_mb": 900.0 - batch.stop},
                           done=batch.stop, problems_per_hour=1800.0)
     return run_id
 
@@ -264,6 +265,7 @@ def test_problem_detail_latest_and_metrics(store, run_id):
     assert list(latest["problem_id"]) == ["p9", "p8", "p7"] and list(latest["n_flips"]) == [2, 4, 0]
     series = queries.metrics(store, run_id)
     assert list(series["done"]) == [5, 10] and list(series["rss_mb"]) == [505.0, 510.0]
+    assert list(series["sweep_pss_mb"]) == [895.0, 890.0]
 
 
 def test_runs_groups_and_latest(store, run_id):

@@ -95,7 +95,8 @@ def test_status_page_of_a_running_sweep(store, run_id):
     text = status_page.status_markdown(store, run_id)
     for expected in ("— running (phase full)", "10/20 problems (50.0%)", "1,800 problems/hour", "2s per problem",
                      "ETA: 20s", "| validation | 4/4 | 8s |", "| full (the other problems) | 6/16 | 32s | 20s so far | "
-                     "running |", "RSS now 510 MB, peak 510 MB", "## Validation vs full run so far",
+                     "running |", "RSS (the process that ran the batch) now 510 MB, peak 510 MB",
+                     "the sweep's processes together (PSS) now 890 MB, peak 895 MB", "## Validation vs full run so far",
                      "| baseline accuracy | 1.000 [", f"python -m runner sweep --resume {run_id} --db {store.path}",
                      "kill -INT"):
         assert expected in text, expected

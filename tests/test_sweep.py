@@ -409,6 +409,48 @@ def test_a_worker_process_killed_mid_batch_fails_the_run_with_one_message_and_ke
     assert run(store, tiny_reasoner, cfg, run_id) == "finished" and store.run_row(run_id)["done"] == 8
 
 
+BALLAST_MB = 400
+_ballast: list = []  # in a forked worker process only: what BallastInWorkers made it hold
+
+
+class BallastInWorkers(LatentReasoner):
+    """The real tiny model, whose worker processes (not the sweep's own) each take and keep BALLAST_MB of
+    touched memory at their first rollout."""
+
+    def __init__(self, real: LatentReasoner):
+        self.__dict__.update(real.__dict__)
+        self.sweeping_process = os.getpid()
+
+    def rollout(self, *args, **kwargs):
+        if os.getpid() != self.sweeping_process and not _ballast:
+            _ballast.append(torch.ones(BALLAST_MB * 2**20 // 4))  # float32 ones: every page written
+        return super().rollout(*args, **kwargs)
+
+
+def test_the_sweeps_memory_counts_its_worker_processes_and_the_model_they_share_once(tmp_path, tiny_reasoner,
+                                                                                     tiny_model_dir):
+    """run_metrics.sweep_pss_mb sums the PSS of the sweep's process and of its forked workers: memory a worker
+    holds (and the sweep's own process does not) is in it; a batch's rss_mb stays that one worker's. The
+    same sweep without the ballast is the control."""
+    from runner import workers as forked
+    from runner.executor import LocalExecutor
+    if not forked.available():
+        pytest.skip("worker processes are forked: Linux only")
+    store, cfg = Store(tmp_path / "s.duckdb"), config(tiny_model_dir, limit=8, batch_size=2, validation=0)
+    stored = {}
+    for name, reasoner in (("control", tiny_reasoner), ("ballast", BallastInWorkers(tiny_reasoner))):
+        run_id, status = sweep(store, reasoner, cfg, executor=LocalExecutor(reasoner, workers=2, processes=True))
+        assert status == "finished"
+        stored[name] = store.query_df("SELECT rss_mb, sweep_pss_mb FROM run_metrics WHERE run_id = $run",
+                                      {"run": run_id})
+        assert len(stored[name]) == 4 and stored[name]["sweep_pss_mb"].notna().all()
+    control, ballast = stored["control"], stored["ballast"]
+    assert not _ballast  # this process never held it: measuring the sweep's process alone would miss it
+    assert ballast["sweep_pss_mb"].min() - control["sweep_pss_mb"].max() > 0.8 * BALLAST_MB, stored
+    # A worker's PSS counts the model's pages it shares with the sweep's process in part; its RSS in full.
+    assert control["sweep_pss_mb"].max() < control["rss_mb"].max() + psutil.Process().memory_info().rss / 2**20
+
+
 def test_batches_run_side_by_side_on_a_cpu_one_per_torch_thread(tiny_reasoner):
     from runner.executor import LocalExecutor
     before = torch.get_num_threads()
