@@ -194,8 +194,11 @@ def time_series(metrics: pd.DataFrame, column: str, title: str, unit: str, color
                                hovertemplate=f"%{{y:,.0f}} {unit}<br>at %{{x:.1f}} {'min' if minutes else 's'}"
                                              "<extra></extra>"))
     _layout(fig, height, f"time sweeping ({'min' if minutes else 's'})", unit, title)
-    fig.update_yaxes(rangemode="tozero")
-    fig.update_xaxes(rangemode="tozero")  # the sweep's start: a first lone batch is not centred on nothing
+    # From the sweep's start (a first lone batch is not centred on nothing), with room for the last marker and
+    # the highest: a filled trace gets no autorange padding, so they were drawn half outside the plot.
+    x_end, y_top = x.max() if len(x) else np.nan, metrics[column].max() if len(metrics) else np.nan
+    fig.update_xaxes(range=[0, 1.03 * x_end] if x_end > 0 else None, rangemode="tozero")
+    fig.update_yaxes(range=[0, 1.1 * y_top] if y_top > 0 else None, rangemode="tozero")
     fig.update_layout(showlegend=False, title=dict(font=dict(size=14)))
     return fig
 

@@ -74,6 +74,18 @@ def ci(value, lo=None, hi=None, percent: bool = True) -> str:
     return text if missing(lo) or missing(hi) else f"{text} [{lo:.2f}, {hi:.2f}]"
 
 
+def interval(value, lo, hi, percent: bool = True) -> str | None:
+    """ci's bracket alone, '95% interval [30.1, 54.9]', for a card's grey line under its value; None if none."""
+    bracket = ci(value, lo, hi, percent)[len(ci(value, percent=percent)):].strip()
+    return f"95% interval {bracket}" if bracket else None
+
+
+def card(label: str, value, lo=None, hi=None, percent: bool = True, help: str | None = None) -> None:
+    """A bordered st.metric whose value carries its interval in plain sight (grey, no arrow), not only in help."""
+    st.metric(label, ci(value, percent=percent), delta=interval(value, lo, hi, percent), delta_color="off",
+              delta_arrow="off", help=help, width="content", border=True)
+
+
 def run_caption(run: dict) -> None:
     """Which run a page shows, and whether its numbers may still move."""
     live = " · **still running**: numbers cover the problems stored so far" if run["status"] == "running" else ""

@@ -33,20 +33,17 @@ def results() -> None:
 
     with st.container(horizontal=True):  # cards wrap instead of cutting their values
         st.metric("Problems in scope", f"{accuracy['n']:,}", width="content", border=True)
-        st.metric("Baseline accuracy", widgets.ci(accuracy["accuracy"]), width="content", border=True,
-                  help=f"95% Wilson interval {widgets.ci(accuracy['accuracy'], accuracy['lo'], accuracy['hi'])}")
+        widgets.card("Baseline accuracy", accuracy["accuracy"], accuracy["lo"], accuracy["hi"],
+                     help="95% Wilson interval")
         if split.get("n") and not widgets.missing(split.get("early")):
             where = safe.md(f"{split['scheme']} · {split['method']} · {split['site']} · {split['mode']}")
+            unanimous = f" ({UNANIMOUS})" if pct else ""
             for part, span in (("early", f"0–{T // 2 - 1}"), ("late", f"{T // 2}–{T - 1}")):
-                st.metric(f"{name}, {part} latents ({span})", widgets.ci(split[part], percent=pct), width="content",
-                          border=True, help=f"{where}: mean {name.lower()} over the {part} latent positions, 95% "
-                          "bootstrap interval "
-                          + widgets.ci(split[part], split[part + "_lo"], split[part + "_hi"], pct)
-                          + (f" ({UNANIMOUS})" if pct else ""))
-            st.metric(f"{name}: early / late", widgets.ci(split["ratio"], percent=False), width="content",
-                      border=True, help="95% bootstrap interval " + widgets.ci(split["ratio"], split["ratio_lo"],
-                                                                              split["ratio_hi"], percent=False)
-                      + (f" ({UNANIMOUS})" if pct else ""))
+                widgets.card(f"{name}, {part} latents ({span})", split[part], split[part + "_lo"],
+                             split[part + "_hi"], pct, help=f"{where}: mean {name.lower()} over the {part} latent "
+                             f"positions, 95% bootstrap interval{unanimous}")
+            widgets.card(f"{name}: early / late", split["ratio"], split["ratio_lo"], split["ratio_hi"], False,
+                         help=f"95% bootstrap interval{unanimous}")
     st.caption(f"{name}: {charts.MEASURE_HELP[measure]}. Shaded bands: 95% "
                + ("Wilson intervals." if pct else "bootstrap intervals over problems."))
     numbering, meaning = data.positions(db, run_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +264,9 @@ def test_progress_of_a_finished_run(database):
     titles = {f["layout"]["title"]["text"] for f in figures(at)}
     assert {"Throughput per batch", "Memory of the process that ran the batch (RSS)",
             "Memory of the sweep's processes together (PSS)", "CPU"} <= titles
+    for figure in figures(at):  # every marker inside the plot: filled traces get no autorange padding
+        xs, ys = array(figure["data"][0]["x"]), array(figure["data"][0]["y"])
+        assert figure["layout"]["xaxis"]["range"][1] > max(xs) and figure["layout"]["yaxis"]["range"][1] > max(ys)
     assert any("No GPU memory" in displayed(i.value) for i in at.info)
     # One definition of a duration and a rate: the CLI's status page shows the same strings.
     from dashboard import state
@@ -609,7 +613,13 @@ def test_importance_cards_follow_the_measure(database):
                                            mode="recompute"), measure)
         shown = metric(at, f"{label}, early latents (0–2)")
         assert shown == (f"{100 * expected['early']:.1f}%" if measure == "harm" else f"{expected['early']:.2f}")
+        lo, hi = expected["early_lo"], expected["early_hi"]
+        card = next(m for m in at.metric if m.label == f"{label}, early latents (0–2)")  # the interval in sight
+        assert card.delta == (f"95% interval [{100 * lo:.1f}, {100 * hi:.1f}]" if measure == "harm" else
+                              f"95% interval [{lo:.2f}, {hi:.2f}]")
         assert not any(m.label.startswith("Flip rate") for m in at.metric)
+    accuracy = next(m for m in at.metric if m.label == "Baseline accuracy")
+    assert re.fullmatch(r"95% interval \[\d+\.\d, \d+\.\d\]", accuracy.delta), accuracy.delta
 
 
 def test_the_logit_lens_marks_the_ablated_latents(database):
