@@ -152,9 +152,12 @@ def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str
 
     A curve is drawn only where it has values, so a run with fewer positions ends early instead of
     pulling a band into a sliver; a difference is drawn only where the two sides share problems.
-    Ticks name what the first curve's k ablated; the page leaves out pairs whose positions differ in meaning.
+    Ticks name what the first curve's k ablated; the page leaves out pairs whose positions differ in meaning
+    and a subset's against its own run. No pair left: the curves alone, without an empty bottom panel.
     """
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36], vertical_spacing=0.1)
+    bottom = 2 if pairs else 1
+    fig = make_subplots(rows=bottom, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36] if pairs else None,
+                        vertical_spacing=0.1)
     for i, (label, curve) in enumerate(curves):
         color, curve, name = COLORS[i % len(COLORS)], curve.sort_values("k"), plain(label)
         curve = curve[curve["value"].notna()]
@@ -172,15 +175,18 @@ def compare_figure(curves: list[tuple[str, pd.DataFrame]], pairs: list[tuple[str
             customdata=pair["shared"], hovertemplate=(f"first − {name}: %{{y:{_fmt(measure)}}} "
                                                       "on %{customdata} shared problems<extra></extra>")),
             row=2, col=1)
-    fig.add_hline(y=0, line_color="#9ca3af", row=2, col=1)
+    if pairs:
+        fig.add_hline(y=0, line_color="#9ca3af", row=2, col=1)
     ks = sorted({int(k) for _, curve in curves for k in curve["k"]})
     labels = ticks(curves[0][1], num_latent) if len(curves[0][1]) else {}
     fig.update_xaxes(tickmode="array", tickvals=ks, ticktext=[labels.get(k, str(k)) for k in ks])
-    _layout(fig, 500)
+    _layout(fig, 500 if pairs else 340)
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
-    fig.update_xaxes(title=SCHEME_AXES.get(scheme, "k"), row=2, col=1)
+    fig.update_xaxes(title=SCHEME_AXES.get(scheme, "k"), row=bottom, col=1)
     fig.update_yaxes(title=MEASURE_LABELS[measure], tickformat=".0%" if is_rate(measure) else ".2f", row=1, col=1)
-    fig.update_yaxes(title="first − other (paired)", tickformat="+.0%" if is_rate(measure) else "+.2f", row=2, col=1)
+    if pairs:
+        fig.update_yaxes(title="first − other (paired)", tickformat="+.0%" if is_rate(measure) else "+.2f",
+                         row=2, col=1)
     return fig
 
 

@@ -203,6 +203,8 @@ def test_compare_validation_vs_full_and_two_runs(database):
     assert len(table) == 6 and set(table["shared problems"]) == {8}  # the subset is shared, the rest unpaired
     assert set(table["unpaired (first / this)"]) == {"16 / 0"}
     assert set(table["first − this (shared)"]) == {"0 by construction"} and set(table["excludes 0"]) == {"–"}
+    layout = figures(at)[0]["layout"]
+    assert "yaxis2" not in layout and layout["xaxis"]["title"]["text"].startswith("Latents ablated")  # no empty panel
     from db.paired import NO_SPREAD
     assert NO_SPREAD in texts(at)
 
