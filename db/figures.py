@@ -24,7 +24,8 @@ FIGURES = {
         "old script's early/late",
         "the old script's definition, on its prefix curve numbered its way (position 0 = the baseline, position p "
         "= prefix k = p): early = mean of positions 0-2 (the baseline's 0 included), late = mean of positions "
-        "3-5, pattern_validated = early >= late"),
+        "3-5, pattern_validated = early >= late; 95% bootstrap intervals over problems (each problem's mean over "
+        f"those positions; {UNANIMOUS}), which the old script did not give"),
     "per_latent_early_late": (
         "per-latent early/late",
         "single-position scheme (one latent ablated at a time): early = mean flip rate with latent 0, 1 or 2 "
@@ -172,10 +173,14 @@ def named_figures(store, scope: Scope, by: str = "steps", seed: int = 0, n_boot:
     if prefix is not None:
         cells = queries.old_script_cells(store, prefix)
         cells["stratum"] = cells["difficulty"] if by == "steps" else bucket(cells["difficulty"].to_numpy())
+        spread = early_late_table(queries.old_script_scores(store, prefix), key, seed, n_boot).set_index(key)
         for stratum, part in cells.groupby("stratum", sort=False):
             # The old script's per-position mean over the stratum's rows (not a mean of per-step means).
             totals = part.groupby("old_position")[["n", "flips"]].sum()
             old[stratum] = old_script_early_late({int(p): int(r.flips) / int(r.n) for p, r in totals.iterrows()})
+            if stratum in spread.index:  # the value stays the old script's arithmetic; the interval is ours
+                old[stratum] |= {f"{side}_importance_{end}": spread.at[stratum, f"{side}_{end}"]
+                                 for side in ("early", "late") for end in ("lo", "hi")}
     latent = {}
     if single is not None:
         table = early_late_table(queries.scores(store, single), key, seed, n_boot)

@@ -207,6 +207,19 @@ def old_script_cells(store, scope: Scope) -> pd.DataFrame:
                       f"GROUP BY ALL ORDER BY first, old_position", scope)
 
 
+def old_script_scores(store, scope: Scope) -> pd.DataFrame:
+    """`scores`' shape for the old script's early/late of the scope's group: each problem's flip rate over the old
+    positions 0-2 (the baseline row's 0 included) and 3-5 (old position = how many positions a row ablated)."""
+    return _df(store, f"WITH {PROBLEMS}, per_problem AS (SELECT s.ord, s.difficulty, "
+                      "coalesce(avg(r.flip::DOUBLE) FILTER (WHERE len(r.ablated_positions) <= 2), 'NaN') AS early, "
+                      "coalesce(avg(r.flip::DOUBLE) FILTER (WHERE len(r.ablated_positions) BETWEEN 3 AND 5), 'NaN') "
+                      "AS late FROM results r JOIN scope s USING (problem_id) "
+                      f"WHERE r.run_id = $run AND (r.scheme = 'baseline' OR ({GROUP})) GROUP BY ALL) "
+                      "SELECT $scheme AS scheme, $method AS method, $site AS site, $mode AS mode, list(ord) AS ords, "
+                      "list(difficulty) AS difficulties, list(early) AS early, list(late) AS late FROM per_problem "
+                      "HAVING count(*) > 0", scope)
+
+
 def curve_values(store, scope: Scope, measure: str) -> pd.DataFrame:
     """One group's per-(problem, k) values of a measure (0/1 for rates; NaN-free: missing log-probs dropped)."""
     check_measure(measure)

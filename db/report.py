@@ -60,8 +60,9 @@ def named_rows(named: dict, key: str) -> list[list]:
     for r in named["rows"]:
         old, latent = r["old_script_early_late"], r["per_latent_early_late"]
         validated = old["pattern_validated"]
-        rows.append(["unknown" if r[key] == -1 else r[key], r["n"], ci(old["early_importance"]),
-                     ci(old["late_importance"]), "–" if validated is None else "yes" if validated else "no",
+        rows.append(["unknown" if r[key] == -1 else r[key], r["n"],
+                     *(ci(old[f"{side}_importance"], old.get(f"{side}_importance_lo"), old.get(f"{side}_importance_hi"))
+                       for side in ("early", "late")), "–" if validated is None else "yes" if validated else "no",
                      ci(latent["early"], latent["early_lo"], latent["early_hi"]),
                      ci(latent["late"], latent["late_lo"], latent["late_hi"]),
                      ci(latent["ratio"], latent["ratio_lo"], latent["ratio_hi"], 2)])

@@ -22,6 +22,7 @@ from runner.sweep import Sweep
 APP = Path(__file__).resolve().parents[1] / "app.py"
 FIXTURES = Path(__file__).parent / "fixtures" / "seed"
 OLD, LATENT = (FIGURES[name][0] for name in ("old_script_early_late", "per_latent_early_late"))
+OLD_KEYS = ("early_importance", "late_importance", "pattern_validated")  # the old script's summary keys
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,12 @@ def test_page_report_stats_and_exported_summary_agree(database, store, tmp_path)
     assert set(map(str, page.index)) == set(named) == set(summary["by_difficulty"]) == set(old) == set(latent)
     for steps, row in page.iterrows():
         mine, cells, shown = summary["by_difficulty"][str(steps)], named[str(steps)], list(row.iloc[2:])
-        assert old[str(steps)] == {k: mine[k] for k in ("early_importance", "late_importance", "pattern_validated")}
-        expected = [f"{mine['early_importance']:.3f}", f"{mine['late_importance']:.3f}",
+        figure = old[str(steps)]
+        assert {k: figure[k] for k in OLD_KEYS} == {k: mine[k] for k in OLD_KEYS}  # the old script's own values
+        for side in ("early", "late"):  # with the interval the old script did not give
+            assert figure[f"{side}_importance_lo"] <= mine[f"{side}_importance"] <= figure[f"{side}_importance_hi"]
+        expected = [report.ci(mine["early_importance"], figure["early_importance_lo"], figure["early_importance_hi"]),
+                    report.ci(mine["late_importance"], figure["late_importance_lo"], figure["late_importance_hi"]),
                     "yes" if mine["pattern_validated"] else "no",
                     report.ci(latent[str(steps)]["early"], latent[str(steps)]["early_lo"],
                               latent[str(steps)]["early_hi"]),
@@ -113,8 +118,9 @@ def test_a_filter_moves_page_and_exported_summary_alike(database, store):
     summary = seed.seed_documents(store, group, names=(seed.SUMMARY,))[seed.SUMMARY]
     for steps, row in page.iterrows():
         mine = summary["by_difficulty"][str(steps)]
-        assert list(row.iloc[2:5]) == [f"{mine['early_importance']:.3f}", f"{mine['late_importance']:.3f}",
-                                       "yes" if mine["pattern_validated"] else "no"]
+        early, late, validated = row.iloc[2:5]
+        assert early.startswith(f"{mine['early_importance']:.3f} [") and late.startswith(f"{mine['late_importance']:.3f} [")
+        assert validated == ("yes" if mine["pattern_validated"] else "no")
         assert int(row["problems"]) == mine["n_problems"]
 
 
@@ -125,13 +131,14 @@ def test_imported_old_results_keep_the_old_scripts_figures_under_its_name(databa
     figure = stats["figures"]["old_script_early_late"]
     assert figure["name"] == OLD and stats["run"]["positions"] == "old-script"
     found = {str(r["difficulty"]): r["old_script_early_late"] for r in figure["steps"]}
-    assert found == {d: {k: v[k] for k in ("early_importance", "late_importance", "pattern_validated")}
-                     for d, v in expected.items()}
+    assert {d: {k: f[k] for k in OLD_KEYS} for d, f in found.items()} == {d: {k: v[k] for k in OLD_KEYS}
+                                                                           for d, v in expected.items()}
     assert stats["figures"]["per_latent_early_late"]["group"] is None  # the old script swept no single scheme
     named = report_table(report.markdown_report(store, old), "## Named early/late figures")
     assert {d: cells[1:4] for d, cells in named.items()} == {
-        d: [f"{v['early_importance']:.3f}", f"{v['late_importance']:.3f}", "yes" if v["pattern_validated"] else "no"]
-        for d, v in expected.items()}
+        d: [report.ci(v["early_importance"], found[d]["early_importance_lo"], found[d]["early_importance_hi"]),
+            report.ci(v["late_importance"], found[d]["late_importance_lo"], found[d]["late_importance_hi"]),
+            "yes" if v["pattern_validated"] else "no"] for d, v in expected.items()}
     at = open_page(old, "pages/difficulty.py")
     page = at.dataframe[0].value.set_index("steps")
     assert {str(d): list(r.iloc[2:5]) for d, r in page.iterrows()} == {d: c[1:4] for d, c in named.items()}

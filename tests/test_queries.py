@@ -146,6 +146,23 @@ def test_a_paired_difference_without_spread_gets_the_interval_wilson_bounds_not_
     assert (drops["diff"] == 0).all() and (drops["diff_lo"] == 0).all() and (drops["diff_hi"] == 0).all()
 
 
+def test_the_old_scripts_early_late_keeps_its_value_and_gains_a_bootstrap_interval(store, run_id):
+    """Per problem, the old early is its flip rate over the baseline row and prefix k = 1, 2 (p0: 1/3, the rest 0),
+    the old late over k = 3, 4, 5 (p0, p1 and p8: 1; p2: 2/3; p3 and p9: 1/3). Difficulty 1 holds p0 and p1:
+    early is the bootstrap of [1/3, 0], late (both 1) Wilson's 2 of 2; the values stay the old script's."""
+    group = Scope(run_id, scheme="prefix", method="zero", site="latent", mode="recompute")
+    rows = {r["difficulty"]: r["old_script_early_late"] for r in figures.named_figures(store, group)["rows"]}
+    one = rows[1]
+    assert (one["early_importance"], one["late_importance"]) == pytest.approx((1 / 6, 1.0))
+    (lo,), (hi,) = percentile_interval(bootstrap_means(np.array([[1 / 3], [0.0]]), 0, 1000))
+    assert (one["early_importance_lo"], one["early_importance_hi"]) == pytest.approx((lo, hi)) and lo < hi
+    assert (one["late_importance_lo"], one["late_importance_hi"]) == pytest.approx(wilson(2, 2))
+    assert rows[4]["early_importance"] == 0.0 and rows[4]["early_importance_hi"] == pytest.approx(wilson(0, 1)[1])
+    summary = figures.old_script_summary(store, group)["by_difficulty"]
+    assert {d: {k: v[k] for k in ("early_importance", "late_importance")} for d, v in summary.items()} == \
+        {str(d): {k: v[k] for k in ("early_importance", "late_importance")} for d, v in rows.items()}
+
+
 def test_baseline_accuracy_and_filters(store, run_id):
     acc = queries.baseline_accuracy(store, Scope(run_id))
     assert (acc["n"], acc["correct"], acc["accuracy"]) == (10, 8, 0.8)
