@@ -103,7 +103,8 @@ def cmd_stats(args) -> int:
         return 0
     extras = stats["extras"]
     say(f"problems {stats['n_problems']}, baseline accuracy {stats['baseline_accuracy']:.1%}"
-        f"{_percent_interval(extras['baseline_accuracy'])} (intervals: 95% Wilson)")
+        f"{_percent_interval(extras['baseline_accuracy'])} (intervals: 95% Wilson; early/late: 95% bootstrap over "
+        f"problems)")
     if not has_prefix:
         say(f"run {run_id} has no prefix-scheme results: position importance and early/late are the prefix "
             f"scheme's (stats --json lists its other groups under extras)")
@@ -113,15 +114,15 @@ def cmd_stats(args) -> int:
     say(f"position importance ({group}, flip rate; 0 = the baseline): " +
         ", ".join(f"{k}: " + (report.ci(v) if k == "0" else report.ci(v, *_bounds(intervals.get(k))))
                   for k, v in stats["position_importance"].items()))
+    spread = {str(r["difficulty"]): r["old_script_early_late"]  # the old script's values with our intervals
+              for r in extras["figures"]["old_script_early_late"]["steps"]}
     for steps, row in stats["by_difficulty"].items():
         accuracy = _percent_interval(extras["baseline_accuracy_by_steps"].get(steps))
+        early, late = (report.ci(row[f"{side}_importance"], spread.get(steps, {}).get(f"{side}_importance_lo"),
+                                 spread.get(steps, {}).get(f"{side}_importance_hi")) for side in ("early", "late"))
         say(f"  {'unknown' if steps == '-1' else steps} steps: n={row['n_problems']} acc={row['baseline_accuracy']:.1%}"
-            f"{accuracy} old script's early={_figure(row['early_importance'])} late={_figure(row['late_importance'])}")
+            f"{accuracy} old script's early={early} late={late}")
     return 0
-
-
-def _figure(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _bounds(bounds: dict | None) -> tuple:

@@ -58,8 +58,9 @@ def test_stats_json_has_the_seed_summary_keys_and_extras(swept, capsys):
 
 
 def test_plain_stats_give_every_rate_its_interval(swept, capsys):
-    """The terminal summary carries the 95% Wilson interval of each position's flip rate and accuracy, the
-    same numbers as --json's extras (the positions' curve of the summary group, the accuracy by step count)."""
+    """The terminal summary carries the 95% Wilson interval of each position's flip rate and accuracy and the
+    bootstrap interval of the old script's early/late, the same numbers as --json's extras (the positions' curve
+    of the summary group, the accuracy by step count, the named figure)."""
     from db.stats import wilson
     code, out, _ = cli(capsys, "stats", "--db", swept, "--json")
     stats = json.loads(out)
@@ -68,7 +69,8 @@ def test_plain_stats_give_every_rate_its_interval(swept, capsys):
     lines = plain.splitlines()
     accuracy = stats["extras"]["baseline_accuracy"]
     assert lines[0] == (f"problems 12, baseline accuracy {accuracy['accuracy']:.1%} [{100 * accuracy['lo']:.1f}, "
-                        f"{100 * accuracy['hi']:.1f}] (intervals: 95% Wilson)")
+                        f"{100 * accuracy['hi']:.1f}] (intervals: 95% Wilson; early/late: 95% bootstrap over "
+                        "problems)")
     group = next(g for g in stats["extras"]["groups"] if g["scheme"] == "prefix")
     shown = dict(re.findall(r"(\d): (\d\.\d{3}(?: \[\d\.\d{3}, \d\.\d{3}\])?)", lines[1]))
     assert lines[1].startswith("position importance (prefix · zero · latent · recompute, flip rate; 0 = the baseline)")
@@ -79,9 +81,15 @@ def test_plain_stats_give_every_rate_its_interval(swept, capsys):
         assert shown[str(point["k"])] == f"{flip['value']:.3f} [{flip['lo']:.3f}, {flip['hi']:.3f}]"
         assert (flip["lo"], flip["hi"]) == pytest.approx((float(lo), float(hi)))
     by_steps = stats["extras"]["baseline_accuracy_by_steps"]
+    spread = {str(r["difficulty"]): r["old_script_early_late"]
+              for r in stats["extras"]["figures"]["old_script_early_late"]["steps"]}
     for line, (steps, row) in zip(lines[2:], stats["by_difficulty"].items()):
         bounds = by_steps[steps]
         assert f"acc={row['baseline_accuracy']:.1%} [{100 * bounds['lo']:.1f}, {100 * bounds['hi']:.1f}]" in line
+        figure = spread[steps]  # the old script's early/late with the interval the Difficulty page shows
+        assert line.endswith(f"old script's early={row['early_importance']:.3f} [{figure['early_importance_lo']:.3f}, "
+                             f"{figure['early_importance_hi']:.3f}] late={row['late_importance']:.3f} "
+                             f"[{figure['late_importance_lo']:.3f}, {figure['late_importance_hi']:.3f}]"), line
 
 
 def test_export_import_round_trip_reproduces_the_statistics(swept, capsys, tmp_path):
