@@ -197,6 +197,7 @@ def time_series(metrics: pd.DataFrame, column: str, title: str, unit: str, color
     x = metrics["elapsed_s"] / 60 if minutes else metrics["elapsed_s"]
     fig = go.Figure(go.Scatter(x=x, y=metrics[column], mode="lines+markers", line=dict(color=color, width=2),
                                marker=dict(size=5), name=title, fill="tozeroy", fillcolor=_fade(color),
+                               connectgaps=True,  # a batch without the measure (the sweep's memory) is no gap
                                hovertemplate=f"%{{y:,.0f}} {unit}<br>at %{{x:.1f}} {'min' if minutes else 's'}"
                                              "<extra></extra>"))
     _layout(fig, height, f"time sweeping ({'min' if minutes else 's'})", unit, title)

@@ -75,10 +75,11 @@ def status_markdown(store, run_id: int) -> str:
         def mb(value):
             return "–" if report.missing(value) else f"{value:,.0f} MB"
         cpu = "" if report.missing(last["cpu_pct"]) else f"; CPU {last['cpu_pct']:.0f}%"
+        measured = series["sweep_pss_mb"].dropna()  # read at most once a second, not every batch
         out += [f"- RSS (the process that ran the batch) now {mb(last['rss_mb'])}, peak "
                 f"{mb(series['rss_mb'].max())}{cpu}",
-                f"- the sweep's processes together (PSS) now {mb(last['sweep_pss_mb'])}, peak "
-                f"{mb(series['sweep_pss_mb'].max())}",
+                f"- the sweep's processes together (PSS) now {mb(measured.iloc[-1] if len(measured) else None)}, "
+                f"peak {mb(measured.max())}",
                 f"- GPU memory now {mb(last['gpu_mem_mb'])}, peak {mb(series['gpu_peak_mb'].max())}",
                 f"- batches stored: {len(series)}; last at {last['t']:%H:%M:%S}", ""]
 

@@ -12,7 +12,9 @@ with runner/batch.py's `rollout_batch`, so they store the same rows for the same
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -81,6 +83,12 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+# The sweep's memory (runner/batch.py's sweep_pss_mb) costs ~1 ms of kernel time a process to read, on the
+# sweep's thread while the next batch computes: at most once a second, not per batch (a small model's CPU
+# batches take ~0.1-0.5 s). The batches between are stored without it (NULL).
+PSS_EVERY_S = 1.0
+
+
 class LocalExecutor:
     """Batches rolled out on this machine with the model this process holds: `workers` at a time, one torch
     thread each.
@@ -122,6 +130,7 @@ class LocalExecutor:
     def run(self, job: BatchJob, queue: deque, stop: threading.Event) -> Iterator[BatchResult]:
         """Take batches from the front of `queue` until it is empty or `stop` is set; yield each result."""
         flight: deque = deque()  # (batch, future), oldest first
+        measured = -math.inf  # when the sweep's memory was last read
         pool = forked.ForkedWorkers(self.reasoner, self.workers) if self.processes else None
         # Batch threads for the whole run, not one per batch: a thread's malloc arena keeps what its last batch
         # freed (runner/memory.py); a new thread may find another thread (a status page's) holding that arena
@@ -140,7 +149,9 @@ class LocalExecutor:
                     if not flight:
                         return
                     result = forked.result_of(flight.popleft()[1])
-                    result.resources["sweep_pss_mb"] = sweep_pss_mb([self.process, *(pool.processes() if pool else ())])
+                    if time.monotonic() - measured >= PSS_EVERY_S:
+                        processes = [self.process, *(pool.processes() if pool else ())]
+                        result.resources["sweep_pss_mb"], measured = sweep_pss_mb(processes), time.monotonic()
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
                         _hand_back(flight, queue)
                     else:  # the next batch computes while the sweep writes this one

@@ -82,6 +82,7 @@ class Sweep:
         # Known before run() reads the problems, so a failure that comes earlier can still be reported.
         self.done, self.total = int(row["done"]), int(row["total"])
         self.peak_rss = float(np.nan_to_num(row["peak_rss_mb"]))
+        self.sweep_pss: float | None = None  # the last measured (not every batch is: runner/executor.py)
         self.phase: str | None = row["phase"]
         self.skipped = len(store.skipped_problems(run_id))
         self.started, self.session_done = time.time(), 0
@@ -235,6 +236,7 @@ class Sweep:
         self.done += len(batch)
         self.skipped += len(result.skipped)
         self.peak_rss = max(self.peak_rss, resources["rss_mb"])
+        self.sweep_pss = resources.get("sweep_pss_mb") or self.sweep_pss
         elapsed, rate, _ = self._rates()
         metrics = {"elapsed_s": elapsed, "phase": self.phase, "done": self.done, "batch_problems": len(batch),
                    "batch_size": self.batch_size,
@@ -264,7 +266,7 @@ class Sweep:
         self.on_progress(Progress(self.run_id, status, self.phase, self.done, self.total, elapsed, rate, eta,
                                   self.batch_size, resources.get("rss_mb"), self.peak_rss, resources.get("cpu_pct"),
                                   resources.get("gpu_mem_mb"), resources.get("gpu_peak_mb"), tuple(self.latest),
-                                  error, self.skipped, resources.get("sweep_pss_mb")))
+                                  error, self.skipped, self.sweep_pss))
 
     def _finish(self, status: str) -> str:
         elapsed, rate, _ = self._rates()
