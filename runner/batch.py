@@ -189,7 +189,6 @@ def _resources(process: psutil.Process, device: str) -> dict:
             "gpu_mem_mb": gpu, "gpu_peak_mb": peak}
 
 
-
 def sweep_pss_mb(processes: list[psutil.Process]) -> float | None:
     """What the sweep's processes on this machine hold together, in MB: the sum of their PSS, which splits
     each shared page between the processes that map it, so the model's pages that forked workers share
