@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from db.scope import Scope
 
 PHASES = {"all": None, "validation": "validation"}
-# Settings in legend order; the run's own settings come from queries.run_settings.
+# Settings in legend order; the run's own settings come from db.overview.run_settings.
 SHOWN = ("model", "dataset", "positions", "scheme", "method", "site", "mode", "problems", "limit", "validation",
          "seed", "dtype", "device", "batch_size")
 POSITIONS = {"latent": "latent positions", "old-script": "the old script's positions"}

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.state import open_service
-from db import exports, figures, queries, report, seed
+from db import exports, figures, overview, queries, report, seed
 from db.paired import paired_difference
 from db.scope import Scope
 from runner import data as datasets
@@ -92,7 +92,7 @@ def paired(db: str, versions: tuple, a: Scope, b: Scope, measure: str) -> pd.Dat
 
 @st.cache_data(**CACHE)
 def run_settings(db: str, run_ids: tuple) -> dict:
-    return queries.run_settings(_store(db), list(run_ids))
+    return overview.run_settings(_store(db), list(run_ids))
 
 
 @st.cache_data(**CACHE)
@@ -188,6 +188,6 @@ def runs_version(runs: pd.DataFrame) -> tuple:
 
 @st.cache_data(**CACHE)
 def runs_overview(db: str, version: tuple) -> pd.DataFrame:
-    return queries.runs_overview(_store(db))
+    return overview.runs_overview(_store(db))
 
 

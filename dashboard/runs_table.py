@@ -1,6 +1,6 @@
 """The Run page's table of runs: what tells runs apart, their key results, filters and the shown columns.
 
-Pure pandas on queries.runs_overview's frame: the page draws it, AppTest checks it.
+Pure pandas on db.overview.runs_overview's frame: the page draws it, AppTest checks it.
 """
 from __future__ import annotations
 
