@@ -76,10 +76,11 @@ def live_view() -> None:
                 st.plotly_chart(figures[name], key=f"chart_{name}")
         st.caption("RSS and CPU are those of the process that rolled out each batch: on a CPU with more than "
                    "one core, one of the sweep's worker processes; on Ray, that batch's actor. The sweep's memory "
-                   "together is the PSS of the sweep's process and its worker processes on this machine, read when a "
-                   "batch is stored, at most once a second: PSS splits each shared page (the model's, shared with the forked workers) "
-                   "between the processes that map it, so it counts once. Ray's actors are not in it (not "
-                   "charted for a Ray run), nor is anything on a system without PSS (Linux has it).")
+                   "together is the PSS of the sweep's process and its worker processes on this machine, read when "
+                   "a batch is stored, at most once a second and at a phase's last batch: PSS splits each shared "
+                   "page (the model's, shared with the forked workers) between the processes that map it, so it "
+                   "counts once. Ray's actors are not in it (not charted for a Ray run), nor is anything on a "
+                   "system without PSS (Linux has it).")
         if "gpu" not in figures:
             st.info(f"No GPU memory to chart: this run sweeps on {safe.md(row['device'] or 'the CPU')}.",
                           icon=":material/memory:")

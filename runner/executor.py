@@ -85,7 +85,7 @@ class Executor(Protocol):
 
 # The sweep's memory (runner/batch.py's sweep_pss_mb) costs ~1 ms of kernel time a process to read, on the
 # sweep's thread while the next batch computes: at most once a second, not per batch (a small model's CPU
-# batches take ~0.1-0.5 s). The batches between are stored without it (NULL).
+# batches take ~0.1-0.5 s) and for the last batch of a phase. The batches between are stored without it (NULL).
 PSS_EVERY_S = 1.0
 
 
@@ -149,7 +149,7 @@ class LocalExecutor:
                     if not flight:
                         return
                     result = forked.result_of(flight.popleft()[1])
-                    if time.monotonic() - measured >= PSS_EVERY_S:
+                    if not (queue or flight) or time.monotonic() - measured >= PSS_EVERY_S:  # the last batch too
                         processes = [self.process, *(pool.processes() if pool else ())]
                         result.resources["sweep_pss_mb"], measured = sweep_pss_mb(processes), time.monotonic()
                     if result.rows is None:  # out of memory: the later batches go back, as if not handed out
