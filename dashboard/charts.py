@@ -134,12 +134,17 @@ def difficulty_heatmap(matrix: pd.DataFrame, counts: dict[int, int], scheme: str
     columns = [ablated_label(*what[int(k)], num_latent, short=True) if int(k) in what else str(k)
                for k in matrix.columns]
     rate = is_rate(measure)
+    z = matrix.to_numpy(dtype=float)
+    n = np.array(matrix.attrs.get("n", np.full(z.shape, np.nan)), dtype=float)
+    lo, hi = (np.array(matrix.attrs.get(end, np.full(z.shape, np.nan)), dtype=float) for end in ("lo", "hi"))
+    spread = " [%{customdata[1]:.1%}, %{customdata[2]:.1%}] (95% Wilson)" if rate else " (mean)"
     fig = go.Figure(go.Heatmap(
-        z=matrix.to_numpy(dtype=float), x=columns, y=rows, colorscale="Reds" if rate else "Purples",
-        zmin=0, zmax=max(0.05, float(np.nanmax(matrix.to_numpy(dtype=float)))) if rate else None,
-        texttemplate="%{z:.0%}" if rate else "%{z:.2f}",
+        z=z, x=columns, y=rows, colorscale="Reds" if rate else "Purples",
+        zmin=0, zmax=max(0.05, float(np.nanmax(z))) if rate else None,
+        texttemplate="%{z:.0%}" if rate else "%{z:.2f}", customdata=np.dstack([n, lo, hi]),  # (rows, cols, 3)
         colorbar=dict(title=dict(text="rate" if rate else "nats", side="right"), tickformat=".0%" if rate else ".2f"),
-        hovertemplate="%{y}<br>ablated %{x}<br>%{z:" + _fmt(measure) + "}<extra></extra>", xgap=2, ygap=2))
+        hovertemplate="%{y}<br>ablated %{x}<br>%{z:" + _fmt(measure) + "}" + spread
+                      + " over %{customdata[0]} problems<extra></extra>", xgap=2, ygap=2))
     fig.update_yaxes(autorange="reversed", title="Difficulty (reasoning steps)")
     _layout(fig, max(260, 60 + 36 * len(rows)), SCHEME_AXES.get(scheme, "k"))
     fig.update_yaxes(title="Difficulty (reasoning steps)")

@@ -81,15 +81,25 @@ def difficulty_table(store, scope: Scope, by: str = "steps", seed: int = 0, n_bo
 def difficulty_heatmap(store, scope: Scope, measure: str = "flip") -> pd.DataFrame:
     """Difficulty (rows) x k (columns) of a measure's rate (or mean log-prob drop) for the scope's group.
 
-    `attrs['ablated']`: {k: (ablated positions, latents fed)} as the rows say, for the axis labels.
+    `attrs['ablated']`: {k: (ablated positions, latents fed)} as the rows say, for the axis labels;
+    `attrs['n']`, and for a rate `attrs['lo']` / `attrs['hi']` (its 95% Wilson interval), each cell's, as
+    nested lists in the matrix's order.
     """
     group = queries.first_group(store, scope)
     if group is None:
         return pd.DataFrame()
     long = queries.heatmap_cells(store, group, measure)
-    matrix = long.pivot(index="difficulty", columns="k", values="value").sort_index().sort_index(axis=1)
+    if measure in queries.RATE_MEASURES:
+        long["lo"], long["hi"] = wilson(long["total"].to_numpy(), long["n"].to_numpy())
+
+    def cells(column: str) -> pd.DataFrame:
+        return long.pivot(index="difficulty", columns="k", values=column).sort_index().sort_index(axis=1)
+    matrix = cells("value")
     matrix.attrs["ablated"] = {int(r.k): ([int(p) for p in r.ablated_positions], int(r.latents_fed))
                                for r in long.drop_duplicates("k").itertuples()}
+    for column in ("n", "lo", "hi"):
+        if column in long:
+            matrix.attrs[column] = cells(column).reindex_like(matrix).to_numpy(dtype=float).tolist()
     return matrix
 
 

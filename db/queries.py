@@ -186,11 +186,13 @@ def accuracy_by(store, scope: Scope, by: str) -> pd.DataFrame:
 
 
 def heatmap_cells(store, scope: Scope, measure: str) -> pd.DataFrame:
-    """Per (difficulty, k) of the scope's group: the measure's rate (or mean log-prob drop) and what k ablated."""
+    """Per (difficulty, k) of the scope's group: the measure's rate (or mean log-prob drop), over n problems
+    (`total` = its sum: a rate's count), and what k ablated."""
     check_measure(measure)
-    value = f"avg(r.{measure}::DOUBLE)"  # a whitelisted measure name
-    return _df(store, f"WITH {PROBLEMS} SELECT s.difficulty, {CELL}, {value} AS value FROM results r "
-                      f"JOIN scope s USING (problem_id) WHERE {GROUP} GROUP BY ALL", scope)
+    value = f"r.{measure}::DOUBLE"  # a whitelisted measure name
+    return _df(store, f"WITH {PROBLEMS} SELECT s.difficulty, {CELL}, avg({value}) AS value, count({value}) AS n, "
+                      f"sum({value}) AS total FROM results r JOIN scope s USING (problem_id) WHERE {GROUP} "
+                      "GROUP BY ALL", scope)
 
 
 def old_script_cells(store, scope: Scope) -> pd.DataFrame:

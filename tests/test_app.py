@@ -165,6 +165,10 @@ def test_difficulty_table_per_step_and_per_bucket(database):
     assert table["baseline accuracy"].str.contains(r"%").all()
     heatmap = figures(at)[0]["data"][0]
     assert heatmap["type"] == "heatmap" and len(array(heatmap["z"])) == len(database.difficulties)
+    z, cells = np.array(array(heatmap["z"]), dtype=float), np.array(array(heatmap["customdata"]), dtype=float)
+    counts = [database.difficulties[d] for d in sorted(database.difficulties)]  # one row per problem and k
+    assert cells.shape == (*z.shape, 3) and (cells[..., 0] == np.array(counts)[:, None]).all()
+    assert ((cells[..., 1] <= z) & (z <= cells[..., 2])).all() and "95% Wilson" in heatmap["hovertemplate"]
     at.segmented_control(key="difficulty_by").set_value("per bucket").run()
     buckets = at.dataframe[0].value
     assert set(buckets["bucket"]) <= {"1-2", "3-4", "5+"} and buckets["problems"].sum() == 24

@@ -247,6 +247,11 @@ def test_heatmap_is_difficulty_by_k(store, run_id):
     heat = figures.difficulty_heatmap(store, Scope(run_id).group("prefix", "zero", "latent", "recompute"), "flip")
     assert list(heat.index) == [1, 2, 3, 4, 5, 6, 7] and list(heat.columns) == [1, 2, 3, 4, 5, 6]
     assert heat.loc[1, 3] == 1.0 and heat.loc[3, 6] == 1.0 and heat.loc[4, 6] == 0.0 and heat.loc[2, 5] == 1.0
+    row, column = list(heat.index).index(1), list(heat.columns).index(3)  # difficulty 1 = p0, p1: both flip at k = 3
+    cell = [heat.attrs[key][row][column] for key in ("n", "lo", "hi")]
+    assert cell == pytest.approx([2, *wilson(2, 2)])  # each cell's count and its 95% Wilson interval
+    four = list(heat.index).index(4), list(heat.columns).index(6)  # p6 alone, no flip
+    assert [heat.attrs[key][four[0]][four[1]] for key in ("n", "lo", "hi")] == pytest.approx([1, *wilson(0, 1)])
 
 
 def test_problems_table_search_is_a_parameter(store, run_id):
