@@ -182,8 +182,11 @@ def markdown_report(store, run_id: int) -> str:
         out += table(["k", "ablated", "n", "flip", "harm", "help", "changed", "Δ gold log-prob"], rows)
 
     if stats["position_importance"]:
-        out += ["Old-script summary (position 0 = baseline, position p = prefix k = p): "
-                + ", ".join(f"{p}: {v:.3f}" for p, v in stats["position_importance"].items()), ""]
+        bounds = extras["position_importance_intervals"]  # the baseline's 0 has none: it flips nothing by definition
+        out += ["Old-script summary (position 0 = baseline, position p = prefix k = p; flip rate, 95% Wilson): "
+                + ", ".join(f"{p}: " + (ci(v) if p == "0" else ci(v, bounds.get(p, {}).get("lo"),
+                                                                    bounds.get(p, {}).get("hi")))
+                            for p, v in stats["position_importance"].items()), ""]
 
     out += ["## Named early/late figures", ""]
     for name, figure in extras["figures"].items():

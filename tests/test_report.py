@@ -73,6 +73,9 @@ def test_markdown_report_holds_the_numbers(store, run_id):
                      "| 1-2 | 4 |", "## Early vs late", "cumulative by construction", "Wilson"):
         assert expected in text, expected
     assert "\n| 1 | 0 | 10 | 0.000 [0.000, 0.278] |" in text  # prefix k=1 ablates latent 0 only
+    summary = next(line for line in text.splitlines() if line.startswith("Old-script summary"))
+    assert "flip rate, 95% Wilson): 0: 0.000, 1: 0.000 [0.000, 0.278], 2: " in summary  # the baseline has none
+    assert ", 3: 0.300 [0.108, 0.603], " in summary  # the old numbering: position 3 = prefix k = 3
 
 
 def test_report_of_an_imported_run(store):
