@@ -84,8 +84,6 @@ pct = charts.is_rate(measure)
 fmt = (lambda v: "–" if widgets.missing(v) else f"{100 * v:+.1f} pp") if pct else \
     (lambda v: "–" if widgets.missing(v) else f"{v:+.3f}")
 rows = []
-
-
 for name, pair, side in zip(names[1:], pairs, sides[1:]):
     for r in pair.itertuples():
         only = "only in the first" if r.n_b == 0 else "only in this one" if r.n_a == 0 else \
