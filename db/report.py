@@ -30,6 +30,11 @@ def ci(value, lo=None, hi=None, digits: int = 3) -> str:
     return f"{value:.{digits}f}{interval}"
 
 
+def ci_of(value, bounds: dict | None, digits: int = 3) -> str:
+    """ci with the interval from a {lo, hi} dict (stats --json's extras), None for none."""
+    return ci(value, *((bounds or {}).get(end) for end in ("lo", "hi")), digits=digits)
+
+
 def duration(seconds) -> str:
     """'1h 05m', '3m 07s', '42s'; under ten seconds two significant digits ('0.38s' a problem on a fast machine)."""
     if missing(seconds):
@@ -184,8 +189,7 @@ def markdown_report(store, run_id: int) -> str:
     if stats["position_importance"]:
         bounds = extras["position_importance_intervals"]  # the baseline's 0 has none: it flips nothing by definition
         out += ["Old-script summary (position 0 = baseline, position p = prefix k = p; flip rate, 95% Wilson): "
-                + ", ".join(f"{p}: " + (ci(v) if p == "0" else ci(v, bounds.get(p, {}).get("lo"),
-                                                                    bounds.get(p, {}).get("hi")))
+                + ", ".join(f"{p}: " + (ci(v) if p == "0" else ci_of(v, bounds.get(p)))
                             for p, v in stats["position_importance"].items()), ""]
 
     out += ["## Named early/late figures", ""]

@@ -112,7 +112,7 @@ def cmd_stats(args) -> int:
     group = " · ".join(str(extras["summary_group"][key]) for key in ("scheme", "method", "site", "mode"))
     intervals = extras["position_importance_intervals"]
     say(f"position importance ({group}, flip rate; 0 = the baseline): " +
-        ", ".join(f"{k}: " + (report.ci(v) if k == "0" else report.ci(v, *_bounds(intervals.get(k))))
+        ", ".join(f"{k}: " + (report.ci(v) if k == "0" else report.ci_of(v, intervals.get(k)))
                   for k, v in stats["position_importance"].items()))
     spread = {str(r["difficulty"]): r["old_script_early_late"]  # the old script's values with our intervals
               for r in extras["figures"]["old_script_early_late"]["steps"]}
@@ -125,13 +125,9 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _bounds(bounds: dict | None) -> tuple:
-    return (None, None) if not bounds else (bounds.get("lo"), bounds.get("hi"))
-
-
 def _percent_interval(bounds: dict | None) -> str:
     """' [lo, hi]' of a {lo, hi} in percent; '' where there is none."""
-    lo, hi = _bounds(bounds)
+    lo, hi = ((bounds or {}).get(end) for end in ("lo", "hi"))
     return "" if lo is None or hi is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
