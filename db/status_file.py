@@ -120,6 +120,7 @@ class Pages:
                         _write(store, snapshot["runs"], {**snapshot["markdown"], str(run_id): page})
             except Exception:  # noqa: BLE001 - the run deleted meanwhile, the file closed: the old page stays
                 pass
+            store.release_cursor()  # this thread ends soon; the file must close on close()'s thread, not here
             del store
 
 

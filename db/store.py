@@ -124,6 +124,16 @@ class Store:
             cursor = self._local.cursor = self._conn.cursor()
         return cursor
 
+    def release_cursor(self) -> None:
+        """Close this thread's cursor: every thread of ours that used the store calls this before it says it is
+        done. Otherwise the cursor goes when the thread ends, and if that is while `close()` runs, the file shuts
+        down on the ending thread after `close()` returned: its WAL still on disk, its checkpoint moments later
+        (and a process exiting then aborts in DuckDB)."""
+        cursor = self._local.__dict__.pop("cursor", None)
+        if cursor is not None:
+            with contextlib.suppress(duckdb.Error):
+                cursor.close()
+
     @contextlib.contextmanager
     def _errors(self, doing: str):
         try:

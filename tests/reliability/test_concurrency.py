@@ -7,8 +7,11 @@ a reader between two commits sees one or the other, never half a batch.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +110,33 @@ def test_two_dashboard_sessions_share_the_sweep_and_a_stop_in_one_shows_in_the_o
         service.stop()
         service.join(timeout=120)
         state.open_service.clear(str(db))
+
+
+def test_the_status_pages_thread_holds_no_connection_once_its_pages_are_flushed(tmp_path):
+    """CI failed once because a file closed moments after `Store.close()` returned. The status-pages thread's
+    cursor went only when that thread ended, so when the thread ended while `close()` ran, the file shut down
+    on the ending thread: the WAL was still on disk when `close()` returned, and the checkpoint that rewrote
+    the file came later. A profile hook stands for a busy machine: the thread lingers after its work is done."""
+    path = tmp_path / "pages.duckdb"
+    store = Store(path)
+    connections = store.query("SELECT count FROM duckdb_connection_count()")[0][0]  # the store's and this thread's
+    lingered = []
+
+    def linger(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "_build":
+            lingered.append(frame.f_code.co_name)
+            time.sleep(1.0)
+
+    threading.setprofile(linger)  # threads started from now on: the pages thread
+    try:
+        store.create_run(name="pages", model="m", dataset="d", config={}, num_latent=6, n_variants=1)  # asks a page
+        store.pages.flush()
+        assert lingered, "no status page was built"
+        assert store.query("SELECT count FROM duckdb_connection_count()")[0][0] == connections
+        store.close()
+    finally:
+        threading.setprofile(None)
+    assert not Path(f"{path}.wal").exists(), "close() returned with the WAL on disk"
+    opened = subprocess.run([sys.executable, "-c", f"import duckdb; duckdb.connect({str(path)!r}).close()"],
+                            capture_output=True, text=True, timeout=60)
+    assert opened.returncode == 0, opened.stderr  # the lock went with close()
